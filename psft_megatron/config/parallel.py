@@ -1,0 +1,56 @@
+"""The parallel layout section of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split across ranks.
+
+    The data-parallel size is not set: it is ``world_size / (tp * pp * cp)``.
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Interleaved pipeline schedule: model chunks per pipeline rank (None = not interleaved).
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for ``world_size`` ranks; raises if the layout does not divide the world."""
+        mp = self.model_parallel_size
+        if world_size % mp != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP x PP x CP = "
+                f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
+                f"{self.context_parallel_size} = {mp}: launch a multiple of {mp} processes "
+                f"or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size"
+            )
+        return world_size // mp
+
+    def validate(self) -> None:
+        """Checks that need no world size; raises ValueError naming the field to change."""
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        vp = self.virtual_pipeline_model_parallel_size
+        if vp is not None:
+            if vp < 1:
+                raise ValueError(f"parallel.virtual_pipeline_model_parallel_size must be >= 1 or null, got {vp}")
+            if vp > 1 and self.pipeline_model_parallel_size < 2:
+                raise ValueError(
+                    "parallel.virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size >= 2; "
+                    "set it to null or raise the pipeline size"
+                )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError(
+                "parallel.sequence_parallel needs tensor_model_parallel_size > 1 (it shards activations over TP); "
+                "set sequence_parallel: false or raise the tensor size"
+            )

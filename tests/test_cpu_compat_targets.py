@@ -1,0 +1,70 @@
+"""Fails loudly when a megatron-core upgrade moves or changes a place the CPU routes patch.
+
+Each entry of ``cpu_compat.PATCH_TARGETS`` names a module, an attribute and a fragment of
+megatron-core source showing the CUDA assumption. If the attribute is gone or the fragment
+no longer stands in it, the patch is stale: re-check that place on CPU (see
+../shared/notes/megatron-core-on-cpu.md) and update cpu_compat.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+from packaging.version import Version
+
+from psft_megatron.runtime import cpu_compat
+
+
+def _definition_source(module, name: str) -> str | None:
+    source = inspect.getsource(module)
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
+            return ast.get_source_segment(source, node)
+    return None
+
+
+def test_megatron_core_version_is_the_patched_line():
+    v = Version(version("megatron-core"))
+    assert Version("0.16.1") <= v < Version("0.17"), (
+        f"megatron-core {v} is outside the range cpu_compat was written for (>=0.16.1,<0.17): "
+        "re-validate every PATCH_TARGET and the multi-process tests, then move the pin in pyproject.toml"
+    )
+
+
+@pytest.mark.parametrize("target", cpu_compat.PATCH_TARGETS, ids=lambda t: f"{t.module}:{t.attribute or 'torch'}")
+def test_patch_target_still_in_place(target):
+    module = importlib.import_module(target.module)
+    source = inspect.getsource(module)
+    if not target.attribute:
+        assert "import torch" in source, f"{target.module} no longer imports torch: the torch proxy is stale"
+        assert target.fragment in source, (
+            f"{target.module} no longer contains {target.fragment!r} ({target.why}): "
+            "the CUDA assumption moved; re-check this module on CPU and update cpu_compat"
+        )
+        return
+    assert hasattr(module, target.attribute), f"{target.module}.{target.attribute} is gone: update cpu_compat"
+    own = _definition_source(module, target.attribute)
+    where = own if own is not None else source
+    assert target.fragment in where, (
+        f"{target.module}.{target.attribute} no longer contains {target.fragment!r} ({target.why}): "
+        "the patch may be stale or wrong; re-check on CPU and update cpu_compat"
+    )
+
+
+def test_apply_routes_cuda_to_cpu_only_when_absent():
+    import torch
+
+    if torch.cuda.is_available():
+        assert cpu_compat.needed() is False
+        pytest.skip("CUDA present: the routes must stay off")
+    assert cpu_compat.apply() is True
+    assert cpu_compat.apply() is True  # idempotent
+    schedules = importlib.import_module("megatron.core.pipeline_parallel.schedules")
+    made = schedules.torch.zeros([], dtype=torch.int, device="cuda")
+    assert made.device.type == "cpu"
+    assert schedules.torch.Tensor is torch.Tensor  # everything else is the real torch
+    assert torch.cuda.current_device() == torch.device("cpu")
