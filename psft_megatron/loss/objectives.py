@@ -1,0 +1,143 @@
+"""Per-token training objectives, chosen by name from a small registry.
+
+Every objective maps per-token log-probs (differentiable) and, where it needs them, the
+snapshot log-probs ``logp_old`` (detached) to an unnormalised per-token loss. Masking and
+normalisation happen outside (:mod:`psft_megatron.loss.normalize`); the statistics
+(ratio, clip) come with the losses for :mod:`psft_megatron.loss.stats`.
+
+Adding an objective is one function::
+
+    @register_objective("my_obj")
+    def my_obj(logp, logp_old, cfg):
+        return -logp, None   # (per-token loss, bool "gradient clipped" mask or None)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# (logp, logp_old or None, config) -> (per-token loss, per-token bool clipped mask or None)
+ObjectiveFn = Callable[[torch.Tensor, "torch.Tensor | None", "ObjectiveConfig"], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+_OBJECTIVES: dict[str, ObjectiveFn] = {}
+
+
+def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator registering ``fn`` under ``name`` for :class:`ObjectiveConfig`."""
+
+    def deco(fn: ObjectiveFn) -> ObjectiveFn:
+        if name in _OBJECTIVES:
+            raise ValueError(f"objective {name!r} is already registered")
+        _OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_objective(name: str) -> ObjectiveFn:
+    """The registered objective function called ``name``."""
+    try:
+        return _OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; known: {sorted(_OBJECTIVES)}") from None
+
+
+def objective_names() -> list[str]:
+    """Names of all registered objectives."""
+    return sorted(_OBJECTIVES)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Which objective to train with and its trust-region parameters.
+
+    ``eps_low``/``eps_high`` bound the PSFT ratio to ``[1-eps_low, 1+eps_high]``;
+    ``log_ratio_clamp`` bounds ``logp - logp_old`` before ``exp`` so a stale or
+    mismatched snapshot cannot overflow.
+    """
+
+    name: str = "psft"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    log_ratio_clamp: float = 20.0
+
+    def __post_init__(self) -> None:
+        get_objective(self.name)  # fail at config time on a typo
+        if not 0.0 <= self.eps_low < 1.0:
+            raise ValueError(f"eps_low must be in [0, 1), got {self.eps_low}")
+        if self.eps_high < 0.0:
+            raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
+        if self.log_ratio_clamp <= 0.0:
+            raise ValueError(f"log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+
+
+@dataclass
+class TokenLosses:
+    """Per-token objective outputs, shaped like the labels.
+
+    ``loss`` is unnormalised and exactly 0 (value and gradient) where the mask is 0.
+    ``ratio`` is the detached ``exp(clamp(logp - logp_old))`` (ones without ``logp_old``);
+    ``clipped`` marks tokens whose gradient the trust region zeroes.
+    """
+
+    loss: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+
+
+def log_ratio(logp: torch.Tensor, logp_old: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """``clamp(logp - logp_old, -c, c)``; differentiable in ``logp``, ``logp_old`` detached."""
+    c = cfg.log_ratio_clamp
+    return (logp - logp_old.detach()).clamp(-c, c)
+
+
+@register_objective("sft")
+def sft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig):
+    """Negative log-likelihood."""
+    return -logp, None
+
+
+@register_objective("dft")
+def dft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig):
+    """Dynamic fine-tuning: ``-stopgrad(p) * logp`` (each token's NLL weighted by its probability)."""
+    return -logp.detach().exp() * logp, None
+
+
+@register_objective("psft")
+def psft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig):
+    """PPO's clipped surrogate with advantage +1: ``-min(r, clip(r, 1-eps_low, 1+eps_high))``.
+
+    With A = +1 the min picks the clipped (constant) branch only when r > 1+eps_high;
+    below 1-eps_low the min is r itself, so those tokens keep their gradient. Written as a
+    ``where`` so the unclipped branch's gradient is exactly ``-r * dlogp`` (for r == 1,
+    i.e. ``logp_old == logp``, exactly SFT's gradient) with no tie-splitting of ``min``.
+    """
+    if logp_old is None:
+        raise ValueError("psft needs logp_old (log-probs from the snapshot forward pass)")
+    r = log_ratio(logp, logp_old, cfg).exp()
+    clipped = r.detach() > 1.0 + cfg.eps_high
+    loss = -torch.where(clipped, torch.full_like(r, 1.0 + cfg.eps_high), r)
+    return loss, clipped
+
+
+def token_losses(
+    cfg: ObjectiveConfig,
+    logp: torch.Tensor,
+    loss_mask: torch.Tensor,
+    logp_old: torch.Tensor | None = None,
+) -> TokenLosses:
+    """Run the configured objective and zero masked tokens (value and gradient).
+
+    ``where`` rather than multiplying by the mask, so a garbage logp on a masked token
+    (label -100) can never turn into NaN.
+    """
+    mask = loss_mask.bool()
+    loss, clipped = get_objective(cfg.name)(logp, logp_old, cfg)
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    with torch.no_grad():
+        ratio = log_ratio(logp, logp_old, cfg).exp() if logp_old is not None else torch.ones_like(logp)
+        clipped = (clipped if clipped is not None else torch.zeros_like(mask)) & mask
+    return TokenLosses(loss=loss, ratio=ratio.detach(), clipped=clipped)

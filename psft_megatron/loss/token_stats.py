@@ -1,0 +1,206 @@
+"""Per-token log-prob of the label and entropy from vocabulary-parallel logits.
+
+Input: logits ``[s, b, V/TP]`` sharded over the vocabulary across the tensor-parallel
+group, exactly as megatron's output layer (``ColumnParallelLinear`` with
+``gather_output=False``) returns them, in fp32 or bf16; labels ``[s, b]`` int64.
+Output, per token, in fp32: ``logp`` = log softmax(z)[label] and
+``entropy`` = -sum_j p_j log p_j, both differentiable with respect to the logits.
+
+Why not megatron's ``tensor_parallel.vocab_parallel_cross_entropy``:
+  * it overwrites fp32 logits in place (``-= max``, ``exp(out=)``), so the caller's
+    logits are garbage afterwards;
+  * it gives no entropy, which PSFT monitors (and an entropy bonus would differentiate);
+  * it keeps a full fp32 softmax shard alive from forward to backward, and its label
+    smoothing averages over the local shard only.
+Here everything is computed in fp32 from a few all-reduces of per-token scalars
+(max; then label logit, sum exp, sum exp*z packed into one), the vocabulary is never
+gathered, the fp32 working copy exists one token chunk at a time, and backward
+recomputes the softmax from the (saved, untouched) logits: no communication in backward.
+
+Vocabulary padding: megatron pads the vocabulary to a multiple of
+``make_vocab_size_divisible_by * TP``; the padded entries are real columns of the output
+layer and are part of the softmax here, as in megatron's own cross entropy. (They are
+never labels, so training pushes their probability down.)
+
+Labels outside ``[0, V)`` (e.g. -100 on masked tokens) are safe: no rank owns them, the
+label logit counts as 0, and ``logp`` is finite but meaningless; mask such tokens out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Auto chunking: at most this many bytes per fp32 working buffer (forward with entropy and
+# backward with an entropy gradient hold two such buffers at once).
+AUTO_CHUNK_BYTES = 128 * 1024 * 1024
+
+
+@dataclass
+class TokenStats:
+    """Per-token outputs of :func:`vocab_parallel_token_stats`, shaped like the labels, fp32."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+def resolve_tp_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The explicit group, else megatron's tensor-parallel group if initialised, else None (one rank)."""
+    if group is not None:
+        return group
+    if not dist.is_initialized():
+        return None  # single process: nothing to reduce (and no need to import megatron)
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def auto_chunk_size(vocab_local: int) -> int:
+    """Tokens per chunk so that one fp32 working buffer stays under :data:`AUTO_CHUNK_BYTES`."""
+    return max(1, AUTO_CHUNK_BYTES // (4 * max(1, vocab_local)))
+
+
+class _VocabParallelTokenStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, group, world, rank, chunk, with_entropy, inplace):
+        v_local = logits.shape[-1]
+        z = logits.reshape(-1, v_local)  # a view for contiguous logits: no copy
+        n = z.shape[0]
+        local = labels.reshape(-1).to(torch.int64) - rank * v_local
+        in_range = (local >= 0) & (local < v_local)
+        local_idx = torch.where(in_range, local, torch.zeros_like(local))
+
+        # Global max per token. Max is exact in any dtype, so read the logits as they are
+        # instead of materialising an fp32 copy for it.
+        m = z.amax(dim=-1).float() if n else z.new_zeros(0, dtype=torch.float32)
+        if world > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+
+        # Rows: label logit - max (only the owning rank contributes), sum exp(z - max),
+        # sum exp(z - max) * (z - max). One SUM all-reduce for all three.
+        sums = torch.zeros(3 if with_entropy else 2, n, dtype=torch.float32, device=z.device)
+        label_z = z.gather(1, local_idx.unsqueeze(1)).squeeze(1).float()
+        sums[0] = torch.where(in_range, label_z - m, torch.zeros_like(m))
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            # A new fp32 buffer in one pass (bf16 - fp32 promotes to fp32); never writes
+            # into the caller's logits.
+            w = z[c0:c1] - m[c0:c1].unsqueeze(1)
+            if with_entropy:
+                e = torch.exp(w)
+                sums[1, c0:c1] = e.sum(dim=-1)
+                # Row-wise dot product as a batched matmul: no [chunk, V] temporary for e * w.
+                sums[2, c0:c1] = torch.bmm(e.unsqueeze(1), w.unsqueeze(2)).view(-1)
+                del e
+            else:
+                sums[1, c0:c1] = w.exp_().sum(dim=-1)
+            del w
+        if world > 1:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+
+        log_s = sums[1].log()
+        logp = sums[0] - log_s
+        lse = m + log_s
+        entropy = log_s - sums[2] / sums[1] if with_entropy else None
+
+        ctx.chunk, ctx.inplace = chunk, inplace
+        ctx.save_for_backward(logits, local_idx, in_range, lse, entropy if with_entropy else lse)
+        ctx.with_entropy = with_entropy
+        ctx.set_materialize_grads(False)  # an unused output gives None: skip its term in backward
+        shape = labels.shape
+        if with_entropy:
+            return logp.view(shape), entropy.view(shape)
+        return logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        logits, local_idx, in_range, lse, entropy = ctx.saved_tensors
+        if not ctx.with_entropy:
+            g_ent = None
+        if g_logp is None and g_ent is None:
+            return (None,) * 8
+        v_local = logits.shape[-1]
+        z = logits.reshape(-1, v_local)
+        n = z.shape[0]
+        g_lp = g_logp.reshape(-1).float() if g_logp is not None else torch.zeros_like(lse)
+        g_h = g_ent.reshape(-1).float() if g_ent is not None else None
+        # d logp / dz_j = 1[j = label] - p_j ;  d H / dz_j = -p_j (log p_j + H)
+        onehot_val = torch.where(in_range, g_lp, torch.zeros_like(g_lp)).unsqueeze(1)
+        chunk = ctx.chunk
+        single_fp32 = chunk >= n and z.dtype == torch.float32 and not ctx.inplace
+        # inplace: the gradient goes into the logits' own storage (caller opted in).
+        grad = z if ctx.inplace else (None if single_fp32 else torch.empty_like(z))
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            buf = z[c0:c1] - lse[c0:c1].unsqueeze(1)  # log p_j, a new fp32 buffer
+            if g_h is not None:
+                p = torch.exp(buf)
+                buf.add_(entropy[c0:c1].unsqueeze(1)).mul_(g_h[c0:c1].unsqueeze(1))
+                buf.add_(g_lp[c0:c1].unsqueeze(1)).mul_(p)
+                del p
+            else:
+                buf.exp_().mul_(g_lp[c0:c1].unsqueeze(1))
+            buf.neg_()
+            buf.scatter_add_(1, local_idx[c0:c1].unsqueeze(1), onehot_val[c0:c1])
+            if grad is None:
+                grad = buf  # the whole fp32 gradient already: no extra copy
+            else:
+                grad[c0:c1].copy_(buf)
+            del buf
+        if grad is None:  # n == 0
+            grad = torch.zeros_like(z)
+        return grad.view(logits.shape), None, None, None, None, None, None, None
+
+
+def vocab_parallel_token_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = True,
+    inplace: bool = False,
+) -> TokenStats:
+    """Log-prob of each label and each token's entropy from vocab-parallel logits.
+
+    Args:
+        logits: ``[..., V/TP]`` local vocabulary shard (fp32 or bf16), rank r holding
+            columns ``[r*V/TP, (r+1)*V/TP)`` as megatron's output layer does.
+        labels: ``[...]`` int64 global token ids; values outside ``[0, V)`` give a finite,
+            meaningless logp (mask them).
+        tp_group: the tensor-parallel group; default megatron's, or a single rank if
+            megatron's parallel state is not initialised.
+        chunk_size: tokens per fp32 working chunk; None picks :func:`auto_chunk_size`.
+            A value >= the number of tokens processes everything at once.
+        with_entropy: also return the entropy (costs one extra row-wise dot per chunk).
+        inplace: forward never writes into ``logits``; with ``inplace=True`` backward
+            writes the logits gradient into the logits' storage (saves one logits-sized
+            allocation; the logits are clobbered after backward).
+
+    Returns:
+        :class:`TokenStats` with fp32 ``logp`` and ``entropy`` shaped like ``labels``.
+        Both are differentiable; gradients from either or both flow to ``logits``.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    group = resolve_tp_group(tp_group)
+    rank, world = _rank_and_size(group)
+    chunk = auto_chunk_size(logits.shape[-1]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out = _VocabParallelTokenStats.apply(logits, labels, group, world, rank, chunk, with_entropy, inplace)
+    if with_entropy:
+        return TokenStats(logp=out[0], entropy=out[1])
+    return TokenStats(logp=out, entropy=None)
