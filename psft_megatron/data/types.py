@@ -41,6 +41,9 @@ class Message:
     content: str
     # Whether this turn's tokens count in the loss (only assistant turns may be trained).
     train: bool = False
+    # The record field this text came from (e.g. "answer", "messages[3].content"), so that
+    # errors found after templating/tokenising (e.g. nothing left after truncation) can name it.
+    source: str | None = None
 
 
 @dataclass(frozen=True)
