@@ -1,0 +1,116 @@
+"""Single-process checks of the loss layer's small pieces: config, registry, scaling contract, stats."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from psft_megatron.loss import (
+    LossStats,
+    ObjectiveConfig,
+    global_token_count,
+    megatron_loss_scale,
+    normalized_loss,
+    objective_names,
+    register_objective,
+    reduce_stats,
+    token_losses,
+    vocab_parallel_token_stats,
+)
+
+
+def test_config_defaults_and_validation():
+    cfg = ObjectiveConfig()
+    assert (cfg.name, cfg.eps_low, cfg.eps_high, cfg.log_ratio_clamp) == ("psft", 0.2, 0.28, 20.0)
+    assert {"sft", "dft", "psft"} <= set(objective_names())
+    with pytest.raises(ValueError, match="unknown objective"):
+        ObjectiveConfig(name="pfst")
+    with pytest.raises(ValueError, match="eps_low"):
+        ObjectiveConfig(eps_low=1.0)
+    with pytest.raises(ValueError, match="psft needs logp_old"):
+        token_losses(ObjectiveConfig(), torch.zeros(2), torch.ones(2))
+
+
+def test_adding_an_objective_is_one_function():
+    @register_objective("unit_test_half_sft")
+    def half_sft(logp, logp_old, cfg):
+        return -0.5 * logp, None
+
+    logp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    tl = token_losses(ObjectiveConfig(name="unit_test_half_sft"), logp, torch.tensor([1, 0, 1]))
+    assert tl.loss.tolist() == [0.5, 0.0, 1.5]
+    tl.loss.sum().backward()
+    assert logp.grad.tolist() == [-0.5, 0.0, -0.5]
+
+
+def test_log_ratio_clamp_keeps_ratio_finite():
+    logp = torch.tensor([-1.0, -200.0], requires_grad=True)
+    tl = token_losses(ObjectiveConfig(name="psft"), logp, torch.ones(2), logp_old=torch.tensor([-300.0, -1.0]))
+    assert torch.allclose(tl.ratio, torch.tensor([math.exp(20.0), math.exp(-20.0)]))
+    assert tl.clipped.tolist() == [True, False]
+    tl.loss.sum().backward()
+    assert torch.isfinite(logp.grad).all() and logp.grad[0] == 0.0
+
+
+def _schedule(loss: torch.Tensor, num_microbatches: int, cp: int) -> torch.Tensor:
+    from megatron.core.pipeline_parallel.schedules import forward_step_calc_loss
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    out, _ = forward_step_calc_loss(
+        None, loss, lambda t: (t, {}), TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1),
+        None, False, num_microbatches, [], cp_group_size=cp, is_last_stage=True,
+    )
+    return out
+
+
+@pytest.mark.parametrize("num_microbatches,dp,cp", [(1, 1, 1), (4, 2, 1), (3, 2, 2), (8, 1, 4)])
+def test_megatron_loss_scale_undoes_schedule_and_ddp(num_microbatches, dp, cp):
+    """megatron's own schedule step, then DDP's 1/(dp*cp): a term of 1 must stay 1 (so the
+    terms' sum over micro-batches and DP x CP ranks is the global token mean)."""
+    term = torch.tensor(1.0)
+    after_schedule = _schedule(term * megatron_loss_scale(num_microbatches, dp, cp), num_microbatches, cp)
+    assert float(after_schedule) / (dp * cp) == pytest.approx(1.0, rel=1e-12)
+    with pytest.raises(ValueError, match="calculate_per_token_loss"):
+        megatron_loss_scale(num_microbatches, dp, cp, calculate_per_token_loss=True)
+
+
+def test_normalized_loss_and_count_single_process():
+    masks = [torch.tensor([[1, 0], [1, 1]]), torch.tensor([[0, 0], [0, 1]])]
+    count = global_token_count(masks)
+    assert count.dtype == torch.int64 and int(count) == 4
+    loss = torch.tensor([[1.0, float("nan")], [2.0, 3.0]])  # masked NaN must not leak
+    assert float(normalized_loss(loss, masks[0], count)) == 1.5
+    assert float(normalized_loss(loss, torch.zeros(2, 2), torch.tensor(0))) == 0.0
+
+
+def test_stats_merge_is_exact_and_empty_is_identity():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -4.0]])
+    ent = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    old = torch.tensor([[-1.5, -2.0], [-0.5, -3.0]])
+    mask = torch.tensor([[1, 1], [0, 1]])
+    cfg = ObjectiveConfig()
+    whole = LossStats.from_tokens(token_losses(cfg, logp, mask, old), logp, ent, mask)
+    parts = LossStats.empty()
+    for i in range(2):
+        tl = token_losses(cfg, logp[i : i + 1], mask[i : i + 1], old[i : i + 1])
+        parts = parts.merge(LossStats.from_tokens(tl, logp[i : i + 1], ent[i : i + 1], mask[i : i + 1]))
+    assert torch.equal(parts.sums, whole.sums)
+    s = reduce_stats(parts).summary()  # single process: no-op reduction
+    assert s["token_count"] == 3.0
+    assert s["mean_entropy"] == pytest.approx((1 + 2 + 4) / 3)
+    assert s["ratio_min"] == pytest.approx(math.exp(-1.0)) and s["ratio_max"] == pytest.approx(math.exp(0.5))
+    assert s["clip_fraction"] == pytest.approx(1 / 3)  # only exp(0.5) = 1.65 > 1.28
+    empty = LossStats.empty().summary()
+    assert empty["token_count"] == 0.0 and math.isnan(empty["mean_entropy"])
+
+
+def test_token_stats_rejects_bad_shapes_and_handles_no_tokens():
+    with pytest.raises(ValueError, match="disagree"):
+        vocab_parallel_token_stats(torch.zeros(2, 3, 8), torch.zeros(2, 2, dtype=torch.long))
+    z = torch.zeros(0, 2, 8, requires_grad=True)
+    ts = vocab_parallel_token_stats(z, torch.zeros(0, 2, dtype=torch.long))
+    assert ts.logp.shape == (0, 2) and ts.entropy.shape == (0, 2)
+    (ts.logp.sum() + ts.entropy.sum()).backward()
+    assert z.grad.shape == z.shape
