@@ -1,6 +1,9 @@
 """Token cache: round trip, atomic publication under a concurrent reader, stale caches refused or rebuilt."""
 
+import importlib.util
+import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +174,43 @@ def test_empty_dataset_round_trip(tmp_path):
     write_cache(tmp_path / "c", [], IDENT)
     c = open_cache(tmp_path / "c", IDENT, verify=True)
     assert len(c) == 0 and c.manifest.n_tokens == 0
+
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2 = REPO.parent / "shared" / "tokenizers" / "smollm2"
+
+
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs ../shared/tokenizers/smollm2")
+def test_prepare_data_tool_matches_ingest_and_refuses_stale(tmp_path, capsys):
+    from psft_megatron.data.encode import iter_tokenized
+    from psft_megatron.data.prepare import prepare_dataset
+    from psft_megatron.data.sources import DataSourceConfig
+    from psft_megatron.data.templates import load_template
+    from psft_megatron.data.tokenizer import load_tokenizer
+
+    spec = importlib.util.spec_from_file_location("prepare_data_tool", REPO / "tools" / "prepare_data.py")
+    tools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tools)
+    src = tmp_path / "mini.jsonl"
+    src.write_text(
+        "\n".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2*i}>>{2*i}\n#### {2*i}"}) for i in range(30))
+        + "\n"
+    )
+    out = tmp_path / "cache"
+    argv = ["--tokenizer", str(SMOLLM2), "--path", str(src), "--adapter", "gsm8k", "--max-length", "256", "--out", str(out)]
+    assert tools.main(argv) == 0
+    assert "30 samples" in capsys.readouterr().out
+
+    tok = load_tokenizer(SMOLLM2)
+    direct = list(iter_tokenized(DataSourceConfig(path=str(src), adapter="gsm8k", max_length=256), tok, load_template(None, tok)))
+    cached = open_cache(out, verify=True)
+    assert len(cached) == len(direct) == 30
+    for i, s in enumerate(direct):
+        assert np.array_equal(cached.get(i)[0], s.input_ids) and np.array_equal(cached.get(i)[1], s.loss_mask)
+    assert cached.manifest.identity["tokenizer"]["pad_id"] == tok.pad_id
+    # A non-writer rank with the same sources maps the same cache without tokenising.
+    other = prepare_dataset(out, [DataSourceConfig(path=str(src), adapter="gsm8k", max_length=256)], SMOLLM2, is_writer=False, timeout=5)
+    assert other.fingerprint == cached.fingerprint
+    # Different settings -> stale, reported without a traceback.
+    assert tools.main(argv[:-4] + ["--max-length", "128", "--out", str(out)]) == 2
+    assert "stale cache" in capsys.readouterr().err

@@ -67,6 +67,7 @@ class CacheManifest:
     max_length: int
     content_fingerprint: str
     skip_report: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # for humans (paths as given); not compared
     created_unix: float = 0.0
     format: int = CACHE_FORMAT
 
@@ -102,6 +103,7 @@ def write_cache(
     skip_report: SkipReport | None = None,
     *,
     rebuild_stale: bool = False,
+    info: dict[str, Any] | None = None,
 ) -> CacheManifest:
     """Stream ``samples`` into a new cache at ``cache_dir`` and publish it atomically.
 
@@ -124,7 +126,7 @@ def write_cache(
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        manifest = _write_arrays(tmp, samples, identity, want, skip_report)
+        manifest = _write_arrays(tmp, samples, identity, want, skip_report, info or {})
         _publish(tmp, final, want, rebuild_stale)
     finally:
         if tmp.exists():
@@ -140,6 +142,7 @@ def _write_arrays(
     identity: dict[str, Any],
     want: str,
     skip_report: SkipReport | None,
+    info: dict[str, Any],
 ) -> CacheManifest:
     h_tok, h_mask = hashlib.sha256(), hashlib.sha256()
     lengths: list[int] = []
@@ -195,6 +198,7 @@ def _write_arrays(
         max_length=max(lengths, default=0),
         content_fingerprint=combine_digests([h_tok.digest(), h_mask.digest(), h_off]),
         skip_report=_skip_dict(skip_report),
+        info=json.loads(_canonical(info)),
         created_unix=time.time(),
     )
     # The manifest is written last inside the temp dir; the rename publishes everything at once.
@@ -314,17 +318,19 @@ def prepare_cache(
     is_writer: bool,
     rebuild_stale: bool = False,
     timeout: float = 3600.0,
+    info: dict[str, Any] | None = None,
 ) -> CachedSamples:
     """The per-rank entry point: the writer builds the cache if needed, everyone maps it.
 
     ``make_samples`` is called only on the writer and only when no valid cache
-    exists; it returns the sample iterator and the skip report it fills.
+    exists; it returns the sample iterator and the skip report it fills. ``info``
+    is stored in the manifest for people reading it and never compared.
     """
     if is_writer:
         m = read_manifest(cache_dir)
         if m is None or m.identity_hash != identity_hash(identity):
             samples, report = make_samples()
-            write_cache(cache_dir, samples, identity, report, rebuild_stale=rebuild_stale)
+            write_cache(cache_dir, samples, identity, report, rebuild_stale=rebuild_stale, info=info)
         return open_cache(cache_dir, identity)
     return wait_for_cache(cache_dir, identity, timeout=timeout, accept_stale_while_waiting=rebuild_stale)
 
