@@ -28,6 +28,23 @@ TransformerEngine path (``TEDotProductAttention``)
     ``padding_causal`` for THD, and RoPE restarts per segment. THD needs a batch
     dimension of 1, so a micro-batch of ``b`` rows is flattened to ``[1, b*S]``
     (see :meth:`psft_megatron.data.batches.MicroBatch.thd`).
+
+RoPE and ``position_ids`` (megatron-core 0.16.1, ``GPTModel._preprocess``)
+    With ``position_embedding_type="rope"`` the rotary table is built on *every*
+    stage from a length only (``get_rotary_seq_len``: the hidden states' length,
+    or ``packed_seq_params.max_seqlen_q`` when given); ``position_ids`` reach only
+    the first stage's embedding, which ignores them unless the embedding is
+    ``learned_absolute``. So:
+
+    * local path: positions run 0..S-1 across the whole packed row, **no per-sample
+      restart**. Because RoPE scores depend only on ``i - j`` and the block mask
+      keeps ``i, j`` in one sample, the result equals running each sample alone
+      (up to float rounding of larger angles; verified in
+      ``tests/test_data_packing_model.py``). No extra rotary input is needed.
+    * THD path: ``apply_rotary_pos_emb`` splits by ``cu_seqlens`` and restarts at
+      0 per segment (as long as ``max_seqlen`` is not the whole flattened length).
+    * ``learned_absolute`` embeddings: ``position_ids`` (restarting per sample) matter
+      and are needed on the first stage only.
 """
 
 from __future__ import annotations
