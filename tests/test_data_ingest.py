@@ -195,6 +195,30 @@ def test_jinja_matches_transformers_apply_chat_template(name):
         assert template.render(conv).text == ref.apply_chat_template(msgs, tokenize=False)
 
 
+def test_loss_mask_matches_transformers_generation_mask():
+    """With a template that marks assistant text with {% generation %}, transformers computes
+    its own assistant mask (return_assistant_tokens_mask); ours, found by prefix rendering,
+    must be identical. The hand-written template also uses system extraction, | trim,
+    tojson, branch-only set and loop controls, as real templates do."""
+    transformers = pytest.importorskip("transformers")
+    jinja = Path(__file__).parent / "data" / "template_featureful.jinja"
+    source = jinja.read_text(encoding="utf-8")
+    opts = {"train_on": "all", "system_prompt": " Answer briefly. "}
+    for name in ("qwen2", "smollm2"):
+        ref = transformers.AutoTokenizer.from_pretrained(str(TOK / name))
+        tok = load_tokenizer(TOK / name)
+        template = load_template(str(jinja), tok)
+        cfg = DataSourceConfig(path=str(HH), adapter="hh_rlhf", adapter_options=opts, limit=25, on_error="skip")
+        for conv in iter_conversations(cfg, ErrorPolicy("skip")):
+            msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
+            want = ref.apply_chat_template(
+                msgs, chat_template=source, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            )
+            s = encode_conversation(conv, tok, template)
+            assert s.input_ids.tolist() == list(want["input_ids"]), conv.provenance
+            assert s.loss_mask.tolist() == list(want["assistant_masks"]), conv.provenance
+
+
 def test_jinja_and_builtin_chatml_agree_on_ids_and_masks():
     """SmolLM2's template with its default system prompt given explicitly is plain ChatML:
     spans found by prefix rendering must equal the spans the builtin knows by construction."""

@@ -113,8 +113,9 @@ def test_local_dataset_directory(tmp_path):
     assert ei.value.path == f"{d}[validation]" and "validation" in str(ei.value)
 
 
-def test_hub_name_goes_through_datasets_offline(tmp_path):
-    """A hub name dispatches to datasets.load_dataset; offline it fails with a clear DataError."""
+def test_hub_names_go_through_datasets_and_hub_offline(tmp_path):
+    """A hub dataset name dispatches to datasets.load_dataset and a hub tokenizer name to
+    huggingface_hub; offline both fail with a clear DataError, not a library traceback."""
     code = (
         "from psft_megatron.data.sources import DataSourceConfig, iter_records\n"
         "from psft_megatron.data.errors import DataError\n"
@@ -122,12 +123,18 @@ def test_hub_name_goes_through_datasets_offline(tmp_path):
         "    list(iter_records(DataSourceConfig(path='openai/gsm8k', subset='main', split='train')))\n"
         "except DataError as e:\n"
         "    print('PATH', e.path); print('MSG', e)\n"
+        "from psft_megatron.data.tokenizer import load_tokenizer\n"
+        "try:\n"
+        "    load_tokenizer('HuggingFaceTB/SmolLM2-135M-Instruct')\n"
+        "except DataError as e:\n"
+        "    print('TOK', e)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "PATH openai/gsm8k/main[train]" in out.stdout
     assert "datasets.load_dataset('openai/gsm8k', 'main', split='train') failed" in out.stdout
+    assert "TOK HuggingFaceTB/SmolLM2-135M-Instruct: cannot fetch tokenizer from the hub" in out.stdout
     assert "Traceback" not in out.stdout + out.stderr
 
 

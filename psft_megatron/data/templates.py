@@ -293,7 +293,10 @@ class JinjaTemplate:
             ast = env.parse(source)
         except jinja2.TemplateSyntaxError as e:
             raise TemplateError(origin, e.lineno, None, TEMPLATE, f"Jinja syntax error: {e.message}") from None
-        unknown = sorted(meta.find_undeclared_variables(ast) - _KNOWN_VARS - set(self.template_vars))
+        # find_undeclared_variables also reports names set only in some branches of an
+        # {% if %}; a name the template assigns anywhere is its own business.
+        assigned = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+        unknown = sorted(meta.find_undeclared_variables(ast) - assigned - _KNOWN_VARS - set(self.template_vars))
         if unknown:
             var = unknown[0]
             line = min((n.lineno for n in ast.find_all(nodes.Name) if n.name == var), default=None)
