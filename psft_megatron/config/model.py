@@ -1,0 +1,206 @@
+"""The model section of a recipe: which decoder-only transformer to build.
+
+A recipe either lists the fields or points ``hf_config`` at a Hugging Face
+``config.json`` (or the folder holding it); :meth:`ModelConfig.resolve` fills the
+fields from it, keeping any field the recipe sets explicitly.
+
+:meth:`ModelConfig.validate` checks every constraint against the parallel layout
+before any weight is built, so a bad recipe fails in a second with a message naming
+the field to change rather than deep inside megatron-core on hundreds of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psft_megatron.config.parallel import ParallelConfig
+
+__all__ = ["FAMILIES", "ModelConfig", "RopeScaling", "padded_vocab_size"]
+
+FAMILIES = ("llama", "qwen2", "mistral")
+PARAMS_DTYPES = ("fp32", "bf16")
+TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3.1 style RoPE frequency scaling (HF ``rope_type: llama3``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-family decoder (Llama 2/3/3.1, Qwen2/2.5, Mistral).
+
+    All of these share RMSNorm, SwiGLU MLP, RoPE and grouped-query attention; they
+    differ in QKV bias (Qwen2), tied embeddings and RoPE scaling.
+    """
+
+    family: str = "llama"
+    num_layers: int = 0
+    hidden_size: int = 0
+    ffn_hidden_size: int = 0
+    num_attention_heads: int = 0
+    # Number of key/value heads (GQA). None = multi-head attention (= num_attention_heads).
+    num_query_groups: int | None = None
+    # Per-head size; None = hidden_size / num_attention_heads (HF ``head_dim``).
+    head_dim: int | None = None
+    vocab_size: int = 0
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    params_dtype: str = "bf16"
+    transformer_impl: str = "auto"
+    # HF config.json (or its folder) to take the architecture from.
+    hf_config: str | None = None
+    # The embedding and output rows are padded to a multiple of this times TP (as Megatron-LM does).
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # straight from YAML
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+
+    @property
+    def kv_channels(self) -> int:
+        """Per-head size."""
+        return self.head_dim if self.head_dim else self.hidden_size // max(self.num_attention_heads, 1)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
+        """Embedding rows after padding for ``tensor_model_parallel_size`` (see :func:`padded_vocab_size`)."""
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_model_parallel_size)
+
+    def resolve(self) -> "ModelConfig":
+        """Return a copy with the fields filled from ``hf_config`` (if set).
+
+        Fields the recipe set to a non-default value win over the HF file, so a
+        recipe can load a checkpoint's architecture and still change e.g. params_dtype.
+        """
+        if not self.hf_config:
+            return dataclasses.replace(self)
+        from psft_megatron.model.hf_config import transformer_config_from_hf
+
+        from_hf = transformer_config_from_hf(self.hf_config)
+        defaults = ModelConfig()
+        merged = {}
+        for f in dataclasses.fields(self):
+            mine = getattr(self, f.name)
+            merged[f.name] = mine if mine != getattr(defaults, f.name) else getattr(from_hf, f.name)
+        merged["hf_config"] = self.hf_config
+        return ModelConfig(**merged)
+
+    def validate(self, parallel: ParallelConfig | None = None) -> None:
+        """Check every architecture and layout constraint; raise ValueError naming the field.
+
+        Call on a resolved config (see :meth:`resolve`) before building weights.
+        """
+        parallel = parallel or ParallelConfig()
+        parallel.validate()
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                     "max_position_embeddings", "make_vocab_size_divisible_by"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                hint = " (or set model.hf_config to take it from a config.json)" if not self.hf_config else ""
+                raise ValueError(f"model.{name} must be a positive integer, got {value!r}{hint}")
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+        if self.norm_epsilon <= 0:
+            raise ValueError(f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+
+        heads, groups = self.num_attention_heads, self.query_groups
+        if groups < 1 or heads % groups != 0:
+            raise ValueError(
+                f"model.num_query_groups ({groups}) must divide model.num_attention_heads ({heads}): "
+                "each key/value head serves a whole number of query heads"
+            )
+        if self.head_dim is None and self.hidden_size % heads != 0:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads ({heads}), "
+                "or set model.head_dim explicitly"
+            )
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"model.head_dim must be a positive integer or null, got {self.head_dim}")
+
+        rs = self.rope_scaling
+        if rs is not None:
+            if rs.factor <= 0:
+                raise ValueError(f"model.rope_scaling.factor must be > 0, got {rs.factor}")
+            if not 0 < rs.low_freq_factor < rs.high_freq_factor:
+                raise ValueError(
+                    "model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                    f"{rs.low_freq_factor} and {rs.high_freq_factor}"
+                )
+            if rs.original_max_position_embeddings < 1:
+                raise ValueError("model.rope_scaling.original_max_position_embeddings must be a positive integer")
+
+        tp = parallel.tensor_model_parallel_size
+        pp = parallel.pipeline_model_parallel_size
+        vp = parallel.virtual_pipeline_model_parallel_size or 1
+        if heads % tp != 0:
+            raise ValueError(
+                f"model.num_attention_heads ({heads}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp}): pick a TP size that divides {heads}"
+            )
+        if groups % tp != 0:
+            raise ValueError(
+                f"model.num_query_groups ({groups}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp}): each TP rank holds whole key/value heads; "
+                f"pick a TP size that divides {groups}"
+            )
+        if self.ffn_hidden_size % tp != 0:
+            raise ValueError(
+                f"model.ffn_hidden_size ({self.ffn_hidden_size}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp})"
+            )
+        if self.num_layers % (pp * vp) != 0:
+            raise ValueError(
+                f"model.num_layers ({self.num_layers}) must be divisible by parallel.pipeline_model_parallel_size x "
+                f"virtual_pipeline_model_parallel_size ({pp} x {vp} = {pp * vp}): every model chunk gets the same "
+                "number of layers"
+            )
+        if parallel.context_parallel_size > 1 and self.transformer_impl == "local":
+            raise ValueError(
+                "parallel.context_parallel_size > 1 needs TransformerEngine attention: "
+                "set model.transformer_impl to auto/transformer_engine on a GPU machine, or context_parallel_size: 1"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys raise, naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+    """Round ``vocab_size`` up to a multiple of ``divisible_by * TP`` (Megatron-LM's rule).
+
+    Every TP rank then holds an equal, aligned slice of the embedding and output layer.
+    """
+    multiple = divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
