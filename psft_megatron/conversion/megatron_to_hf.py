@@ -1,0 +1,177 @@
+"""psft_megatron model checkpoint (any saved TP/PP) -> HF folder, streamed layer by layer.
+
+The checkpoint's tensors are checked against the model config in ``psft_meta.json``
+(keys and global shapes, from the dist-checkpoint metadata) before anything is
+written; the output appears under its final name only once complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from psft_megatron.config.model import ModelConfig
+from psft_megatron.conversion import layout
+from psft_megatron.conversion.hf_io import SafetensorsWriter, copy_tokenizer_files
+from psft_megatron.conversion.hf_to_megatron import ConversionError
+from psft_megatron.conversion.registry import expand
+from psft_megatron.conversion.session import single_process_megatron
+
+log = logging.getLogger(__name__)
+
+__all__ = ["convert_megatron_to_hf"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _check_checkpoint(model_dir: Path, slots: dict[str, Any], cfg: ModelConfig) -> torch.dtype:
+    """Compare the dist checkpoint's tensor keys and global shapes with the model's; return its dtype."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (model_dir / ".metadata").is_file():
+        raise ConversionError(f"{model_dir} holds no torch_dist checkpoint (.metadata missing)")
+    md = FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
+    tensors = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
+    expected: dict[str, tuple[int, ...]] = {}
+    for s in slots.values():
+        shape = s.shape if s.layer is None else (cfg.num_layers, *s.shape)
+        expected[s.ckpt_key] = shape
+    missing = sorted(set(expected) - set(tensors))
+    wrong = []
+    for key in sorted(set(expected) & set(tensors)):
+        found, want = tuple(tensors[key].size), expected[key]
+        if key in _VOCAB_KEYS:  # padded differently per saved TP size: only need >= vocab rows
+            ok = found[1:] == want[1:] and found[0] >= cfg.vocab_size
+        else:
+            ok = found == want
+        if not ok:
+            wrong.append(f"{key}: model config implies {want}, checkpoint has {found}")
+    if missing or wrong:
+        raise ConversionError(
+            f"{model_dir} does not match the model config in psft_meta.json "
+            f"(saved from another model or layout?): missing {missing[:8]}; shape mismatches {wrong[:8]}"
+        )
+    dtypes = {tensors[k].properties.dtype for k in expected}
+    if len(dtypes) != 1:
+        raise ConversionError(f"{model_dir}: mixed tensor dtypes {dtypes}")
+    return dtypes.pop()
+
+
+def _travelled_hf_config(ckpt_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
+    """The HF config that came with the weights: ``hf_config.json``, else the model config's ``hf_config``."""
+    candidates = [ckpt_dir / layout.HF_CONFIG_FILE]
+    if cfg.hf_config:
+        p = Path(cfg.hf_config)
+        candidates.append(p / "config.json" if p.is_dir() else p)
+    for path in candidates:
+        if path.is_file():
+            with open(path) as f:
+                return json.load(f)
+    return None
+
+
+def _source_dtype(ckpt_dir: Path, cfg: ModelConfig) -> torch.dtype | None:
+    """The dtype named by the HF config that travelled with the checkpoint, if any."""
+    hf = _travelled_hf_config(ckpt_dir, cfg)
+    if hf is None:
+        return None
+    return _DTYPES.get(str(hf.get("dtype") or hf.get("torch_dtype") or "").replace("torch.", ""))
+
+
+def _hf_config(ckpt_dir: Path, cfg: ModelConfig, out_dtype: torch.dtype) -> dict[str, Any]:
+    from psft_megatron.model.hf_config import hf_config_from_model_config
+
+    name = str(out_dtype).replace("torch.", "")
+    hf = _travelled_hf_config(ckpt_dir, cfg)
+    if hf is None:
+        hf = hf_config_from_model_config(cfg)
+    hf["dtype" if "dtype" in hf else "torch_dtype"] = name
+    return hf
+
+
+def _tokenizer_source(ckpt_dir: Path, meta: dict[str, Any], explicit: str | Path | None) -> Path | None:
+    """Explicit folder, else the checkpoint's ``tokenizer/``, else the trainer's recorded tokenizer folder."""
+    for candidate in (explicit, ckpt_dir / layout.TOKENIZER_SUBDIR, meta.get("tokenizer")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def convert_megatron_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "auto",
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the model checkpoint at ``ckpt_dir`` as an HF folder at ``out_dir``.
+
+    ``dtype``: "auto" (the HF config's dtype when one travelled with the checkpoint,
+    else the checkpoint's), or float32 / bfloat16 / float16. Vocabulary padding is
+    trimmed. Tokenizer files come from the checkpoint's ``tokenizer/`` or ``tokenizer_dir``.
+    Returns a small report.
+    """
+    from psft_megatron.conversion.streaming import load_groups, slots_of
+    from psft_megatron.model.build import build_meta_model
+
+    start = time.perf_counter()
+    ckpt_dir = Path(ckpt_dir)
+    meta = layout.read_meta(ckpt_dir)
+    cfg = layout.model_config_of(meta)
+    model_dir = ckpt_dir / layout.MODEL_SUBDIR
+    with single_process_megatron():
+        probe = slots_of(build_meta_model(dataclasses.replace(cfg, params_dtype="fp32", transformer_impl="local")))
+        ckpt_dtype = _check_checkpoint(model_dir, probe, cfg)
+        params_dtype = "bf16" if ckpt_dtype == torch.bfloat16 else "fp32"
+        meta_model = build_meta_model(dataclasses.replace(cfg, params_dtype=params_dtype, transformer_impl="local"))
+        slots = slots_of(meta_model)
+
+        if dtype == "auto":
+            out_dtype = _source_dtype(ckpt_dir, cfg) or ckpt_dtype
+        elif dtype in _DTYPES:
+            out_dtype = _DTYPES[dtype]
+        else:
+            raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+        entries = {name: (hf, m) for name, hf, m in expand(cfg)}
+        if set(entries) != set(slots):
+            raise ConversionError(f"weight mapping for {cfg.family} does not cover the megatron model")
+        plan = []
+        for name, (hf_names, m) in entries.items():
+            outs = m.fn.to_hf(torch.empty(slots[name].shape, device="meta"), cfg)
+            plan += [(h, tuple(t.shape), out_dtype) for h, t in zip(hf_names, outs)]
+
+        with layout.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            writer = SafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
+            for group in load_groups(meta_model, model_dir):
+                for name, tensor in group.items():
+                    hf_names, m = entries[name]
+                    for h, t in zip(hf_names, m.fn.to_hf(tensor, cfg)):
+                        writer.write(h, t.to(out_dtype))
+                del group
+            writer.close()
+            with open(tmp / "config.json", "w") as f:
+                json.dump(_hf_config(ckpt_dir, cfg, out_dtype), f, indent=2)
+            tok_src = _tokenizer_source(ckpt_dir, meta, tokenizer_dir)
+            tokenizer = copy_tokenizer_files(tok_src, tmp) if tok_src else []
+            if not tokenizer:
+                log.warning("no tokenizer files found for %s: pass tokenizer_dir to include them", ckpt_dir)
+    report = {
+        "seconds": time.perf_counter() - start,
+        "tensors": len(plan),
+        "dtype": str(out_dtype),
+        "shards": len(set(writer.weight_map.values())),
+        "tokenizer_files": tokenizer,
+    }
+    log.info("exported %s -> %s: %s", ckpt_dir, out_dir, report)
+    return report

@@ -1,0 +1,56 @@
+"""Export a psft_megatron model checkpoint (converter output or a trainer step_NNNNNN/) as an HF folder.
+
+    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR \
+        [--dtype auto|float32|bfloat16|float16] [--tokenizer DIR] [--max-shard-size-gb 5] [--overwrite]
+
+Works for a checkpoint saved at any TP/PP. HF_DIR gets safetensors shards with
+``model.safetensors.index.json``, ``config.json`` and the tokenizer files; vocabulary
+padding is trimmed. ``--dtype auto`` keeps the dtype of the HF config that travelled
+with the checkpoint (else the checkpoint's). Runs as one process, layer by layer.
+Exit status 2 with a one-line reason when the checkpoint does not fit its config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint directory (holds psft_meta.json and model/)")
+    parser.add_argument("--out", required=True, help="output HF folder")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the checkpoint's)")
+    parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from psft_megatron.conversion.hf_to_megatron import ConversionError
+    from psft_megatron.conversion.layout import CheckpointError
+    from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    try:
+        report = convert_megatron_to_hf(
+            args.ckpt,
+            args.out,
+            dtype=args.dtype,
+            tokenizer_dir=args.tokenizer,
+            max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+            overwrite=args.overwrite,
+        )
+    except (ConversionError, CheckpointError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":  # the dist-checkpoint machinery may start a spawn-context process: keep this guard
+    sys.exit(main())
