@@ -23,6 +23,8 @@ __all__ = ["FAMILIES", "ModelConfig", "RopeScaling", "padded_vocab_size"]
 FAMILIES = ("llama", "qwen2", "mistral")
 PARAMS_DTYPES = ("fp32", "bf16")
 TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
+# Training choices, never read from an HF config.
+_RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config")
 
 
 @dataclass
@@ -84,10 +86,11 @@ class ModelConfig:
         return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_model_parallel_size)
 
     def resolve(self) -> "ModelConfig":
-        """Return a copy with the fields filled from ``hf_config`` (if set).
+        """Return a copy with the architecture filled from ``hf_config`` (if set).
 
-        Fields the recipe set to a non-default value win over the HF file, so a
-        recipe can load a checkpoint's architecture and still change e.g. params_dtype.
+        Architecture fields the recipe set to a non-default value win over the HF
+        file; the training choices (params_dtype, transformer_impl,
+        make_vocab_size_divisible_by) always come from the recipe.
         """
         if not self.hf_config:
             return dataclasses.replace(self)
@@ -98,8 +101,8 @@ class ModelConfig:
         merged = {}
         for f in dataclasses.fields(self):
             mine = getattr(self, f.name)
-            merged[f.name] = mine if mine != getattr(defaults, f.name) else getattr(from_hf, f.name)
-        merged["hf_config"] = self.hf_config
+            take_hf = f.name not in _RECIPE_ONLY and mine == getattr(defaults, f.name)
+            merged[f.name] = getattr(from_hf, f.name) if take_hf else mine
         return ModelConfig(**merged)
 
     def validate(self, parallel: ParallelConfig | None = None) -> None:
