@@ -16,6 +16,19 @@ from psft_megatron.loss.stats import LossStats
 from psft_megatron.loss.token_stats import vocab_parallel_token_stats
 
 
+class _OwnLogp:
+    """Sentinel type of :data:`OWN_LOGP`."""
+
+    def __repr__(self) -> str:
+        return "OWN_LOGP"
+
+
+# Pass as ``logp_old`` when the micro-batch runs on the snapshot weights themselves (the
+# first mini-batch after a snapshot): its own detached log-probs are logp_old, ratio 1,
+# which saves the snapshot forward pass for that mini-batch.
+OWN_LOGP = _OwnLogp()
+
+
 @dataclass
 class MicroBatchLoss:
     """``loss``: differentiable ``sum(loss_t * mask) / global_count`` (multiply by
@@ -34,7 +47,7 @@ def micro_batch_loss(
     loss_mask: torch.Tensor,
     global_count: torch.Tensor,
     objective: ObjectiveConfig,
-    logp_old: torch.Tensor | None = None,
+    logp_old: torch.Tensor | _OwnLogp | None = None,
     *,
     tp_group: dist.ProcessGroup | None = None,
     chunk_size: int | None = None,
@@ -43,10 +56,12 @@ def micro_batch_loss(
     """Loss term and statistics of one micro-batch from vocab-parallel logits ``[s, b, V/TP]``.
 
     ``labels``, ``loss_mask`` and ``logp_old`` are ``[s, b]``; ``logp_old`` (from the
-    snapshot forward pass, see :func:`snapshot_logp`) is required by ``psft``.
+    snapshot forward pass, see :func:`snapshot_logp`, or :data:`OWN_LOGP`) is required by ``psft``.
     ``global_count`` comes from :func:`~psft_megatron.loss.normalize.global_token_count`.
     """
     ts = vocab_parallel_token_stats(logits, labels, tp_group=tp_group, chunk_size=chunk_size, inplace=inplace)
+    if isinstance(logp_old, _OwnLogp):
+        logp_old = ts.logp.detach()
     losses = token_losses(objective, ts.logp, loss_mask, logp_old)
     loss = normalized_loss(losses.loss, loss_mask, global_count)
     stats = LossStats.from_tokens(losses, ts.logp, ts.entropy, loss_mask)
