@@ -1,0 +1,215 @@
+"""Training checkpoints: model + optimizer (megatron dist_checkpointing), schedule, data position, RNG, step.
+
+Layout of ``<save_dir>``::
+
+    latest                      text file: the name of the newest complete checkpoint
+    step_000100/
+        model/                  dist checkpoint of the model weights only: the same format
+                                tools/convert_hf_to_megatron.py writes, so `init_from`,
+                                tools/convert_megatron_to_hf.py and tools/score.py read it
+        optimizer/              dist checkpoint of the optimizer state (layout-independent:
+                                keyed by the model's sharded tensors)
+        train_state.json        step, phase, consumed tokens, LR schedule, data position
+        rng/rank_00000.pt ...   each rank's Python/NumPy/torch RNG state
+        psft_meta.json          format version, model config, parallel layout
+
+Crash safety: everything is written into ``step_000100.tmp`` first; only when every
+rank is done does rank 0 rename it and then replace ``latest`` atomically. A crash
+mid-save leaves the previous checkpoint and ``latest`` untouched; stale ``.tmp``
+folders are removed by the next save.
+
+The model and optimizer state are sharded tensors with global keys, so a checkpoint
+loads into any TP/PP/VP layout (the RNG states are restored only at the same world
+size and layout, otherwise a warning says they were re-seeded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from psft_megatron.checkpoint.model_checkpoint import (
+    load_model_weights,
+    model_sharded_state_dict,
+    save_model_weights,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{6,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def find_latest(save_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint in ``save_dir`` (via ``latest``, else the highest step dir)."""
+    save_dir = Path(save_dir)
+    pointer = save_dir / "latest"
+    if pointer.is_file():
+        candidate = save_dir / pointer.read_text().strip()
+        if (candidate / "train_state.json").is_file():
+            return candidate
+        log.warning("%s points at %s, which is incomplete; looking for another checkpoint", pointer, candidate)
+    steps = sorted(
+        (int(m.group(1)), p) for p in save_dir.glob("step_*") if (m := _STEP_RE.match(p.name)) and (p / "train_state.json").is_file()
+    )
+    return steps[-1][1] if steps else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": _tracker_states(),
+    }
+
+
+def _tracker_states() -> dict[str, torch.Tensor] | None:
+    try:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        return {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+    except Exception:  # tracker not initialised (e.g. tools): nothing to save
+        return None
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("tracker"):
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_checkpoint(
+    save_dir: str | Path,
+    step: int,
+    model: list,
+    optimizer: Any,
+    scheduler: Any,
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write checkpoint ``step`` (all ranks call this); returns its final path."""
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    final = save_dir / step_dir_name(step)
+    tmp = save_dir / (final.name + ".tmp")
+    if _rank() == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / "optimizer").mkdir(parents=True)
+        (tmp / "rng").mkdir()
+    _barrier()
+
+    save_model_weights(model, tmp, meta)
+    model_sd = model_sharded_state_dict(model)
+    dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    if _rank() == 0:
+        state = dict(train_state, format_version=FORMAT_VERSION, layout=meta_layout(), scheduler=scheduler.state_dict())
+        _write_json(tmp / "train_state.json", state)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # a re-save of the same step (e.g. resumed and saved again)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text_atomic(save_dir / "latest", final.name)
+        _prune(save_dir, keep_last)
+    _barrier()
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the train state dict."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    state = json.loads((path / "train_state.json").read_text())
+    if state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+    load_model_weights(model, path)
+    model_sd = model_sharded_state_dict(model)
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(path / "optimizer")))
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    same_world = len(list((path / "rng").glob("rank_*.pt"))) == (dist.get_world_size() if dist.is_initialized() else 1)
+    if rng_file.is_file() and same_world and state.get("layout") == meta_layout():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        log.warning("%s: saved with another layout; RNG states re-seeded instead of restored", path)
+    log.info("resumed from %s (step %s)", path, state.get("step"))
+    return state
+
+
+def meta_layout() -> dict[str, int]:
+    """This job's parallel layout, as stored in checkpoints."""
+    from megatron.core import parallel_state
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=1, default=_json_default))
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".writing")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(save_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted((int(m.group(1)), p) for p in save_dir.glob("step_*") if (m := _STEP_RE.match(p.name)))
+    for _, p in steps[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""Run outputs: metrics.jsonl (one object per optimizer step), TensorBoard, console progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("psft")
+
+# Fields every train record carries (metrics.jsonl contract, documented in the README).
+TRAIN_FIELDS = (
+    "step", "phase", "loss", "entropy", "clip_frac", "ratio_mean", "ratio_min", "ratio_max",
+    "mean_logp", "grad_norm", "lr", "tokens", "tokens_per_s", "step_time_s",
+)
+
+
+def train_record(step: int, phase: str, stats: dict[str, float], grad_norm: float, lr: float,
+                 tokens: int, seconds: float) -> dict[str, Any]:
+    """The metrics.jsonl object of one optimizer step (from the last stage's reduced stats)."""
+    return {
+        "step": step,
+        "phase": phase,
+        "loss": stats["loss"],
+        "entropy": stats["mean_entropy"],
+        "clip_frac": stats["clip_fraction"],
+        "ratio_mean": stats["ratio_mean"],
+        "ratio_min": stats["ratio_min"],
+        "ratio_max": stats["ratio_max"],
+        "mean_logp": stats["mean_logp"],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens": int(stats["token_count"]),
+        "tokens_per_s": tokens / seconds if seconds > 0 else float("nan"),
+        "step_time_s": seconds,
+    }
+
+
+def _finite(x: Any) -> Any:
+    # JSON has no NaN/inf: write them as null so every line stays valid JSON.
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+class MetricsWriter:
+    """Writes metrics on the logging rank only; every method is a no-op elsewhere."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool = True,
+                 log_interval: int = 1) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.log_interval = max(1, log_interval)
+        self._start = time.monotonic()
+        self._start_step: int | None = None
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # Append: a resumed run continues the same file (records carry their step).
+        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is a declared dependency; tolerate a trimmed env
+                log.warning("tensorboard is not installed: no TensorBoard events")
+
+    def write(self, record: dict[str, Any], prefix: str = "train") -> None:
+        """Append one record (``step`` required) and mirror its numbers to TensorBoard."""
+        if not self.enabled:
+            return
+        rec = {k: _finite(v) for k, v in record.items()}
+        if prefix != "train":
+            rec["split"] = prefix
+        self._file.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+
+    def progress(self, record: dict[str, Any]) -> None:
+        """A console line with throughput and ETA every ``log_interval`` steps."""
+        if not self.enabled:
+            return
+        step = record["step"]
+        if self._start_step is None:
+            self._start_step = step - 1
+            self._start = time.monotonic() - record.get("step_time_s", 0.0)
+        if step % self.log_interval and step != self.total_steps:
+            return
+        done = step - self._start_step
+        elapsed = time.monotonic() - self._start
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
+        log.info(
+            "step %d/%d [%s] loss %.4f entropy %.4f clip %.3f ratio %.3f/%.3f/%.3f grad %.3f lr %.3g | "
+            "%.0f tok/s %.2fs/step ETA %s",
+            step, self.total_steps, record["phase"], record["loss"], record["entropy"], record["clip_frac"],
+            record["ratio_min"], record["ratio_mean"], record["ratio_max"], record["grad_norm"], record["lr"],
+            record["tokens_per_s"], record["step_time_s"], _fmt_seconds(eta),
+        )
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _fmt_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"

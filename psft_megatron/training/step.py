@@ -1,0 +1,183 @@
+"""The three passes of PSFT training over megatron's schedule: snapshot, train step, evaluation.
+
+Per global batch (see :mod:`psft_megatron.training.loop`): one forward-only
+*snapshot* pass records logp_old for mini-batches 2..k (the first mini-batch runs on
+the snapshot weights themselves, so its own detached log-probs are logp_old), then
+each mini-batch runs forward+backward as micro-batches and ends in one optimizer step.
+
+Loss values and statistics exist only on the last pipeline stage; helpers here
+return ``None`` elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from psft_megatron.data.batches import AttentionBackend, MicroBatch, MiniBatch
+from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, snapshot_logp
+from psft_megatron.loss.normalize import megatron_loss_scale
+from psft_megatron.loss.objectives import ObjectiveConfig
+from psft_megatron.loss.stats import LossStats, reduce_stats
+from psft_megatron.training.schedule import prepare_micro_batches, run_schedule
+
+
+@dataclass
+class PassSetup:
+    """What every pass needs to know about the run."""
+
+    backend: AttentionBackend
+    device: torch.device
+    chunk_size: int | None = None  # token chunking of the loss (bounds fp32 working memory)
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: reduced statistics (last stage only) and the optimizer's report."""
+
+    stats: dict[str, float] | None
+    grad_norm: float
+    update_successful: bool
+    num_loss_tokens: int
+    lr: float  # the learning rate this step used
+
+
+def _model_output(chunk: Any, mb: MicroBatch, backend: AttentionBackend) -> torch.Tensor:
+    # labels= makes the output layer's [s, b, V/TP] logits reach the loss unchanged
+    # (see psft_megatron.model.gpt); on other stages it is ignored.
+    return chunk(**mb.forward_kwargs(backend), labels=mb.labels)
+
+
+def _seq_first(t: torch.Tensor) -> torch.Tensor:
+    """[b, s] -> [s, b], the logits' layout."""
+    return t.transpose(0, 1).contiguous()
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def snapshot(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup) -> list[torch.Tensor | None]:
+    """Forward-only pass: each micro-batch's per-token label log-probs ``[s, b]`` (last stage; None elsewhere)."""
+    mbs = prepare_micro_batches(micro_batches, setup.backend, setup.device)
+    out: list[torch.Tensor | None] = [None] * len(mbs)
+
+    def forward_step(data_iterator: Any, chunk: Any):
+        idx, mb = next(data_iterator)
+        output = _model_output(chunk, mb, setup.backend)
+
+        def loss_func(logits: torch.Tensor):
+            out[idx] = snapshot_logp(logits, _seq_first(mb.labels), chunk_size=setup.chunk_size)
+            return logits.new_zeros(()), {}
+
+        return output, loss_func
+
+    with torch.no_grad():
+        run_schedule(model, mbs, forward_step, forward_only=True)
+    return out
+
+
+def train_step(
+    bundle: Any,
+    mini: MiniBatch,
+    objective: ObjectiveConfig,
+    setup: PassSetup,
+    logp_old: Sequence[torch.Tensor | None] | None,
+) -> StepResult:
+    """Forward+backward of one mini-batch's micro-batches, then one optimizer step.
+
+    ``logp_old``: per micro-batch snapshot log-probs for ``psft``; ``None`` means "this
+    mini-batch runs on the snapshot weights", so each token's own detached log-prob is
+    its logp_old (ratio 1). Ignored by ``sft`` / ``dft``.
+    """
+    from megatron.core import parallel_state
+
+    model, optimizer, scheduler = bundle.model, bundle.optimizer, bundle.scheduler
+    mbs = prepare_micro_batches(mini.micro_batches, setup.backend, setup.device)
+    dp = parallel_state.get_data_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    scale = megatron_loss_scale(len(mbs), dp, cp)
+    # The loader counted the mini-batch's response tokens over all DP ranks: no all-reduce.
+    global_count = torch.tensor(mini.num_loss_tokens, dtype=torch.int64, device=setup.device)
+    stats: list[LossStats] = []
+
+    def forward_step(data_iterator: Any, chunk: Any):
+        idx, mb = next(data_iterator)
+        output = _model_output(chunk, mb, setup.backend)
+
+        def loss_func(logits: torch.Tensor):
+            old = OWN_LOGP if logp_old is None else logp_old[idx]
+            res = micro_batch_loss(
+                logits,
+                _seq_first(mb.labels),
+                _seq_first(mb.loss_mask),
+                global_count,
+                objective,
+                logp_old=old if objective.name == "psft" else None,
+                chunk_size=setup.chunk_size,
+            )
+            stats.append(res.stats)
+            # clone: megatron divides the returned loss in place; keep the report intact.
+            return res.loss * scale, {"loss": res.loss.detach().clone()}
+
+        return output, loss_func
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    run_schedule(model, mbs, forward_step, forward_only=False)
+    # Advance the schedule first, so optimizer step i (1-based) uses lr(i): the first
+    # warm-up step is not wasted at lr 0 and the last one reaches min_lr.
+    scheduler.step(increment=1)
+    lr = float(optimizer.param_groups[0]["lr"])
+    ok, grad_norm, _ = optimizer.step()
+    reduced = _reduce(stats, setup.device)
+    return StepResult(
+        stats=reduced,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        update_successful=bool(ok),
+        num_loss_tokens=mini.num_loss_tokens,
+        lr=lr,
+    )
+
+
+def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup) -> dict[str, float] | None:
+    """Forward-only NLL and entropy over held-out micro-batches (token means over all DP ranks)."""
+    mbs = prepare_micro_batches(micro_batches, setup.backend, setup.device)
+    sft = ObjectiveConfig(name="sft")
+    count = torch.ones((), dtype=torch.int64, device=setup.device)
+    stats: list[LossStats] = []
+
+    def forward_step(data_iterator: Any, chunk: Any):
+        idx, mb = next(data_iterator)
+        output = _model_output(chunk, mb, setup.backend)
+
+        def loss_func(logits: torch.Tensor):
+            res = micro_batch_loss(logits, _seq_first(mb.labels), _seq_first(mb.loss_mask), count, sft, chunk_size=setup.chunk_size)
+            stats.append(res.stats)
+            return res.loss.detach(), {}
+
+        return output, loss_func
+
+    for chunk in model:
+        chunk.eval()
+    try:
+        with torch.no_grad():
+            run_schedule(model, mbs, forward_step, forward_only=True)
+    finally:
+        for chunk in model:
+            chunk.train()
+    return _reduce(stats, setup.device)
+
+
+def _reduce(stats: list[LossStats], device: torch.device) -> dict[str, float] | None:
+    if not _is_last_stage():
+        return None
+    total = LossStats.empty(device)
+    for s in stats:
+        total = total.merge(s)
+    return reduce_stats(total).summary()
