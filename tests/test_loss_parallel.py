@@ -136,9 +136,10 @@ def _check_token_stats(tp_group, rank: int, tp: int) -> dict:
                 for a, c in zip(outs[0], other):
                     torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-6)
 
-        # The snapshot path (no entropy, no graph) gives the same logp.
+        # The snapshot path (no entropy, no graph) gives the same logp; no tp_group given:
+        # megatron's TP group by default (a single rank in process).
         shard = _shard(full, rank, tp).clone()
-        snap = snapshot_logp(shard, labels, tp_group=tp_group, chunk_size=5)
+        snap = snapshot_logp(shard, labels, chunk_size=5)
         torch.testing.assert_close(snap[mask].double(), lp_ref0[mask], **FP32_TOL)
         assert not snap.requires_grad
 
@@ -282,7 +283,7 @@ def _check_micro_batches(tp_group, dp_group, tp_rank: int, tp: int, dp_rank: int
                 dist.all_reduce(reported, group=dp_group)
                 dist.all_reduce(naive, group=dp_group)
                 naive /= dp
-            stats = reduce_stats(stats, dp_group)
+            stats = reduce_stats(stats)  # default group: megatron's DP x CP (none in process)
 
             assert int(count) == int(n_ref)
             torch.testing.assert_close(reported.double(), loss_ref, **FP32_TOL)

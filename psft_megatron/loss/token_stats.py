@@ -12,10 +12,17 @@ Why not megatron's ``tensor_parallel.vocab_parallel_cross_entropy``:
   * it gives no entropy, which PSFT monitors (and an entropy bonus would differentiate);
   * it keeps a full fp32 softmax shard alive from forward to backward, and its label
     smoothing averages over the local shard only.
-Here everything is computed in fp32 from a few all-reduces of per-token scalars
-(max; then label logit, sum exp, sum exp*z packed into one), the vocabulary is never
-gathered, the fp32 working copy exists one token chunk at a time, and backward
-recomputes the softmax from the (saved, untouched) logits: no communication in backward.
+Here everything is computed in fp32 from two all-reduces of per-token scalars (the max;
+then the label's logit, sum exp(z - max) and sum exp(z - max) * (z - max) packed into one),
+the vocabulary is never gathered, the fp32 working copy exists one token chunk at a time,
+and backward recomputes the softmax from the (saved, untouched) logits: no communication
+in backward.
+
+Memory (one fp32 shard = tokens x V/TP x 4 bytes): kept from forward to backward are a
+reference to the logits themselves (0.5 shard for bf16 logits, which megatron's CE would
+replace by a 1-shard fp32 softmax) and five per-token vectors. Forward peaks at two fp32
+chunk buffers; backward at the gradient (one shard in the logits' dtype, none with
+``inplace=True``) plus at most two fp32 chunk buffers.
 
 Vocabulary padding: megatron pads the vocabulary to a multiple of
 ``make_vocab_size_divisible_by * TP``; the padded entries are real columns of the output
