@@ -19,8 +19,10 @@ def single_process_megatron() -> Iterator[None]:
     """
     from megatron.core import parallel_state
 
+    from psft_megatron.runtime import cpu_compat
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel
 
+    cpu_compat.apply()  # no-op with CUDA; init_distributed would do it, but a caller may have set up dist itself
     own_dist = not dist.is_initialized()
     if own_dist:
         init_distributed(backend="gloo")
