@@ -65,7 +65,8 @@ class ModelConfig:
     transformer_impl: str = "auto"
     # HF config.json (or its folder) to take the architecture from.
     hf_config: str | None = None
-    # The embedding and output rows are padded to a multiple of this times TP (as Megatron-LM does).
+    # The embedding and output rows are padded to a multiple of this (TP must divide it);
+    # the same at every layout, so checkpoints load at any TP.
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
@@ -174,6 +175,7 @@ class ModelConfig:
                 f"model.ffn_hidden_size ({self.ffn_hidden_size}) must be divisible by "
                 f"parallel.tensor_model_parallel_size ({tp})"
             )
+        padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)  # raises if TP does not divide it
         if self.num_layers % (pp * vp) != 0:
             raise ValueError(
                 f"model.num_layers ({self.num_layers}) must be divisible by parallel.pipeline_model_parallel_size x "
@@ -200,10 +202,17 @@ class ModelConfig:
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
-    """Round ``vocab_size`` up to a multiple of ``divisible_by * TP`` (Megatron-LM's rule).
+    """Round ``vocab_size`` up to a multiple of ``divisible_by``, which TP must divide.
 
-    Every TP rank then holds an equal, aligned slice of the embedding and output layer.
+    Unlike Megatron-LM (a multiple of ``divisible_by * TP``) the padded size does not
+    depend on the layout, so a checkpoint's embedding and output shapes are the same at
+    every TP size and it loads into any layout. Every TP rank still holds an equal slice.
     """
-    multiple = divisible_by * tensor_model_parallel_size
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+    if divisible_by % tensor_model_parallel_size:
+        raise ValueError(
+            f"model.make_vocab_size_divisible_by ({divisible_by}) must be a multiple of "
+            f"parallel.tensor_model_parallel_size ({tensor_model_parallel_size}) so every TP rank gets an equal "
+            f"vocabulary slice: use {divisible_by * tensor_model_parallel_size}"
+        )
+    return ((vocab_size + divisible_by - 1) // divisible_by) * divisible_by
 

@@ -41,6 +41,14 @@ def wrap_ddp(chunks: list[torch.nn.Module], use_distributed_optimizer: bool) -> 
                 disable_bucketing=i > 0,
             )
         )
+    # The schedule calls these: finalize_model_grads reduces grads over DP (finish_grad_sync),
+    # sums sequence-parallel norm grads over TP and tied-embedding grads over the pipeline
+    # ends; no_sync defers DP reduction to the last micro-batch.
+    config = chunks[0].config
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped
 
 
