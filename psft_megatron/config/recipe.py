@@ -17,7 +17,7 @@ from psft_megatron.config.training import (
     TrainingConfig,
 )
 from psft_megatron.data.sources import DataSourceConfig
-from psft_megatron.loss.objectives import ObjectiveConfig, objective_names
+from psft_megatron.loss.objectives import ObjectiveConfig
 
 
 @dataclass
@@ -60,8 +60,6 @@ class RecipeConfig:
             self.optimizer.validate()
             self.checkpoint.validate()
             self.model.resolve().validate(self.parallel)
-            if self.loss.name not in objective_names():
-                raise ValueError(f"loss.name must be one of {objective_names()}, got {self.loss.name!r}")
             self._validate_steps()
             self._validate_data()
             if world_size is not None:

@@ -1,0 +1,111 @@
+"""Recipes: every shipped recipe validates at its intended world size; bad recipes fail
+before anything is built, with a message naming the file, line and field to change."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from psft_megatron.config.load import ConfigError
+from psft_megatron.config.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+# The world size each recipe is written for (see its header comment).
+WORLD_SIZES = {"tiny_cpu.yaml": 2, "qwen2.5_7b_math.yaml": 8, "8b_math.yaml": 8, "70b_math.yaml": 64}
+
+
+def test_every_recipe_is_listed():
+    assert sorted(p.name for p in RECIPES.glob("*.yaml")) == sorted(WORLD_SIZES)
+
+
+@pytest.mark.parametrize("name", sorted(WORLD_SIZES))
+def test_recipe_validates(name):
+    recipe = load_recipe(RECIPES / name)
+    recipe.validate(WORLD_SIZES[name])
+
+
+def test_paper_setting():
+    r = load_recipe(RECIPES / "qwen2.5_7b_math.yaml")
+    assert r.training.mini_batches_per_global_batch == 8
+    assert (r.loss.name, r.loss.eps_low, r.loss.eps_high) == ("psft", 0.2, 0.28)
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.optimizer.clip_grad) == (1e-6, 0.1, 1.0)
+    assert r.model.qkv_bias
+
+
+def test_70b_layout_fits_its_cluster():
+    r = load_recipe(RECIPES / "70b_math.yaml")
+    p = r.parallel
+    assert p.tensor_model_parallel_size == 8  # one NVLink node
+    assert r.model.num_layers % (p.pipeline_model_parallel_size * p.virtual_pipeline_model_parallel_size) == 0
+    assert p.data_parallel_size(64) == 2
+    with pytest.raises(ConfigError, match="world size 48 is not divisible"):
+        r.validate(48)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    return p
+
+
+TINY = (RECIPES / "tiny_cpu.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("  mini_batch_size: 4 ", "  mini_batch_size: 5 "), r"global_batch_size \(16\) must be divisible by training.mini_batch_size \(5\)"),
+        (("  train_steps: 96", "  train_stpes: 96"), r"bad.yaml:\d+: unknown key training.train_stpes \(did you mean training.train_steps\?\)"),
+        (("  num_attention_heads: 4", "  num_attention_heads: 3"), r"num_query_groups \(2\) must divide model.num_attention_heads \(3\)"),
+        (("  lr: 3.0e-3 ", "  lr: fast "), r"bad.yaml:\d+: optimizer.lr must be a number, got 'fast'"),
+        (("  allow_random_init: true ", "  allow_random_init: false "), r"random weights: set checkpoint.init_from"),
+        (("  sft_warmup_steps: 16", "  sft_warmup_steps: 6"), r"sft_warmup_steps \(6\) must be a multiple of .* = 4"),
+        (("  name: psft", "  name: ppo"), r"bad.yaml:\d+: loss: unknown objective 'ppo'; known: \['dft', 'psft', 'sft'\]"),
+    ],
+)
+def test_bad_recipe_messages(tmp_path, edit, expected):
+    old, new = edit
+    assert old in TINY, old
+    with pytest.raises(ConfigError, match=expected):
+        load_recipe(_write(tmp_path, TINY.replace(old, new)))
+
+
+def test_layout_constraints_need_world_size():
+    r = load_recipe(RECIPES / "tiny_cpu.yaml", ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"])
+    r.validate(2)  # DP=2: mini-batch 4 = micro 2 x DP 2
+    with pytest.raises(ConfigError, match=r"mini_batch_size \(4\) must be divisible by micro_batch_size x data-parallel size = 2 x 4 = 8"):
+        r.validate(4)
+    with pytest.raises(ConfigError, match=r"num_query_groups \(2\) must be divisible by parallel.tensor_model_parallel_size \(4\)"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["parallel.tensor_model_parallel_size=4"])
+
+
+def test_overrides_are_typed_and_checked():
+    r = load_recipe(RECIPES / "tiny_cpu.yaml", ["training.train_steps=32", "optimizer.lr=1e-3", "loss.eps_high=0.3"])
+    assert (r.training.train_steps, r.optimizer.lr, r.loss.eps_high) == (32, 1e-3, 0.3)
+    with pytest.raises(ConfigError, match="training.train_steps must be an integer"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["training.train_steps=many"])
+    with pytest.raises(ConfigError, match="unknown key model.layers"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["model.layers=2"])
+
+
+def test_cli_refuses_bad_recipe_before_building(tmp_path):
+    """The torchrun entry exits 2 with the message, without initialising anything."""
+    bad = _write(tmp_path, TINY.replace("  mini_batch_size: 4 ", "  mini_batch_size: 5 "))
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain_psft.py"), str(bad)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "bad recipe" in out.stderr and "mini_batch_size (5)" in out.stderr
+    ok = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain_psft.py"), str(RECIPES / "70b_math.yaml"), "--validate-only"],
+        capture_output=True, text=True, env=dict(os.environ, WORLD_SIZE="64", RANK="0"), timeout=120,
+    )
+    assert ok.returncode == 0, ok.stderr
