@@ -147,8 +147,8 @@ def save_training_checkpoint(
         os.replace(tmp, final)
         _write_text_atomic(save_dir / "latest", final.name)
         _prune(save_dir, keep_last)
+        log.info("saved checkpoint %s", final)
     _barrier()
-    log.info("saved checkpoint %s", final)
     return final
 
 

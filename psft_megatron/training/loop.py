@@ -22,7 +22,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from psft_megatron.checkpoint.model_checkpoint import load_model_weights
@@ -39,7 +38,7 @@ from psft_megatron.runtime.distributed import DistEnv
 from psft_megatron.training.data_setup import TrainData, build_data
 from psft_megatron.training.metrics import MetricsWriter, train_record
 from psft_megatron.training.optimizer import OptimizerBundle, build_optimizer
-from psft_megatron.training.step import PassSetup, evaluate, snapshot, train_step
+from psft_megatron.training.step import PassSetup, evaluate, train_global_batch
 
 log = logging.getLogger("psft")
 
@@ -126,15 +125,7 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
             gb = next(data.loader)
             objective = _phase_objective(recipe, step)
             t0 = time.monotonic()
-            logp_old: list[list[torch.Tensor | None] | None] = [None] * k
-            if objective.name == "psft" and k > 1:
-                rest = [mb for mini in gb.mini_batches[1:] for mb in mini.micro_batches]
-                flat = snapshot(bundle.model, rest, setup)
-                m = len(gb.mini_batches[0].micro_batches)
-                for j in range(1, k):
-                    logp_old[j] = flat[(j - 1) * m : j * m]
-            for j, mini in enumerate(gb.mini_batches):
-                result = train_step(bundle, mini, objective, setup, logp_old[j])
+            for result in train_global_batch(bundle, gb, objective, setup):
                 step += 1
                 consumed_tokens += tokens_per_step
                 seconds = time.monotonic() - t0
@@ -151,7 +142,8 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
                 if ev is not None:
                     eval_records.append(ev)
                     metrics.write(ev, prefix="eval")
-                    log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
+                    if is_logger:
+                        log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
             interval = recipe.checkpoint.save_interval
             exiting = recipe.training.exit_after_steps is not None and step >= recipe.training.exit_after_steps
             if (

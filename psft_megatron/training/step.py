@@ -12,11 +12,11 @@ return ``None`` elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from psft_megatron.data.batches import AttentionBackend, MicroBatch, MiniBatch
+from psft_megatron.data.batches import AttentionBackend, GlobalBatch, MicroBatch, MiniBatch
 from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, snapshot_logp
 from psft_megatron.loss.normalize import megatron_loss_scale
 from psft_megatron.loss.objectives import ObjectiveConfig
@@ -143,6 +143,27 @@ def train_step(
         num_loss_tokens=mini.num_loss_tokens,
         lr=lr,
     )
+
+
+def train_global_batch(
+    bundle: Any, gb: GlobalBatch, objective: ObjectiveConfig, setup: PassSetup
+) -> Iterator[StepResult]:
+    """All k optimizer steps of one global batch, yielded one by one (for per-step logging).
+
+    For ``psft`` with k > 1 the snapshot pass over mini-batches 2..k runs first (one
+    schedule call, so the pipeline fills once); mini-batch 1 runs on the snapshot
+    weights and uses its own detached log-probs. ``sft``/``dft`` need no snapshot.
+    """
+    k = len(gb.mini_batches)
+    logp_old: list[Sequence[torch.Tensor | None] | None] = [None] * k
+    if objective.name == "psft" and k > 1:
+        rest = [mb for mini in gb.mini_batches[1:] for mb in mini.micro_batches]
+        flat = snapshot(bundle.model, rest, setup)
+        m = len(gb.mini_batches[0].micro_batches)
+        for j in range(1, k):
+            logp_old[j] = flat[(j - 1) * m : j * m]
+    for j, mini in enumerate(gb.mini_batches):
+        yield train_step(bundle, mini, objective, setup, logp_old[j])
 
 
 def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup) -> dict[str, float] | None:
