@@ -114,3 +114,24 @@ def test_token_stats_rejects_bad_shapes_and_handles_no_tokens():
     assert ts.logp.shape == (0, 2) and ts.entropy.shape == (0, 2)
     (ts.logp.sum() + ts.entropy.sum()).backward()
     assert z.grad.shape == z.shape
+
+
+def test_own_logp_is_ratio_one_and_sft_gradient():
+    """OWN_LOGP (first mini-batch after a snapshot): PSFT's gradient is exactly SFT's."""
+    from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4, 2, 32, generator=g) * 3
+    labels = torch.randint(0, 32, (4, 2), generator=g)
+    mask = torch.tensor([[1, 1], [0, 1], [1, 0], [1, 1]])
+    count = global_token_count(mask)
+    grads = {}
+    for name, old in (("sft", None), ("psft", OWN_LOGP)):
+        z = base.clone().requires_grad_()
+        out = micro_batch_loss(z, labels, mask, count, ObjectiveConfig(name=name), old, chunk_size=3)
+        out.loss.backward()
+        grads[name] = z.grad
+        if name == "psft":
+            s = out.stats.summary()
+            assert s["ratio_min"] == s["ratio_max"] == 1.0 and s["clip_fraction"] == 0.0
+    assert torch.equal(grads["psft"], grads["sft"])
