@@ -13,6 +13,7 @@ plus the real SmolLM2-135M-Instruct (GGUF dequantised by transformers) on GSM8K 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -125,6 +126,8 @@ def work(tmp_path_factory, request) -> dict[str, Any]:
         else:  # llama: sharded safetensors; qwen2: one file
             model.save_pretrained(folder, max_shard_size="100KB" if name == "llama" else "50GB")
         ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
+        if name == "llama":  # a bf16 copy: must stay bf16, bit for bit
+            copy.deepcopy(model).to(torch.bfloat16).save_pretrained(root / "llama_bf16_hf")
         models[name] = str(folder)
         refs[name] = {"ids": ids, "logits": _logits(model, ids)}
         hf[name] = model
@@ -175,8 +178,11 @@ def _reference_nll(model: Any, tok: Any, records: list[dict[str, str]]) -> list[
 # --------------------------------------------------------------------------- workers (child processes)
 
 
-def _megatron_logits(ckpt: str, parallel: Any, ids: torch.Tensor) -> torch.Tensor | None:
-    """Build at ``parallel``, load ``ckpt``, return full-vocab logits on the last stage (None elsewhere)."""
+def _megatron_logits(ckpt: str, parallel: Any, ids: torch.Tensor, microbatches: int = 0) -> Any:
+    """Build at ``parallel``, load ``ckpt``, return full-vocab logits on the last stage (None elsewhere).
+
+    ``microbatches``: split ``ids`` row-wise into that many microbatches and return the list.
+    """
     from test_model_build import cpu_tied_embedding_workaround
 
     from psft_megatron.conversion.layout import load_model_checkpoint, model_config_of, read_meta
@@ -193,8 +199,11 @@ def _megatron_logits(ckpt: str, parallel: Any, ids: torch.Tensor) -> torch.Tenso
     with cpu_tied_embedding_workaround():
         built = build_model(cfg, parallel)
     load_model_checkpoint(built.chunks, ckpt)
-    out = pipeline_forward(built.chunks, [{"input_ids": ids}], lambda lg, mb: gather_logits(lg, cfg.vocab_size))
-    return out[0] if out else None
+    mbs = [{"input_ids": part} for part in ids.chunk(microbatches)] if microbatches else [{"input_ids": ids}]
+    out = pipeline_forward(built.chunks, mbs, lambda lg, mb: gather_logits(lg, cfg.vocab_size))
+    if not out:
+        return None
+    return out if microbatches else out[0]
 
 
 def _expect_failure(fn: Any, *args: Any, **kwargs: Any) -> str:
@@ -217,6 +226,8 @@ def tp1_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[
         logits = _megatron_logits(ckpt, ParallelConfig(), refs[name]["ids"])
         out["diff"][name] = float((logits - refs[name]["logits"]).abs().max())
         out["reports"][f"{name}_export"] = convert_megatron_to_hf(ckpt, f"{root}/{name}_back")
+    out["reports"]["llama_bf16"] = convert_hf_to_megatron(f"{root}/llama_bf16_hf", f"{root}/llama_bf16_mg")
+    convert_megatron_to_hf(f"{root}/llama_bf16_mg", f"{root}/llama_bf16_back")
     out["errors"] = _error_cases(root, models)
     if "smollm2" in models:  # the CLI end to end, in this process (it tears the process group down last)
         import runpy
@@ -300,6 +311,12 @@ def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> d
         logits = _megatron_logits(f"{root}/{name}_mg", pp2, refs[name]["ids"])
         if logits is not None:
             out["pp2"][name] = float((logits - refs[name]["logits"]).abs().max())
+    # Interleaved pipeline: 2 stages x 2 virtual chunks of one layer each, 2 microbatches.
+    vp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    ids = refs["llama"]["ids"]
+    logits = _megatron_logits(f"{root}/llama_mg", vp, ids, microbatches=2)
+    if logits is not None:
+        out["vp2"] = float((torch.cat(logits) - refs["llama"]["logits"]).abs().max())
     if "smollm2" in models:
         from test_model_build import cpu_tied_embedding_workaround
 
@@ -340,6 +357,7 @@ def test_checkpoint_layout(work, tp1):
 
 def test_tp1_logits_match_transformers(work, tp1):
     assert set(tp1["diff"]) == set(work["models"])
+    print("TP=1 max |logits - transformers|:", tp1["diff"])
     for name, diff in tp1["diff"].items():
         assert diff <= TOL, (name, diff)
 
@@ -356,6 +374,10 @@ def test_hf_megatron_hf_is_bit_exact(work, tp1):
         for k, v in original.items():
             assert back[k].dtype == v.dtype and torch.equal(back[k], v), (name, k)
         assert (root / f"{name}_back" / "model.safetensors.index.json").is_file()
+    original, back = _hf_state(root / "llama_bf16_hf"), _hf_state(root / "llama_bf16_back")
+    assert tp1["reports"]["llama_bf16"]["dtype"] == "torch.bfloat16" and sorted(original) == sorted(back)
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], v) for k, v in original.items())
+    assert json.loads((root / "llama_bf16_back" / "config.json").read_text()).get("dtype") == "bfloat16"
     reloaded = AutoModelForCausalLM.from_pretrained(root / "qwen2_back", attn_implementation="eager").eval()
     assert torch.equal(_logits(reloaded, work["refs"]["qwen2"]["ids"]), work["refs"]["qwen2"]["logits"])
 
@@ -375,6 +397,7 @@ def test_errors_are_clear_and_leave_no_output(tp1):
 
 
 def test_tp2_and_pp2_logits_match_transformers(work, tp2_pp2):
+    print("TP=2:", tp2_pp2[0]["tp2"], "PP=2:", tp2_pp2[1]["pp2"], "PP=2 x VP=2:", tp2_pp2[1]["vp2"])
     for rank in tp2_pp2:
         assert set(rank["tp2"]) == set(TINY)
         for name, diff in rank["tp2"].items():
@@ -383,6 +406,7 @@ def test_tp2_and_pp2_logits_match_transformers(work, tp2_pp2):
     assert set(last) == set(work["models"]) and not tp2_pp2[0]["pp2"]
     for name, diff in last.items():
         assert diff <= TOL, ("pp2", name, diff)
+    assert tp2_pp2[1]["vp2"] <= TOL and "vp2" not in tp2_pp2[0]
 
 
 def test_score_matches_transformers_nll(work, tp1, tp2_pp2):
@@ -393,6 +417,7 @@ def test_score_matches_transformers_nll(work, tp1, tp2_pp2):
     for out in ("scores_tp1.jsonl", "scores_pp2.jsonl"):
         rows = [json.loads(line) for line in open(root / out)]
         assert [r["index"] for r in rows] == [0, 1, 2] and rows[0]["id"] == "gsm8k-0"
+        print(out, [(r["nll"], ref) for r, ref in zip(rows, expected)])
         for row, ref in zip(rows, expected):
             assert abs(row["nll"] - ref) <= TOL, (out, row, ref)
             assert row["num_tokens"] > 10 and not row["truncated"]

@@ -32,7 +32,7 @@ _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 def _check_checkpoint(model_dir: Path, slots: dict[str, Any], cfg: ModelConfig) -> torch.dtype:
-    """Compare the dist checkpoint's tensor keys and global shapes with the model's; return its dtype."""
+    """Compare the dist checkpoint's tensor keys and global shapes with the model's; return its weights' dtype."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -59,10 +59,8 @@ def _check_checkpoint(model_dir: Path, slots: dict[str, Any], cfg: ModelConfig) 
             f"{model_dir} does not match the model config in psft_meta.json "
             f"(saved from another model or layout?): missing {missing[:8]}; shape mismatches {wrong[:8]}"
         )
-    dtypes = {tensors[k].properties.dtype for k in expected}
-    if len(dtypes) != 1:
-        raise ConversionError(f"{model_dir}: mixed tensor dtypes {dtypes}")
-    return dtypes.pop()
+    # Norms may be stored in fp32 next to bf16 weights; the embedding's dtype names the checkpoint's.
+    return tensors["embedding.word_embeddings.weight"].properties.dtype
 
 
 def _travelled_hf_config(ckpt_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
@@ -130,11 +128,10 @@ def convert_megatron_to_hf(
     cfg = layout.model_config_of(meta)
     model_dir = ckpt_dir / layout.MODEL_SUBDIR
     with single_process_megatron():
-        probe = slots_of(build_meta_model(dataclasses.replace(cfg, params_dtype="fp32", transformer_impl="local")))
-        ckpt_dtype = _check_checkpoint(model_dir, probe, cfg)
-        params_dtype = "bf16" if ckpt_dtype == torch.bfloat16 else "fp32"
-        meta_model = build_meta_model(dataclasses.replace(cfg, params_dtype=params_dtype, transformer_impl="local"))
+        # Keys and shapes only: tensors are read in the dtype they were stored in.
+        meta_model = build_meta_model(dataclasses.replace(cfg, params_dtype="fp32", transformer_impl="local"))
         slots = slots_of(meta_model)
+        ckpt_dtype = _check_checkpoint(model_dir, slots, cfg)
 
         if dtype == "auto":
             out_dtype = _source_dtype(ckpt_dir, cfg) or ckpt_dtype

@@ -94,7 +94,9 @@ class _LazyTensors:
         layer = offsets[0] if p else None
         full = self.full(_canonical(ckpt_key, layer))
         index = tuple(slice(o, o + s) for o, s in zip(offsets[p:], sizes[p:]))
-        return full[index].reshape(sizes).clone()
+        # A view: the writer copies partial chunks itself (it clones views of larger storage),
+        # and a chunk that is the whole tensor needs no copy at all.
+        return full[index].reshape(sizes)
 
 
 def _strategy_base() -> type:
@@ -165,7 +167,7 @@ def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[st
     stacked layer axis), so only that group is in memory. The model's own sharded
     state dict cannot be loaded piecewise on one rank: torch's ShardedTensor
     insists that one rank holds every shard of a stacked-layer key. Vocabulary
-    tensors are read at the checkpoint's own padded size.
+    tensors are read at the checkpoint's own padded size, every tensor in its stored dtype.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -180,11 +182,12 @@ def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[st
     for layer in [None] + list(range(num_layers)):
         request = {}
         for s in groups.get(layer, []):
+            dtype = stored[s.ckpt_key].properties.dtype  # read as stored (e.g. fp32 norms beside bf16 weights)
             if s.layer is None:
                 shape = tuple(stored[s.ckpt_key].size)
-                request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, torch.empty(shape, dtype=s.dtype))
+                request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, torch.empty(shape, dtype=dtype))
             else:
-                data = torch.empty((1, *s.shape), dtype=s.dtype)
+                data = torch.empty((1, *s.shape), dtype=dtype)
                 request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, data, (0, s.layer, num_layers))
         # A region of each global tensor, not a full cover: skip the access-pattern validation.
         loaded = dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)

@@ -282,7 +282,10 @@ def build_meta_model(model: ModelConfig, impl: str = "local") -> Any:
     config = transformer_config(model, ParallelConfig(), impl=impl, perform_initialization=False)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1)
     with torch.device("meta"):
-        return _gpt_chunk(model, config, layer_spec(impl), vocab, True, True, None)
+        chunk = _gpt_chunk(model, config, layer_spec(impl), vocab, True, True, None)
+    # Norms are created in fp32 whatever params_dtype says; one dtype throughout, as a
+    # Float16Module-wrapped training model saves.
+    return chunk.to(_DTYPES[model.params_dtype])
 
 
 def model_vocab_size(model: ModelConfig, tensor_model_parallel_size: int = 1) -> int:
