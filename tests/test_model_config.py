@@ -39,6 +39,8 @@ def par(tp=1, pp=1, vp=None, cp=1) -> ParallelConfig:
         (tiny(transformer_impl="apex"), par(), "model.transformer_impl"),
         (tiny(rope_scaling=RopeScaling(low_freq_factor=4, high_freq_factor=1)), par(), "model.rope_scaling"),
         (tiny(transformer_impl="local"), par(cp=2), "parallel.context_parallel_size"),
+        (tiny(num_attention_heads=6, num_query_groups=3, hidden_size=96, ffn_hidden_size=96), par(tp=3),
+         "model.make_vocab_size_divisible_by"),
     ],
 )
 def test_validate_names_the_field(cfg, parallel, field):
@@ -52,11 +54,12 @@ def test_validate_accepts_good_layouts():
     tiny(head_dim=32, hidden_size=66).validate(par())  # explicit head_dim: hidden need not divide
 
 
-def test_padded_vocab_size_follows_megatron_lm():
+def test_padded_vocab_size_is_the_same_at_every_tp():
     assert padded_vocab_size(1000, 128, 1) == 1024
-    assert padded_vocab_size(1100, 128, 2) == 1280
-    assert padded_vocab_size(49152, 128, 2) == 49152
-    assert tiny(vocab_size=32000).padded_vocab_size(8) == 32768
+    assert padded_vocab_size(1100, 128, 2) == padded_vocab_size(1100, 128, 1) == 1152
+    assert tiny(vocab_size=32000).padded_vocab_size(8) == 32000
+    with pytest.raises(ValueError, match=r"model\.make_vocab_size_divisible_by \(128\).*use 384"):
+        padded_vocab_size(49152, 128, 3)
 
 
 def _write(tmp_path, cfg: dict) -> str:
