@@ -226,6 +226,7 @@ def tp1_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[
         logits = _megatron_logits(ckpt, ParallelConfig(), refs[name]["ids"])
         out["diff"][name] = float((logits - refs[name]["logits"]).abs().max())
         out["reports"][f"{name}_export"] = convert_megatron_to_hf(ckpt, f"{root}/{name}_back")
+    out["trainer_format"] = _trainer_format_round_trip(root, refs)
     out["reports"]["llama_bf16"] = convert_hf_to_megatron(f"{root}/llama_bf16_hf", f"{root}/llama_bf16_mg")
     convert_megatron_to_hf(f"{root}/llama_bf16_mg", f"{root}/llama_bf16_back")
     out["errors"] = _error_cases(root, models)
@@ -235,6 +236,27 @@ def tp1_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[
         score = runpy.run_path(str(ROOT / "tools" / "score.py"))["main"]
         score(["--ckpt", f"{root}/smollm2_mg", "--data", refs["score_input"], "--out", f"{root}/scores_tp1.jsonl"])
     return out
+
+
+def _trainer_format_round_trip(root: str, refs: dict[str, Any]) -> float:
+    """The trainer's own checkpoint code (psft_megatron.checkpoint) loads the converter's output, and
+    the exporter reads what the trainer saves. Returns the max logits difference after the trainer's load."""
+    from psft_megatron.checkpoint.model_checkpoint import load_model_weights, save_model_weights
+    from psft_megatron.conversion.layout import model_config_of, read_meta
+    from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+    from psft_megatron.model.build import build_model
+    from psft_megatron.model.forward import gather_logits, pipeline_forward
+
+    cfg = model_config_of(read_meta(f"{root}/llama_mg"))
+    built = build_model(cfg)
+    load_model_weights(built.chunks, f"{root}/llama_mg")
+    ids = refs["llama"]["ids"]
+    logits = pipeline_forward(built.chunks, [{"input_ids": ids}], lambda lg, mb: gather_logits(lg, cfg.vocab_size))[0]
+    meta = {"format": "psft-megatron", "model": cfg.to_dict(), "layout": {"tp": 1, "pp": 1}, "step": 3,
+            "tokenizer": None}
+    save_model_weights(built.chunks, f"{root}/llama_trainer", meta)
+    convert_megatron_to_hf(f"{root}/llama_trainer", f"{root}/llama_trainer_hf")
+    return float((logits - refs["llama"]["logits"]).abs().max())
 
 
 def _error_cases(root: str, models: dict[str, str]) -> dict[str, str]:
@@ -380,6 +402,18 @@ def test_hf_megatron_hf_is_bit_exact(work, tp1):
     assert json.loads((root / "llama_bf16_back" / "config.json").read_text()).get("dtype") == "bfloat16"
     reloaded = AutoModelForCausalLM.from_pretrained(root / "qwen2_back", attn_implementation="eager").eval()
     assert torch.equal(_logits(reloaded, work["refs"]["qwen2"]["ids"]), work["refs"]["qwen2"]["logits"])
+
+
+def test_trainer_checkpoint_code_reads_and_writes_the_same_layout(work, tp1):
+    root = Path(work["root"])
+    assert tp1["trainer_format"] <= TOL
+    original, back = _hf_state(Path(work["models"]["llama"])), _hf_state(root / "llama_trainer_hf")
+    assert sorted(original) == sorted(back) and all(torch.equal(original[k], back[k]) for k in original)
+    # The trainer stores no hf_config.json: the exporter writes a config transformers reads.
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(root / "llama_trainer_hf", attn_implementation="eager").eval()
+    assert torch.equal(_logits(model, work["refs"]["llama"]["ids"]), work["refs"]["llama"]["logits"])
 
 
 def test_errors_are_clear_and_leave_no_output(tp1):
