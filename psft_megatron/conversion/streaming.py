@@ -4,7 +4,7 @@ The keys, global shapes and shardings come from megatron itself: a TP=1/PP=1
 ``GPTModel`` built on the ``meta`` device (no memory) supplies its
 ``sharded_state_dict()``, exactly what a real model would save.
 
-Saving: ``dist_checkpointing.save`` with :class:`StreamingSaveStrategy`, a
+Saving: ``dist_checkpointing.save`` with :func:`streaming_save_strategy`, a
 ``torch_dist`` strategy whose planner produces each tensor only when the writer
 asks for it. megatron's own writer (``FileSystemWriterAsync``) resolves every
 tensor of the rank before writing anything, i.e. the whole model in memory;
@@ -14,8 +14,9 @@ TP/PP. (torch's writer keeps the last written chunk of each checkpoint key
 alive until the file is closed, so the peak is about one layer plus the
 embedding and output matrices, not the model.)
 
-Loading: ``dist_checkpointing.load`` of one layer's part of the meta model's
-sharded state dict at a time, with real tensors to read into.
+Loading: ``dist_checkpointing.load`` of one group at a time (the non-layer
+tensors, then each layer), as plain ShardedTensors covering that group's region
+of the stored global tensors (see :func:`load_groups`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["Slot", "StreamingSaveStrategy", "load_groups", "slots_of", "stream_save"]
+__all__ = ["Slot", "load_groups", "slots_of", "stream_save", "streaming_save_strategy"]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -99,19 +100,17 @@ class _LazyTensors:
         return full[index].reshape(sizes)
 
 
-def _strategy_base() -> type:
-    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
-
-    return TorchDistSaveShardedStrategy
-
-
-def StreamingSaveStrategy(lazy: _LazyTensors) -> Any:  # noqa: N802 - a factory standing in for a class
+def streaming_save_strategy(lazy: _LazyTensors) -> Any:
     """A ``torch_dist`` (version 1) save strategy that pulls tensor data from ``lazy`` while writing.
 
-    Built lazily so that importing this module does not import megatron.
+    It is megatron's ``TorchDistSaveShardedStrategy`` translation (the same module-level
+    helpers its ``async_save`` uses; megatron-core is pinned to 0.16.x) with torch's
+    synchronous ``FileSystemWriter`` and a planner whose ``resolve_data`` produces the
+    chunk on demand. Defined inside a function so importing this module does not import megatron.
     """
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
         _replace_state_dict_keys_with_sharded_keys,
         mcore_to_pyt_state_dict,
     )
@@ -126,7 +125,7 @@ def StreamingSaveStrategy(lazy: _LazyTensors) -> Any:  # noqa: N802 - a factory 
             chunk = write_item.tensor_data.chunk
             return lazy.chunk(write_item.index.fqn, tuple(chunk.offsets), tuple(chunk.sizes))
 
-    class _Strategy(_strategy_base()):  # type: ignore[misc]
+    class _Strategy(TorchDistSaveShardedStrategy):
         def __init__(self) -> None:
             super().__init__("torch_dist", 1, thread_count=1)
 
@@ -155,7 +154,7 @@ def stream_save(meta_model: Any, checkpoint_dir: str | Path, produce: Callable[[
     lazy = _LazyTensors(produce, {n: s.dtype for n, s in slots.items()})
     # "model0": the same structure save_model_checkpoint uses for chunk 0.
     dist_checkpointing.save(
-        {"model0": meta_model.sharded_state_dict()}, str(checkpoint_dir), sharded_strategy=StreamingSaveStrategy(lazy)
+        {"model0": meta_model.sharded_state_dict()}, str(checkpoint_dir), sharded_strategy=streaming_save_strategy(lazy)
     )
 
 
