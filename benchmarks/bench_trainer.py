@@ -79,7 +79,11 @@ def measure(recipe_dict: dict, repeats: int) -> dict:
     data = build_data(recipe, env)
     built = build_model(recipe.model, recipe.parallel)
     bundle = build_optimizer(built.chunks, recipe.optimizer, 10_000, bf16=recipe.model.params_dtype == "bf16")
-    setup = PassSetup(backend="te" if built.transformer_impl == "transformer_engine" else "local", device=env.device)
+    setup = PassSetup(
+        backend="te" if built.transformer_impl == "transformer_engine" else "local",
+        device=env.device,
+        vocab_size=recipe.model.resolve().vocab_size,  # the loss leaves the padded columns out
+    )
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     k = recipe.training.mini_batches_per_global_batch
     sft, psft = ObjectiveConfig(name="sft"), recipe.loss

@@ -8,9 +8,9 @@ float64 with plain torch (log_softmax, gather, autograd). Tolerances:
     bf16, so within bf16 rounding: rtol = 2**-8 (twice the half-ulp 2**-9), atol = 1e-5.
 
 Launches (start-up ~5 s per process, so checks are batched):
-  * in process: TP = 1 token statistics; micro-batch splits at DP = 1;
-  * 2 processes: TP = 2 token statistics; micro-batches at TP=2 x DP=1 and TP=1 x DP=2;
-  * 4 processes: TP = 4 token statistics; micro-batches at TP=2 x DP=2.
+  * in process: TP = 1 token statistics (also with a padded vocabulary); micro-batch splits at DP = 1;
+  * 2 processes: TP = 2 token statistics (also padded); micro-batches at TP=2 x DP=1 and TP=1 x DP=2;
+  * 4 processes: TP = 4 token statistics (also padded); micro-batches at TP=2 x DP=2.
 """
 
 from __future__ import annotations
@@ -195,6 +195,116 @@ def _check_psft_clip(tp_group, rank: int, tp: int) -> None:
     torch.testing.assert_close(g_clip[kept], g_sft[kept] * ratio[kept].unsqueeze(-1), **FP32_TOL)
 
 
+# ----------------------------------------------------------------------------- padded vocabulary
+
+# True vocabulary sizes V inside a padded V_pad = 48. With shards of 48/TP columns:
+# TP=2 (24 each): 37 and 30 split shard 1; 24 makes shard 1 padding only (boundary on the
+# shard edge); 13 splits shard 0 and leaves shard 1 padding only. TP=4 (12 each): 37 splits
+# shard 3; 30 splits shard 2 and leaves shard 3 padding only; 24 makes shards 2-3 padding;
+# 13 splits shard 1 and leaves shards 2-3 padding only. TP=1: all split the one shard.
+PADDED_VOCAB_SIZES = (37, 30, 24, 13)
+
+
+def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
+    """vocab_size=V on logits padded to V_pad: logp, entropy and gradients are the float64
+    reference on the first V columns alone, the padded columns get exactly zero gradient,
+    chunked equals unchunked, inplace or not, fp32 and bf16; vocab_size=V_pad is None bit-for-bit."""
+    from psft_megatron.loss import ObjectiveConfig, micro_batch_loss, snapshot_logp, vocab_parallel_token_stats
+
+    s, b, V_pad = 5, 3, 48
+    n, v_local = s * b, V_pad // tp
+    g = torch.Generator().manual_seed(777)  # same data on every rank
+    real = torch.randn(s, b, V_pad, generator=g) * 3.0
+    # Padded columns far above the real ones: any leak into the softmax would dominate it.
+    pad = 40.0 + torch.randn(s, b, V_pad, generator=g) * 4.0
+    mask = torch.rand(s, b, generator=g) < 0.75
+    w = torch.randn(s, b, generator=g)
+    u = torch.randn(s, b, generator=g)
+    checked = 0
+
+    for V in PADDED_VOCAB_SIZES:
+        labels = torch.randint(0, V, (s, b), generator=g)
+        # Masked tokens may carry -100 or even a padded column's id: finite, no gradient.
+        labels[~mask] = torch.where(torch.rand(s, b, generator=g) < 0.5, -100, V_pad - 1)[~mask]
+        cols = torch.arange(V_pad)
+        full32 = torch.where(cols < V, real, pad)
+        start = rank * v_local
+        valid_local = min(max(V - start, 0), v_local)  # valid leading columns of this shard
+        for dtype in (torch.float32, torch.bfloat16):
+            full = full32.to(dtype)
+            zr = full[..., :V].double().requires_grad_()
+            lp_ref, ent_ref = _ref_token_stats(zr, labels)
+            (g_ref,) = torch.autograd.grad((torch.where(mask, lp_ref, 0.0) * w.double() + ent_ref * u.double()).sum(), zr)
+            g_ref = torch.cat([g_ref, g_ref.new_zeros(s, b, V_pad - V)], dim=-1)
+            grad_tol = FP32_TOL if dtype == torch.float32 else BF16_GRAD_TOL
+
+            outs = []
+            for inplace in (False, True):
+                for chunk in (None, n, 4, 1):
+                    shard = _shard(full, rank, tp).clone().requires_grad_()
+                    before = shard.detach().clone()
+                    ts = vocab_parallel_token_stats(
+                        shard, labels, tp_group=tp_group, chunk_size=chunk, inplace=inplace, vocab_size=V
+                    )
+                    assert torch.equal(shard.detach(), before), "forward modified the caller's logits"
+                    (grad,) = torch.autograd.grad((torch.where(mask, ts.logp, 0.0) * w + ts.entropy * u).sum(), shard)
+                    if not inplace:
+                        assert torch.equal(shard.detach(), before), "the caller's logits were modified"
+                    assert torch.isfinite(ts.logp).all() and torch.isfinite(ts.entropy).all()
+                    torch.testing.assert_close(ts.logp[mask].double(), lp_ref[mask].detach(), **FP32_TOL)
+                    torch.testing.assert_close(ts.entropy.double(), ent_ref.detach(), **FP32_TOL)
+                    assert grad.dtype == dtype
+                    torch.testing.assert_close(grad.double(), _shard(g_ref, rank, tp), **grad_tol)
+                    padded = grad[..., valid_local:]
+                    assert torch.equal(padded, torch.zeros_like(padded)), "padded columns must get exactly 0"
+                    if chunk is not None:
+                        outs.append((ts.logp.detach(), ts.entropy.detach(), grad))
+                    checked += 1
+            # Chunked equals unchunked (and inplace equals not), tightly.
+            for other in outs[1:]:
+                for a, c in zip(outs[0], other):
+                    torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-6)
+
+            # No entropy, no graph (the snapshot pass); megatron's TP group by default.
+            snap = snapshot_logp(_shard(full, rank, tp).clone(), labels, chunk_size=4, vocab_size=V)
+            torch.testing.assert_close(snap[mask].double(), lp_ref[mask].detach(), **FP32_TOL)
+
+            # The micro-batch loss hands vocab_size through: its logp and SFT gradient are the reference's.
+            shard = _shard(full, rank, tp).clone().requires_grad_()
+            count = torch.tensor(int(mask.sum()))
+            out = micro_batch_loss(
+                shard, labels, mask, count, ObjectiveConfig(name="sft"), tp_group=tp_group, chunk_size=4, vocab_size=V
+            )
+            out.loss.backward()
+            torch.testing.assert_close(out.logp[mask].double(), lp_ref[mask].detach(), **FP32_TOL)
+            zr = full[..., :V].double().requires_grad_()
+            lp_sft, _ = _ref_token_stats(zr, labels)
+            (g_sft,) = torch.autograd.grad(-torch.where(mask, lp_sft, 0.0).sum() / int(mask.sum()), zr)
+            g_sft = torch.cat([g_sft, g_sft.new_zeros(s, b, V_pad - V)], dim=-1)
+            torch.testing.assert_close(shard.grad.double(), _shard(g_sft, rank, tp), **grad_tol)
+
+    # vocab_size=None and vocab_size=V_pad: the old behaviour, bit for bit (padded columns count).
+    for dtype in (torch.float32, torch.bfloat16):
+        full = torch.where(torch.arange(V_pad) < 37, real, pad).to(dtype)
+        labels = torch.randint(0, V_pad, (s, b), generator=g)
+        res = []
+        for vocab_size in (None, V_pad):
+            for inplace in (False, True):
+                shard = _shard(full, rank, tp).clone().requires_grad_()
+                ts = vocab_parallel_token_stats(
+                    shard, labels, tp_group=tp_group, chunk_size=4, inplace=inplace, vocab_size=vocab_size
+                )
+                (grad,) = torch.autograd.grad((ts.logp * w + ts.entropy * u).sum(), shard)
+                res.append((ts.logp.detach(), ts.entropy.detach(), grad.clone()))
+        lp_ref, ent_ref = _ref_token_stats(full.double(), labels)
+        torch.testing.assert_close(res[0][0].double(), lp_ref, **FP32_TOL)  # the padding is in the softmax
+        for other in res[1:]:
+            for a, c in zip(res[0], other):
+                assert torch.equal(c, a)
+        checked += 1
+    return {"checked": checked}
+
+
 # ----------------------------------------------------------------------------- micro-batches x DP
 
 
@@ -331,6 +441,7 @@ def _two_ranks() -> dict:
     out = {}
     tp_group, dp_group, tp_rank, dp_rank, dp = _init(2)
     out["tokens_tp2"] = _check_token_stats(tp_group, tp_rank, 2)
+    out["padded_tp2"] = _check_padded_vocab(tp_group, tp_rank, 2)
     out["mb_tp2_dp1"] = _check_micro_batches(tp_group, dp_group, tp_rank, 2, dp_rank, dp)
     tp_group, dp_group, tp_rank, dp_rank, dp = _init(1)
     out["mb_tp1_dp2"] = _check_micro_batches(tp_group, dp_group, tp_rank, 1, dp_rank, dp)
@@ -341,6 +452,7 @@ def _four_ranks() -> dict:
     out = {}
     tp_group, dp_group, tp_rank, dp_rank, dp = _init(4)
     out["tokens_tp4"] = _check_token_stats(tp_group, tp_rank, 4)
+    out["padded_tp4"] = _check_padded_vocab(tp_group, tp_rank, 4)
     tp_group, dp_group, tp_rank, dp_rank, dp = _init(2)
     out["mb_tp2_dp2"] = _check_micro_batches(tp_group, dp_group, tp_rank, 2, dp_rank, dp)
     return out
@@ -352,13 +464,18 @@ def _same_loss_everywhere(per_rank: list[dict], key: str, reference: dict) -> No
             assert math.isclose(v, reference[k], rel_tol=1e-5, abs_tol=1e-6), (key, k, v, reference[k])
 
 
+PADDED_CHECKS = len(PADDED_VOCAB_SIZES) * 2 * 2 * 4 + 2  # V x dtype x inplace x chunk, + None/V_pad per dtype
+
+
 def test_tp1_dp1_in_process():
     assert _check_token_stats(None, 0, 1)["checked"] == 2 * 3 * 4 * 2
+    assert _check_padded_vocab(None, 0, 1)["checked"] == PADDED_CHECKS
     _check_micro_batches(None, None, 0, 1, 0, 1)
 
 
 def test_two_processes_tp2_and_dp2():
     res = run_in_processes(_two_ranks, 2, timeout=120)
+    assert all(r["padded_tp2"]["checked"] == PADDED_CHECKS for r in res)
     base = res[0]["mb_tp2_dp1"]
     _same_loss_everywhere(res, "mb_tp2_dp1", base)
     _same_loss_everywhere(res, "mb_tp1_dp2", base)
@@ -367,4 +484,5 @@ def test_two_processes_tp2_and_dp2():
 def test_four_processes_tp4_and_tp2_dp2():
     res = run_in_processes(_four_ranks, 4, timeout=180)
     assert all(r["tokens_tp4"]["checked"] == 2 * 3 * 4 * 2 for r in res)
+    assert all(r["padded_tp4"]["checked"] == PADDED_CHECKS for r in res)
     _same_loss_everywhere(res, "mb_tp2_dp2", res[0]["mb_tp2_dp2"])

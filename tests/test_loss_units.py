@@ -135,3 +135,37 @@ def test_own_logp_is_ratio_one_and_sft_gradient():
             s = out.stats.summary()
             assert s["ratio_min"] == s["ratio_max"] == 1.0 and s["clip_fraction"] == 0.0
     assert torch.equal(grads["psft"], grads["sft"])
+
+
+def test_token_stats_vocab_size_never_reads_padding():
+    """vocab_size=V: the padded columns are never read (NaN there changes nothing), results equal
+    those of the logits trimmed to V, their gradient is exactly 0; out-of-range sizes are refused."""
+    from psft_megatron.loss import snapshot_logp
+    from psft_megatron.loss.compute import micro_batch_loss
+
+    g = torch.Generator().manual_seed(11)
+    V, V_pad = 29, 32
+    real = torch.randn(5, 2, V, generator=g) * 3
+    labels = torch.randint(0, V, (5, 2), generator=g)
+    mask = torch.ones(5, 2, dtype=torch.bool)
+    for dtype in (torch.float32, torch.bfloat16):
+        trimmed = real.to(dtype).requires_grad_()
+        padded = torch.cat([real, torch.full((5, 2, V_pad - V), float("nan"))], -1).to(dtype).requires_grad_()
+        ref = vocab_parallel_token_stats(trimmed, labels, chunk_size=3)
+        for inplace in (False, True):
+            z = padded.detach().clone().requires_grad_()
+            ts = vocab_parallel_token_stats(z, labels, chunk_size=3, inplace=inplace, vocab_size=V)
+            torch.testing.assert_close(ts.logp, ref.logp, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(ts.entropy, ref.entropy, atol=1e-6, rtol=1e-6)
+            (grad,) = torch.autograd.grad(ts.logp.sum() + ts.entropy.sum(), z)
+            (grad_ref,) = torch.autograd.grad(ref.logp.sum() + ref.entropy.sum(), trimmed, retain_graph=True)
+            torch.testing.assert_close(grad[..., :V], grad_ref, atol=1e-6, rtol=1e-6)
+            assert torch.equal(grad[..., V:], torch.zeros_like(grad[..., V:]))
+        snap = snapshot_logp(padded.detach(), labels, vocab_size=V)
+        torch.testing.assert_close(snap, ref.logp.detach(), atol=1e-6, rtol=1e-6)
+        count = global_token_count(mask)
+        out = micro_batch_loss(padded.detach(), labels, mask, count, ObjectiveConfig(name="sft"), vocab_size=V)
+        torch.testing.assert_close(out.logp, ref.logp.detach(), atol=1e-6, rtol=1e-6)
+    for bad in (0, V_pad + 1):
+        with pytest.raises(ValueError, match="vocab_size"):
+            vocab_parallel_token_stats(torch.zeros(2, V_pad), torch.zeros(2, dtype=torch.long), vocab_size=bad)

@@ -52,14 +52,20 @@ def micro_batch_loss(
     tp_group: dist.ProcessGroup | None = None,
     chunk_size: int | None = None,
     inplace: bool = False,
+    vocab_size: int | None = None,
 ) -> MicroBatchLoss:
     """Loss term and statistics of one micro-batch from vocab-parallel logits ``[s, b, V/TP]``.
 
     ``labels``, ``loss_mask`` and ``logp_old`` are ``[s, b]``; ``logp_old`` (from the
     snapshot forward pass, see :func:`snapshot_logp`, or :data:`OWN_LOGP`) is required by ``psft``.
     ``global_count`` comes from :func:`~psft_megatron.loss.normalize.global_token_count`.
+    ``vocab_size``: the true vocabulary size; the output layer's padded columns beyond it are
+    left out of the softmax (see :func:`~psft_megatron.loss.token_stats.vocab_parallel_token_stats`).
+    ``inplace=True``: backward writes the logits gradient into the logits' storage.
     """
-    ts = vocab_parallel_token_stats(logits, labels, tp_group=tp_group, chunk_size=chunk_size, inplace=inplace)
+    ts = vocab_parallel_token_stats(
+        logits, labels, tp_group=tp_group, chunk_size=chunk_size, inplace=inplace, vocab_size=vocab_size
+    )
     if isinstance(logp_old, _OwnLogp):
         logp_old = ts.logp.detach()
     losses = token_losses(objective, ts.logp, loss_mask, logp_old)
@@ -75,8 +81,10 @@ def snapshot_logp(
     *,
     tp_group: dist.ProcessGroup | None = None,
     chunk_size: int | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Per-token label log-probs (fp32, no entropy, no graph) from the snapshot model's logits."""
+    """Per-token label log-probs (fp32, no entropy, no graph) from the snapshot model's logits
+    (``vocab_size``: the true vocabulary size, padded columns beyond it excluded)."""
     return vocab_parallel_token_stats(
-        logits, labels, tp_group=tp_group, chunk_size=chunk_size, with_entropy=False
+        logits, labels, tp_group=tp_group, chunk_size=chunk_size, with_entropy=False, vocab_size=vocab_size
     ).logp

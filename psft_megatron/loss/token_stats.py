@@ -24,12 +24,20 @@ replace by a 1-shard fp32 softmax) and five per-token vectors. Forward peaks at 
 chunk buffers; backward at the gradient (one shard in the logits' dtype, none with
 ``inplace=True``) plus at most two fp32 chunk buffers.
 
-Vocabulary padding: megatron pads the vocabulary to a multiple of
-``make_vocab_size_divisible_by * TP``; the padded entries are real columns of the output
-layer and are part of the softmax here, as in megatron's own cross entropy. (They are
-never labels, so training pushes their probability down.)
+Vocabulary padding: the embedding / output layer is padded to a multiple of
+``make_vocab_size_divisible_by`` (see :func:`psft_megatron.config.model.padded_vocab_size`),
+and the output layer produces logits for the padded columns too (zeros for a model converted
+from HF, random for a fresh one). Pass ``vocab_size`` (the true vocabulary size) to exclude
+every column with global index >= ``vocab_size`` exactly, as if its logit were -inf: it gets
+probability 0, adds nothing to the max, the sum of exponentials or the entropy, and its
+gradient is exactly 0. No mask is built: only the shards holding padding (the last ones) do
+anything different, and they read and compute on the valid leading columns of their shard
+only (a shard made of padding alone contributes -inf to the max and 0 to the sums). With
+``vocab_size=None`` (or the padded size) every column is part of the softmax, as in
+megatron's own cross entropy.
 
-Labels outside ``[0, V)`` (e.g. -100 on masked tokens) are safe: no rank owns them, the
+Labels outside ``[0, V)`` (e.g. -100 on masked tokens; with ``vocab_size``, V is the true
+size, so a label on a padded column counts as outside) are safe: no rank owns them, the
 label logit counts as 0, and ``logp`` is finite but meaningless; mask such tokens out.
 """
 
@@ -82,17 +90,23 @@ def auto_chunk_size(vocab_local: int, device: torch.device | str = "cpu") -> int
 
 class _VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, group, world, rank, chunk, with_entropy, inplace):
+    def forward(ctx, logits, labels, group, world, rank, chunk, with_entropy, inplace, v_valid):
         v_local = logits.shape[-1]
         z = logits.reshape(-1, v_local)  # a view for contiguous logits: no copy
         n = z.shape[0]
+        # Columns [v_valid, v_local) of this shard are vocabulary padding (see the module
+        # docstring): everything below reads the valid leading columns only (a strided view).
+        zv = z if v_valid == v_local else z[:, :v_valid]
         local = labels.reshape(-1).to(torch.int64) - rank * v_local
-        in_range = (local >= 0) & (local < v_local)
+        in_range = (local >= 0) & (local < v_valid)
         local_idx = torch.where(in_range, local, torch.zeros_like(local))
 
         # Global max per token. Max is exact in any dtype, so read the logits as they are
-        # instead of materialising an fp32 copy for it.
-        m = z.amax(dim=-1).float() if n else z.new_zeros(0, dtype=torch.float32)
+        # instead of materialising an fp32 copy for it. A shard of padding only: -inf.
+        if n and v_valid:
+            m = zv.amax(dim=-1).float()
+        else:
+            m = torch.full((n,), float("-inf"), dtype=torch.float32, device=z.device)
         if world > 1:
             dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
 
@@ -103,13 +117,14 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         sums[0] = torch.where(in_range, label_z - m, torch.zeros_like(m))
         # fp32 working buffers of one chunk, reused across chunks (out= ops): the caller's
         # logits are only read, and large allocations (page faults / allocator churn) happen once.
-        rows = min(n, chunk)
-        w_buf = torch.empty(rows, v_local, dtype=torch.float32, device=z.device)
+        # A shard of padding only leaves its sums at 0 (no buffers, no loop).
+        rows = min(n, chunk) if v_valid else 0
+        w_buf = torch.empty(rows, v_valid, dtype=torch.float32, device=z.device)
         e_buf = torch.empty_like(w_buf) if with_entropy else None
-        for c0 in range(0, n, chunk):
+        for c0 in range(0, n if v_valid else 0, chunk):
             c1 = min(n, c0 + chunk)
             w = w_buf[: c1 - c0]
-            torch.sub(z[c0:c1], m[c0:c1].unsqueeze(1), out=w)  # bf16 - fp32 computes in fp32
+            torch.sub(zv[c0:c1], m[c0:c1].unsqueeze(1), out=w)  # bf16 - fp32 computes in fp32
             if with_entropy:
                 e = e_buf[: c1 - c0]
                 torch.exp(w, out=e)
@@ -128,7 +143,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         lse = m + log_s
         entropy = log_s - sums[2] / sums[1] if with_entropy else None
 
-        ctx.chunk, ctx.inplace = chunk, inplace
+        ctx.chunk, ctx.inplace, ctx.v_valid = chunk, inplace, v_valid
         ctx.save_for_backward(logits, local_idx, in_range, lse, entropy if with_entropy else lse)
         ctx.with_entropy = with_entropy
         ctx.set_materialize_grads(False)  # an unused output gives None: skip its term in backward
@@ -143,8 +158,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         if not ctx.with_entropy:
             g_ent = None
         if g_logp is None and g_ent is None:
-            return (None,) * 8
-        v_local = logits.shape[-1]
+            return (None,) * 9
+        v_local, v_valid = logits.shape[-1], ctx.v_valid
         z = logits.reshape(-1, v_local)
         n = z.shape[0]
         g_lp = g_logp.reshape(-1).float() if g_logp is not None else torch.zeros_like(lse)
@@ -154,14 +169,20 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         chunk = ctx.chunk
         # inplace: the gradient goes into the logits' own storage (the caller opted in).
         grad = z if ctx.inplace else torch.empty_like(z)
-        rows = min(n, chunk)
+        # Padded columns: probability 0, so exactly 0 gradient; the valid ones are computed
+        # below through views of their leading columns.
+        if v_valid < v_local:
+            grad[:, v_valid:].zero_()
+        gv = grad if v_valid == v_local else grad[:, :v_valid]
+        zv = z if v_valid == v_local else z[:, :v_valid]
+        rows = min(n, chunk) if v_valid else 0
         # fp32 gradients are computed straight into `grad`; other dtypes through one fp32 chunk.
-        buf = torch.empty(rows, v_local, dtype=torch.float32, device=z.device) if grad.dtype != torch.float32 else None
-        p_buf = torch.empty(rows, v_local, dtype=torch.float32, device=z.device) if g_h is not None else None
-        for c0 in range(0, n, chunk):
+        buf = torch.empty(rows, v_valid, dtype=torch.float32, device=z.device) if grad.dtype != torch.float32 else None
+        p_buf = torch.empty(rows, v_valid, dtype=torch.float32, device=z.device) if g_h is not None else None
+        for c0 in range(0, n if v_valid else 0, chunk):
             c1 = min(n, c0 + chunk)
-            out = grad[c0:c1] if buf is None else buf[: c1 - c0]
-            torch.sub(z[c0:c1], lse[c0:c1].unsqueeze(1), out=out)  # log p_j (in place when inplace)
+            out = gv[c0:c1] if buf is None else buf[: c1 - c0]
+            torch.sub(zv[c0:c1], lse[c0:c1].unsqueeze(1), out=out)  # log p_j (in place when inplace)
             if g_h is not None:
                 p = p_buf[: c1 - c0]
                 torch.exp(out, out=p)
@@ -172,8 +193,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
                 out.exp_().mul_(-g_lp[c0:c1].unsqueeze(1))  # -p * g_lp
             out.scatter_add_(1, local_idx[c0:c1].unsqueeze(1), onehot_val[c0:c1])
             if buf is not None:
-                grad[c0:c1].copy_(out)
-        return grad.view(logits.shape), None, None, None, None, None, None, None
+                gv[c0:c1].copy_(out)
+        return grad.view(logits.shape), None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_token_stats(
@@ -184,6 +205,7 @@ def vocab_parallel_token_stats(
     chunk_size: int | None = None,
     with_entropy: bool = True,
     inplace: bool = False,
+    vocab_size: int | None = None,
 ) -> TokenStats:
     """Log-prob of each label and each token's entropy from vocab-parallel logits.
 
@@ -200,6 +222,9 @@ def vocab_parallel_token_stats(
         inplace: forward never writes into ``logits``; with ``inplace=True`` backward
             writes the logits gradient into the logits' storage (saves one logits-sized
             allocation; the logits are clobbered after backward).
+        vocab_size: the true vocabulary size V; columns with global index >= V (padding
+            of the output layer) are excluded exactly, as if their logits were -inf (zero
+            probability and gradient). None (or the padded size): every column is real.
 
     Returns:
         :class:`TokenStats` with fp32 ``logp`` and ``entropy`` shaped like ``labels``.
@@ -211,10 +236,16 @@ def vocab_parallel_token_stats(
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     group = resolve_tp_group(tp_group)
     rank, world = _rank_and_size(group)
-    chunk = auto_chunk_size(logits.shape[-1], logits.device) if chunk_size is None else int(chunk_size)
+    v_local = logits.shape[-1]
+    chunk = auto_chunk_size(v_local, logits.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    out = _VocabParallelTokenStats.apply(logits, labels, group, world, rank, chunk, with_entropy, inplace)
+    v_valid = v_local
+    if vocab_size is not None:
+        if not 1 <= vocab_size <= v_local * world:
+            raise ValueError(f"vocab_size must be in [1, {v_local * world}] (the padded vocabulary), got {vocab_size}")
+        v_valid = min(max(int(vocab_size) - rank * v_local, 0), v_local)
+    out = _VocabParallelTokenStats.apply(logits, labels, group, world, rank, chunk, with_entropy, inplace, v_valid)
     if with_entropy:
         return TokenStats(logp=out[0], entropy=out[1])
     return TokenStats(logp=out, entropy=None)

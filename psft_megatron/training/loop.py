@@ -99,7 +99,11 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
     bundle: OptimizerBundle = build_optimizer(
         built.chunks, recipe.optimizer, steps_total, bf16=recipe.model.resolve().params_dtype == "bf16"
     )
-    setup = PassSetup(backend="te" if built.transformer_impl == "transformer_engine" else "local", device=env.device)
+    setup = PassSetup(
+        backend="te" if built.transformer_impl == "transformer_engine" else "local",
+        device=env.device,
+        vocab_size=recipe.model.resolve().vocab_size,  # the loss leaves the padded columns out
+    )
 
     step, consumed_tokens = 0, 0
     save_dir = _save_dir(recipe)

@@ -31,6 +31,9 @@ class PassSetup:
     backend: AttentionBackend
     device: torch.device
     chunk_size: int | None = None  # token chunking of the loss (bounds fp32 working memory)
+    # The true vocabulary size: the output layer's padded columns beyond it are left out of
+    # the softmax (None: every column counts).
+    vocab_size: int | None = None
 
 
 @dataclass
@@ -71,7 +74,9 @@ def snapshot(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
         output = _model_output(chunk, mb, setup.backend)
 
         def loss_func(logits: torch.Tensor):
-            out[idx] = snapshot_logp(logits, _seq_first(mb.labels), chunk_size=setup.chunk_size)
+            out[idx] = snapshot_logp(
+                logits, _seq_first(mb.labels), chunk_size=setup.chunk_size, vocab_size=setup.vocab_size
+            )
             return logits.new_zeros(()), {}
 
         return output, loss_func
@@ -119,6 +124,10 @@ def train_step(
                 objective,
                 logp_old=old if objective.name == "psft" else None,
                 chunk_size=setup.chunk_size,
+                vocab_size=setup.vocab_size,
+                # The logits are not used after the loss: backward writes their gradient
+                # into their own storage (one logits-sized allocation less, and faster).
+                inplace=True,
             )
             stats.append(res.stats)
             # clone: megatron divides the returned loss in place; keep the report intact.
@@ -178,7 +187,15 @@ def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
         output = _model_output(chunk, mb, setup.backend)
 
         def loss_func(logits: torch.Tensor):
-            res = micro_batch_loss(logits, _seq_first(mb.labels), _seq_first(mb.loss_mask), count, sft, chunk_size=setup.chunk_size)
+            res = micro_batch_loss(
+                logits,
+                _seq_first(mb.labels),
+                _seq_first(mb.loss_mask),
+                count,
+                sft,
+                chunk_size=setup.chunk_size,
+                vocab_size=setup.vocab_size,
+            )
             stats.append(res.stats)
             return res.loss.detach(), {}
 
