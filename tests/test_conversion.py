@@ -183,9 +183,7 @@ def _megatron_logits(ckpt: str, parallel: Any, ids: torch.Tensor, microbatches: 
 
     ``microbatches``: split ``ids`` row-wise into that many microbatches and return the list.
     """
-    from test_model_build import cpu_tied_embedding_workaround
-
-    from psft_megatron.conversion.layout import load_model_checkpoint, model_config_of, read_meta
+    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, model_config_of, read_meta
     from psft_megatron.model.build import build_model
     from psft_megatron.model.forward import gather_logits, pipeline_forward
     from psft_megatron.runtime import cpu_compat
@@ -196,8 +194,7 @@ def _megatron_logits(ckpt: str, parallel: Any, ids: torch.Tensor, microbatches: 
     set_seed(0)
     cfg = model_config_of(read_meta(ckpt))
     cfg.params_dtype = "fp32"
-    with cpu_tied_embedding_workaround():
-        built = build_model(cfg, parallel)
+    built = build_model(cfg, parallel)
     load_model_checkpoint(built.chunks, ckpt)
     mbs = [{"input_ids": part} for part in ids.chunk(microbatches)] if microbatches else [{"input_ids": ids}]
     out = pipeline_forward(built.chunks, mbs, lambda lg, mb: gather_logits(lg, cfg.vocab_size))
@@ -239,22 +236,25 @@ def tp1_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[
 
 
 def _trainer_format_round_trip(root: str, refs: dict[str, Any]) -> float:
-    """The trainer's own checkpoint code (psft_megatron.checkpoint) loads the converter's output, and
-    the exporter reads what the trainer saves. Returns the max logits difference after the trainer's load."""
-    from psft_megatron.checkpoint.model_checkpoint import load_model_weights, save_model_weights
-    from psft_megatron.conversion.layout import model_config_of, read_meta
+    """A model built from the checkpoint's own config loads the converter's output (what the
+    trainer's init_from does), and the exporter reads it back after a re-save. Returns the max
+    logits difference after the load."""
+    from psft_megatron.checkpoint.model_checkpoint import (
+        load_model_checkpoint,
+        model_config_of,
+        read_meta,
+        save_model_checkpoint,
+    )
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
     from psft_megatron.model.build import build_model
     from psft_megatron.model.forward import gather_logits, pipeline_forward
 
     cfg = model_config_of(read_meta(f"{root}/llama_mg"))
     built = build_model(cfg)
-    load_model_weights(built.chunks, f"{root}/llama_mg")
+    load_model_checkpoint(built.chunks, f"{root}/llama_mg")
     ids = refs["llama"]["ids"]
     logits = pipeline_forward(built.chunks, [{"input_ids": ids}], lambda lg, mb: gather_logits(lg, cfg.vocab_size))[0]
-    meta = {"format": "psft-megatron", "model": cfg.to_dict(), "layout": {"tp": 1, "pp": 1}, "step": 3,
-            "tokenizer": None}
-    save_model_weights(built.chunks, f"{root}/llama_trainer", meta)
+    save_model_checkpoint(built.chunks, f"{root}/llama_trainer", {"model": cfg, "step": 3})
     convert_megatron_to_hf(f"{root}/llama_trainer", f"{root}/llama_trainer_hf")
     return float((logits - refs["llama"]["logits"]).abs().max())
 
@@ -264,7 +264,7 @@ def _error_cases(root: str, models: dict[str, str]) -> dict[str, str]:
 
     from psft_megatron.config.model import ModelConfig
     from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
-    from psft_megatron.conversion.layout import load_model_checkpoint, read_meta
+    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, read_meta
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
     from psft_megatron.model.build import build_model
 
@@ -309,7 +309,7 @@ def _error_cases(root: str, models: dict[str, str]) -> dict[str, str]:
 def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[str, Any]:
     from psft_megatron.config.model import ModelConfig
     from psft_megatron.config.parallel import ParallelConfig
-    from psft_megatron.conversion.layout import load_model_checkpoint, read_meta, save_model_checkpoint
+    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, read_meta, save_model_checkpoint
     from psft_megatron.conversion.score import score_file
     from psft_megatron.model.build import build_model
     from psft_megatron.runtime.distributed import init_model_parallel, set_seed
@@ -326,7 +326,7 @@ def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> d
     built = build_model(ModelConfig.from_dict(dict(meta["model"], params_dtype="fp32")), tp2)
     load_model_checkpoint(built.chunks, f"{root}/qwen2_mg")
     save_model_checkpoint(built.chunks, f"{root}/qwen2_tp2", {"model": meta["model"], "step": 7},
-                          hf_config=f"{root}/qwen2_mg/hf_config.json", tokenizer_dir=None)
+                          hf_config=f"{root}/qwen2_mg/hf_config.json")
 
     pp2 = ParallelConfig(pipeline_model_parallel_size=2)
     for name in models:
@@ -340,11 +340,9 @@ def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> d
     if logits is not None:
         out["vp2"] = float((torch.cat(logits) - refs["llama"]["logits"]).abs().max())
     if "smollm2" in models:
-        from test_model_build import cpu_tied_embedding_workaround
-
-        with cpu_tied_embedding_workaround():  # SmolLM2 ties its embeddings
-            score_file(f"{root}/smollm2_mg", refs["score_input"], f"{root}/scores_pp2.jsonl", parallel=pp2,
-                       batch_size=2)
+        # SmolLM2 ties its embeddings: at PP=2 this needs cpu_compat's LanguageModule route.
+        score_file(f"{root}/smollm2_mg", refs["score_input"], f"{root}/scores_pp2.jsonl", parallel=pp2,
+                   batch_size=2)
     return out
 
 

@@ -73,7 +73,7 @@ def _train(recipe_dict: dict) -> dict:
 
 def _save_initial_model(recipe_dict: dict, out: str) -> None:
     """The common starting point of every layout: a random model saved at TP=1."""
-    from psft_megatron.checkpoint.model_checkpoint import save_model_weights
+    from psft_megatron.checkpoint.model_checkpoint import save_model_checkpoint
     from psft_megatron.config.recipe import recipe_from_dict
     from psft_megatron.model.build import build_model
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed
@@ -83,7 +83,7 @@ def _save_initial_model(recipe_dict: dict, out: str) -> None:
     init_model_parallel(recipe.parallel)
     set_seed(123)
     built = build_model(recipe.model, recipe.parallel)
-    save_model_weights(built.chunks, out, {"step": 0})
+    save_model_checkpoint(built.chunks, out, {"model": recipe.model.resolve(), "step": 0})
 
 
 def single_process(base: dict, tmp: str) -> dict:

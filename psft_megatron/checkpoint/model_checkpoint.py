@@ -1,70 +1,277 @@
-"""Model weights as a megatron dist checkpoint: ``<dir>/model/`` plus ``<dir>/psft_meta.json``.
+"""The model checkpoint directory shared by the converters and the trainer.
 
-One format for everything that holds weights: the HF converter's output, the trainer's
-checkpoints (which add optimizer and train state beside it), and what the exporter and
-scorer read. The weights are megatron ``ShardedTensor``s with global keys, so they load
-at any TP/PP/VP layout.
+Layout::
+
+    <dir>/
+      psft_meta.json    {"format": "psft-megatron", "format_version": 1,
+                         "model": ModelConfig fields, "dtype": "float32" | "bfloat16",
+                         "saved_layout": {"tp", "pp", "vp"}, "step": int | null,
+                         "created_by": str, ...any extra keys the saver adds}
+      model/            megatron-core dist checkpoint (torch_dist format, written by
+                        dist_checkpointing.save of the model's sharded_state_dict():
+                        TP/PP-independent global tensors, loads at any layout)
+      hf_config.json    the HF config.json the weights came from (optional)
+      tokenizer/        tokenizer files (optional)
+
+Every writer builds the directory under ``<dir>.partial`` and renames it at the
+end, so a directory named ``<dir>`` is always complete; a crash leaves only
+``<dir>.partial``, which the next save replaces.
+
+``init_from`` in the trainer calls :func:`load_model_checkpoint` (model weights only).
+The trainer's checkpoints (:mod:`psft_megatron.checkpoint.train_checkpoint`) are this
+directory plus optimizer and training state, so every reader of model checkpoints
+(``init_from``, the exporter, the scorer) reads them too.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import torch
 import torch.distributed as dist
 
-MODEL_SUBDIR = "model"
+from psft_megatron.config.model import ModelConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "atomic_dir",
+    "load_model_checkpoint",
+    "model_config_of",
+    "model_sharded_state_dict",
+    "read_meta",
+    "save_model_checkpoint",
+    "write_meta",
+]
+
+FORMAT = "psft-megatron"
+FORMAT_VERSION = 1
 META_FILE = "psft_meta.json"
+MODEL_SUBDIR = "model"
+HF_CONFIG_FILE = "hf_config.json"
+TOKENIZER_SUBDIR = "tokenizer"
 
 
-def _unwrap(chunk: Any) -> Any:
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read as asked (wrong layout, model or format)."""
 
 
-def model_sharded_state_dict(model: list) -> dict[str, Any]:
-    """All chunks' sharded state dicts, nested per chunk (storage keys are global, not these)."""
-    if len(model) == 1:
-        return {"model": _unwrap(model[0]).sharded_state_dict()}
-    return {"model": {f"chunk{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(model)}}
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
-def save_model_weights(model: list, directory: str | Path, meta: dict[str, Any]) -> None:
-    """Save the weights of ``model`` (all ranks call this) and, on rank 0, the meta file."""
-    from megatron.core import dist_checkpointing
-
-    directory = Path(directory)
-    target = directory / MODEL_SUBDIR
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        target.mkdir(parents=True, exist_ok=True)
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model), str(target))
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
+@contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield ``<final>.partial`` to write into; rename it to ``final`` when the block succeeds.
+
+    Collective when torch.distributed is initialised (every rank enters, rank 0
+    manages the directories). On an exception the partial directory is removed.
+    """
+    final = Path(final)
+    tmp = final.with_name(final.name + ".partial")
+    if _rank() == 0:
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{final} exists; choose another output path or pass overwrite")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        yield tmp
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if _rank() == 0:
+        old = final.with_name(final.name + ".old")
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+    _barrier()
+
+
+def write_meta(dir: str | Path, model: ModelConfig, dtype: torch.dtype, **extra: Any) -> None:
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.to_dict(),
+        "dtype": str(dtype).replace("torch.", ""),
+        **extra,
+    }
+    with open(Path(dir) / META_FILE, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def read_meta(dir: str | Path) -> dict[str, Any]:
+    """The checkpoint's psft_meta.json, checked for format and version."""
+    path = Path(dir) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a psft-megatron checkpoint: {META_FILE} is missing")
-    return json.loads(path.read_text())
+        hint = ""
+        if (Path(dir) / "metadata.json").is_file():
+            hint = " (this looks like a bare megatron dist checkpoint: point at its parent directory)"
+        elif Path(str(dir) + ".partial").exists():
+            hint = " (only an unfinished .partial directory exists: the save did not complete)"
+        raise CheckpointError(f"{dir} is not a psft_megatron model checkpoint: no {META_FILE}{hint}")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path} has no model config ('model')")
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta['format_version']} is newer than this code reads ({FORMAT_VERSION})"
+        )
+    return meta
 
 
-def load_model_weights(model: list, directory: str | Path, strict: bool = True) -> None:
-    """Load weights saved by :func:`save_model_weights` (at any layout) into ``model``."""
+def model_config_of(meta: dict[str, Any]) -> ModelConfig:
+    """The checkpoint's :class:`ModelConfig`, resolved (a recipe may have stored only ``hf_config``)."""
+    cfg = ModelConfig.from_dict(meta["model"])
+    return cfg.resolve() if cfg.hf_config and not cfg.num_layers else cfg
+
+
+def _layout() -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return {"tp": 1, "pp": 1, "vp": None}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vp": ps.get_virtual_pipeline_model_parallel_world_size(),
+    }
+
+
+def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
+    """The chunks' sharded state dicts (DDP wrappers removed), e.g. to key an optimizer's state."""
+    from psft_megatron.model.build import unwrap_model
+
+    # Per-chunk sub-dicts: chunk-local module names repeat across virtual stages,
+    # while the dist-checkpoint keys inside are global.
+    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+
+
+def save_model_checkpoint(
+    model_chunks: list[Any],
+    dir: str | Path,
+    meta: dict[str, Any],
+    *,
+    hf_config: dict[str, Any] | str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save this rank's model chunks as a complete model checkpoint directory (collective).
+
+    ``meta`` must hold ``"model"``: the :class:`ModelConfig` (or its dict); other keys
+    (``step``, ...) are stored as given. ``hf_config`` (dict or config.json path)
+    travels with the weights when given.
+    """
     from megatron.core import dist_checkpointing
 
-    target = Path(directory) / MODEL_SUBDIR
-    if not target.is_dir():
-        raise FileNotFoundError(
-            f"{directory} holds no model weights ({MODEL_SUBDIR}/ is missing): pass a directory written by "
-            "tools/convert_hf_to_megatron.py or a trainer checkpoint step_NNNNNN/"
+    from psft_megatron.model.build import unwrap_model
+
+    meta = dict(meta)
+    model_cfg = meta.pop("model")
+    if isinstance(model_cfg, dict):
+        model_cfg = ModelConfig.from_dict(model_cfg)
+    dtype = next(unwrap_model(model_chunks[0]).parameters()).dtype
+    meta.setdefault("saved_layout", _layout())
+    meta.setdefault("created_by", "psft_megatron")
+    with atomic_dir(dir, overwrite=overwrite) as tmp:
+        model_dir = tmp / MODEL_SUBDIR
+        if _rank() == 0:
+            model_dir.mkdir()
+        _barrier()
+        dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(model_dir))
+        if _rank() == 0:
+            write_meta(tmp, model_cfg, dtype, **meta)
+            if hf_config is not None:
+                _write_hf_config(tmp, hf_config)
+    return Path(dir)
+
+
+def _write_hf_config(dir: Path, hf_config: dict[str, Any] | str | Path) -> None:
+    if not isinstance(hf_config, dict):
+        from psft_megatron.model.hf_config import load_hf_config_dict
+
+        hf_config = load_hf_config_dict(hf_config)
+    with open(dir / HF_CONFIG_FILE, "w") as f:
+        json.dump(hf_config, f, indent=2)
+
+
+# TransformerConfig field -> ModelConfig attribute, checked before loading.
+_ARCH_FIELDS = (
+    ("num_layers", "num_layers"),
+    ("hidden_size", "hidden_size"),
+    ("ffn_hidden_size", "ffn_hidden_size"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_query_groups", "query_groups"),
+    ("kv_channels", "kv_channels"),
+    ("add_qkv_bias", "qkv_bias"),
+)
+
+
+def check_compatible(model_chunks: list[Any], ckpt_model: ModelConfig, dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` naming every architecture field where model and checkpoint differ."""
+    from psft_megatron.model.build import unwrap_model
+
+    chunk = unwrap_model(model_chunks[0])
+    cfg = chunk.config
+    diffs = [
+        f"{attr}: checkpoint {getattr(ckpt_model, attr)}, model {getattr(cfg, field)}"
+        for field, attr in _ARCH_FIELDS
+        if getattr(cfg, field) != getattr(ckpt_model, attr)
+    ]
+    if bool(chunk.share_embeddings_and_output_weights) != ckpt_model.tie_word_embeddings:
+        diffs.append(
+            f"tie_word_embeddings: checkpoint {ckpt_model.tie_word_embeddings}, "
+            f"model {chunk.share_embeddings_and_output_weights}"
         )
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model), str(target))["model"]
-    if len(model) == 1:
-        _unwrap(model[0]).load_state_dict(loaded, strict=strict)
-    else:
-        for i, chunk in enumerate(model):
-            _unwrap(chunk).load_state_dict(loaded[f"chunk{i}"], strict=strict)
+    if diffs:
+        raise CheckpointError(f"{dir} holds a different architecture than the model built: " + "; ".join(diffs))
+
+
+def load_model_checkpoint(model_chunks: list[Any], dir: str | Path) -> dict[str, Any]:
+    """Load the weights of the checkpoint at ``dir`` into this rank's chunks, at any TP/PP (collective).
+
+    Checks the architecture first. ``_extra_state`` entries (TransformerEngine's FP8
+    metadata) that the checkpoint lacks are left as they are; any missing weight
+    raises. Returns the checkpoint's meta.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from psft_megatron.model.build import unwrap_model
+
+    meta = read_meta(dir)
+    check_compatible(model_chunks, model_config_of(meta), dir)
+    sharded = model_sharded_state_dict(model_chunks)
+    loaded, _missing, unexpected = dist_checkpointing.load(
+        sharded, str(Path(dir) / MODEL_SUBDIR), strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    absent = sorted(k for k in unexpected if not k.split("/")[0].endswith("_extra_state"))
+    if absent:
+        raise CheckpointError(f"{dir} lacks tensors the model needs: {absent[:8]}{' ...' if len(absent) > 8 else ''}")
+    for i, chunk in enumerate(model_chunks):
+        result = unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"loading {dir}: missing {missing}, unexpected {result.unexpected_keys}")
+    return meta

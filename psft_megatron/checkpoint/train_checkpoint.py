@@ -3,20 +3,20 @@
 Layout of ``<save_dir>``::
 
     latest                      text file: the name of the newest complete checkpoint
-    step_000100/
-        model/                  dist checkpoint of the model weights only: the same format
+    step_000100/                a model checkpoint (psft_meta.json + model/, see
+                                psft_megatron.checkpoint.model_checkpoint: what
                                 tools/convert_hf_to_megatron.py writes, so `init_from`,
-                                tools/convert_megatron_to_hf.py and tools/score.py read it
+                                tools/convert_megatron_to_hf.py and tools/score.py read it)
+                                plus:
         optimizer/              dist checkpoint of the optimizer state (layout-independent:
                                 keyed by the model's sharded tensors)
         train_state.json        step, phase, consumed tokens, LR schedule, data position
         rng/rank_00000.pt ...   each rank's Python/NumPy/torch RNG state
-        psft_meta.json          format version, model config, parallel layout
 
-Crash safety: everything is written into ``step_000100.tmp`` first; only when every
-rank is done does rank 0 rename it and then replace ``latest`` atomically. A crash
-mid-save leaves the previous checkpoint and ``latest`` untouched; stale ``.tmp``
-folders are removed by the next save.
+Crash safety: everything is written into ``step_000100.tmp`` (the weights first into
+``step_000100.tmp.partial``); only when every rank is done does rank 0 rename it and
+then replace ``latest`` atomically. A crash mid-save leaves the previous checkpoint and
+``latest`` untouched; stale ``.tmp*`` folders are removed by the next save.
 
 The model and optimizer state are sharded tensors with global keys, so a checkpoint
 loads into any TP/PP/VP layout (the RNG states are restored only at the same world
@@ -39,9 +39,9 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.checkpoint.model_checkpoint import (
-    load_model_weights,
+    load_model_checkpoint,
     model_sharded_state_dict,
-    save_model_weights,
+    save_model_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,15 @@ def save_training_checkpoint(
     tmp = save_dir / (final.name + ".tmp")
     if _rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob("step_*.tmp"):
+        for stale in save_dir.glob("step_*.tmp*"):
             shutil.rmtree(stale, ignore_errors=True)
-        (tmp / "optimizer").mkdir(parents=True)
-        (tmp / "rng").mkdir()
     _barrier()
 
-    save_model_weights(model, tmp, meta)
+    save_model_checkpoint(model, tmp, meta)
+    if _rank() == 0:
+        (tmp / "optimizer").mkdir()
+        (tmp / "rng").mkdir()
+    _barrier()
     model_sd = model_sharded_state_dict(model)
     dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
     torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
@@ -160,7 +162,7 @@ def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, sche
     state = json.loads((path / "train_state.json").read_text())
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
-    load_model_weights(model, path)
+    load_model_checkpoint(model, path)
     model_sd = model_sharded_state_dict(model)
     opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
     optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(path / "optimizer")))

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from psft_megatron.config.model import ModelConfig
-from psft_megatron.conversion import layout
+from psft_megatron.checkpoint import model_checkpoint as layout
 from psft_megatron.conversion.hf_io import HFCheckpointReader, copy_tokenizer_files
 from psft_megatron.conversion.registry import IGNORED_HF_SUFFIXES, WeightMapping, expand
 from psft_megatron.conversion.session import single_process_megatron

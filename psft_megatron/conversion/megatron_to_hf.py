@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from psft_megatron.config.model import ModelConfig
-from psft_megatron.conversion import layout
+from psft_megatron.checkpoint import model_checkpoint as layout
 from psft_megatron.conversion.hf_io import SafetensorsWriter, copy_tokenizer_files
 from psft_megatron.conversion.hf_to_megatron import ConversionError
 from psft_megatron.conversion.registry import expand

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.config.parallel import ParallelConfig
-from psft_megatron.conversion import layout
+from psft_megatron.checkpoint import model_checkpoint as layout
 
 log = logging.getLogger(__name__)
 

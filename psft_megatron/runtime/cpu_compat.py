@@ -10,6 +10,8 @@ process groups and dist checkpoints fine, but a handful of places hard-code CUDA
 * the RNG tracker (``CudaRNGStatesTracker``, ``model_parallel_cuda_manual_seed``),
   which saves and restores CUDA generator states;
 * ``clip_grad_by_total_norm_fp32`` asserting ``grad.type() == 'torch.cuda.FloatTensor'``;
+* ``LanguageModule.setup_embeddings_and_output_layer`` moving the tied embedding to
+  the GPU (``weight.data.cuda()``) before syncing it across the pipeline ends;
 * ``WrappedTorchNorm`` (the norm used when neither TransformerEngine nor apex is
   installed) refusing sequence parallelism outright.
 
@@ -96,6 +98,12 @@ PATCH_TARGETS: tuple[PatchTarget, ...] = tuple(
         "WrappedTorchNorm",
         "sequence parallel not supported by torch LayerNorm",
         "the torch-norm fallback refuses sequence parallelism",
+    ),
+    PatchTarget(
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule",
+        "weight.data = weight.data.cuda()",
+        "tied embeddings at PP > 1 are moved to CUDA before the first/last-stage all-reduce",
     ),
     PatchTarget(
         "megatron.core.utils",
@@ -237,6 +245,27 @@ def _patch_torch_norm(torch_norm: types.ModuleType) -> None:
     cls._psft_original_new = original_new  # type: ignore[attr-defined]
 
 
+def _patch_tied_embedding_setup(language_module: types.ModuleType) -> None:
+    """Run ``setup_embeddings_and_output_layer`` with ``Tensor.cuda`` as the identity.
+
+    Its only CUDA assumption is ``weight.data = weight.data.cuda()`` before the all-reduce
+    that gives the first and last pipeline stages the same tied embedding; on a CPU-only
+    torch ``.cuda()`` can only raise, so for the duration of this call it keeps the tensor.
+    """
+    cls = language_module.LanguageModule
+    original = cls.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self: Any) -> None:
+        real_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+        try:
+            original(self)
+        finally:
+            torch.Tensor.cuda = real_cuda  # type: ignore[method-assign]
+
+    cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
 def apply(force: bool = False) -> bool:
     """Apply the CPU routes once, if CUDA is absent (or ``force``). Returns whether they are active."""
     global _applied
@@ -261,5 +290,6 @@ def apply(force: bool = False) -> bool:
         importlib.import_module(module_name).clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
 
     _patch_torch_norm(importlib.import_module("megatron.core.transformer.torch_norm"))
+    _patch_tied_embedding_setup(importlib.import_module("megatron.core.models.common.language_module.language_module"))
     _applied = True
     return True

@@ -24,11 +24,10 @@ from typing import Any
 
 import yaml
 
-from psft_megatron.checkpoint.model_checkpoint import load_model_weights
+from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
 from psft_megatron.checkpoint.train_checkpoint import (
     find_latest,
     load_training_checkpoint,
-    meta_layout,
     save_training_checkpoint,
 )
 from psft_megatron.config.recipe import RecipeConfig
@@ -67,13 +66,7 @@ def _save_dir(recipe: RecipeConfig) -> Path:
 
 
 def _meta(recipe: RecipeConfig, step: int) -> dict[str, Any]:
-    return {
-        "format": "psft-megatron",
-        "model": recipe.to_dict()["model"],
-        "layout": meta_layout(),
-        "step": step,
-        "tokenizer": recipe.data.tokenizer,
-    }
+    return {"model": recipe.model.resolve(), "step": step, "tokenizer": recipe.data.tokenizer}
 
 
 def _phase_objective(recipe: RecipeConfig, step: int) -> ObjectiveConfig:
@@ -113,7 +106,7 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
         data.loader.load_state_dict(state["data"])
         step, consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
     elif recipe.checkpoint.init_from:
-        load_model_weights(bundle.model, recipe.checkpoint.init_from)
+        load_model_checkpoint(bundle.model, recipe.checkpoint.init_from)
         log.info("initialised weights from %s", recipe.checkpoint.init_from)
     else:
         log.warning("starting from RANDOM weights (checkpoint.allow_random_init is set)")
