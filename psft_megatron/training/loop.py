@@ -31,6 +31,7 @@ from psft_megatron.checkpoint.train_checkpoint import (
     save_training_checkpoint,
 )
 from psft_megatron.config.recipe import RecipeConfig
+from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.loss.objectives import ObjectiveConfig
 from psft_megatron.model.build import build_model
 from psft_megatron.runtime.distributed import DistEnv
@@ -86,6 +87,9 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
 
     data = build_data(recipe, env)
     built = build_model(recipe.model, recipe.parallel)
+    if built.transformer_impl == "local":
+        for chunk in built.chunks:  # packed rows rely on the block-diagonal mask being applied
+            check_model_honours_mask(chunk)
     if env.rank == 0:
         log.info("model: %s", built.description)
     steps_total = total_steps(recipe, data)
@@ -111,7 +115,8 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
     else:
         log.warning("starting from RANDOM weights (checkpoint.allow_random_init is set)")
 
-    metrics = MetricsWriter(run_dir, is_logger, steps_total, recipe.logging.tensorboard, recipe.logging.log_interval)
+    metrics = MetricsWriter(run_dir, is_logger, steps_total, recipe.logging.tensorboard, recipe.logging.log_interval,
+                            recipe.logging.progress_bar)
     records: list[dict[str, Any]] = []
     eval_records: list[dict[str, Any]] = []
     last_ckpt: Path | None = latest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ class MetricsWriter:
     """Writes metrics on the logging rank only; every method is a no-op elsewhere."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool = True,
-                 log_interval: int = 1) -> None:
+                 log_interval: int = 1, progress_bar: bool = True) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
@@ -58,8 +59,14 @@ class MetricsWriter:
         self._start_step: int | None = None
         self._file = None
         self._tb = None
+        self._bar = None
         if not enabled:
             return
+        # A live bar only on a terminal; batch logs (SLURM, CI) get the periodic lines alone.
+        if progress_bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         # Append: a resumed run continues the same file (records carry their step).
         self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
@@ -92,24 +99,37 @@ class MetricsWriter:
         if self._start_step is None:
             self._start_step = step - 1
             self._start = time.monotonic() - record.get("step_time_s", 0.0)
+            if self._bar is not None:
+                self._bar.update(step - 1 - self._bar.n)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(phase=record["phase"], loss=f"{record['loss']:.4f}",
+                                  entropy=f"{record['entropy']:.3f}", clip=f"{record['clip_frac']:.3f}", refresh=False)
         if step % self.log_interval and step != self.total_steps:
             return
         done = step - self._start_step
         elapsed = time.monotonic() - self._start
         eta = elapsed / done * (self.total_steps - step) if done > 0 else float("nan")
-        log.info(
+        message = (
             "step %d/%d [%s] loss %.4f entropy %.4f clip %.3f ratio %.3f/%.3f/%.3f grad %.3f lr %.3g | "
-            "%.0f tok/s %.2fs/step ETA %s",
+            "%.0f tok/s %.2fs/step ETA %s"
+        ) % (
             step, self.total_steps, record["phase"], record["loss"], record["entropy"], record["clip_frac"],
             record["ratio_min"], record["ratio_mean"], record["ratio_max"], record["grad_norm"], record["lr"],
             record["tokens_per_s"], record["step_time_s"], _fmt_seconds(eta),
         )
+        if self._bar is not None:
+            self._bar.write(message)  # above the bar, not through it
+        else:
+            log.info(message)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _fmt_seconds(s: float) -> str:
