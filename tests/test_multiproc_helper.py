@@ -1,5 +1,7 @@
 """The multi-process helper itself: results come back per rank, failures and hangs surface."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,7 +23,9 @@ def _fail_on_rank_one() -> None:
 
 def _hang() -> None:
     if dist.get_rank() == 0:
-        dist.barrier()
+        dist.barrier()  # waits for rank 1, which never arrives
+    else:
+        time.sleep(600)
 
 
 def test_results_per_rank():
