@@ -97,6 +97,8 @@ def single_process(base: dict, tmp: str) -> dict:
     one = {"global_batch_size": 4, "mini_batch_size": 4, "train_steps": 6, "sft_warmup_steps": 0}
     out["psft_k1"] = _train(_recipe_like(base, tmp_path / "psft_k1", checkpoint=ckpt, training=one))
     out["sft_k1"] = _train(_recipe_like(base, tmp_path / "sft_k1", checkpoint=ckpt, training=one, loss={"name": "sft"}))
+    out["dft"] = _train(_recipe_like(base, tmp_path / "dft", checkpoint=ckpt, loss={"name": "dft"},
+                                     training={"train_steps": 4, "sft_warmup_steps": 0}))
     # Stopped after 4 steps (checkpoint), then resumed to 8: must equal tp1.
     stop = dict(ckpt, save_dir=str(tmp_path / "resume_ckpt"))
     out["stopped"] = _train(_recipe_like(base, tmp_path / "resume", checkpoint=stop, training={"exit_after_steps": 4}))
@@ -129,7 +131,11 @@ def four_processes(base: dict, tmp: str) -> dict:
     tmp_path = Path(tmp)
     ckpt = {"init_from": str(tmp_path / "init"), "allow_random_init": False, "save_at_end": False}
     parallel = {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2, "sequence_parallel": True}
-    return {"tp2pp2_sp": _train(_recipe_like(base, tmp_path / "tp2pp2", checkpoint=ckpt, parallel=parallel))}
+    return {
+        "tp2pp2_sp": _train(_recipe_like(base, tmp_path / "tp2pp2", checkpoint=ckpt, parallel=parallel)),
+        # More than 2 stages: the middle stages must keep the packed rows' attention boundaries.
+        "pp4": _train(_recipe_like(base, tmp_path / "pp4", checkpoint=ckpt, parallel={"pipeline_model_parallel_size": 4})),
+    }
 
 
 def _recipe_like(base: dict, run_dir: Path, **sections) -> dict:
@@ -199,8 +205,9 @@ def test_two_process_layouts_match_tp1(runs, layout):
         assert g["loss"] == pytest.approx(r["loss"], rel=2e-4)
 
 
-def test_tp2_pp2_matches_tp1(runs):
-    _assert_same_curve(_logged(runs["four"], "tp2pp2_sp")["records"], _logged(runs["one"], "tp1")["records"], "tp2pp2")
+@pytest.mark.parametrize("layout", ["tp2pp2_sp", "pp4"])
+def test_four_process_layouts_match_tp1(runs, layout):
+    _assert_same_curve(_logged(runs["four"], layout)["records"], _logged(runs["one"], "tp1")["records"], layout)
 
 
 def test_psft_with_one_mini_batch_is_sft(runs):
@@ -213,6 +220,17 @@ def test_psft_with_one_mini_batch_is_sft(runs):
         assert p["clip_frac"] == 0.0
         for key in ("mean_logp", "entropy", "grad_norm", "lr"):
             assert p[key] == pytest.approx(s[key], rel=1e-6, abs=1e-7), key
+
+
+def test_dft_runs_through_the_same_loop_without_snapshot(runs):
+    recs = _logged(runs["one"], "dft")["records"]
+    assert [r["phase"] for r in recs] == ["dft"] * 4
+    for r in recs:
+        assert r["ratio_min"] == r["ratio_max"] == 1.0 and r["clip_frac"] == 0.0  # no logp_old
+        # -stopgrad(p) * logp per token: between 0 and 1/e per token, so the mean is too.
+        assert 0.0 < r["loss"] <= 1 / 2.718281828 + 1e-9
+    tp1_first = _logged(runs["one"], "tp1")["records"][0]
+    assert recs[0]["mean_logp"] == pytest.approx(tp1_first["mean_logp"], abs=1e-6)  # same model, same first batch
 
 
 def test_stop_and_resume_equals_uninterrupted(runs):
