@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         recipe.validate(world)
+        if not args.validate_only:  # --validate-only may run on a login node without GPUs
+            import torch
+
+            recipe.validate_for_device(torch.cuda.is_available())
     except ConfigError as e:
         print(f"error: bad recipe: {e}", file=sys.stderr)
         return 2

@@ -109,3 +109,11 @@ def test_cli_refuses_bad_recipe_before_building(tmp_path):
         capture_output=True, text=True, env=dict(os.environ, WORLD_SIZE="64", RANK="0"), timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def test_cpu_refuses_what_needs_cuda():
+    r = load_recipe(RECIPES / "qwen2.5_7b_math.yaml")
+    r.validate_for_device(has_cuda=True)
+    with pytest.raises(ConfigError, match="bf16 needs CUDA.*use_distributed_optimizer needs CUDA"):
+        r.validate_for_device(has_cuda=False)
+    load_recipe(RECIPES / "tiny_cpu.yaml").validate_for_device(has_cuda=False)

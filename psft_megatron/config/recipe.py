@@ -72,6 +72,23 @@ class RecipeConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
+    def validate_for_device(self, has_cuda: bool) -> None:
+        """What megatron-core cannot do without CUDA, refused up front on a CPU machine."""
+        if has_cuda:
+            return
+        problems = []
+        if self.model.params_dtype == "bf16":
+            problems.append(
+                "model.params_dtype: bf16 needs CUDA (megatron's mixed-precision optimizer asserts CUDA tensors); "
+                "use fp32 on CPU"
+            )
+        if self.optimizer.use_distributed_optimizer:
+            problems.append(
+                "optimizer.use_distributed_optimizer needs CUDA (megatron asserts CUDA tensors); set it to false on CPU"
+            )
+        if problems:
+            raise ConfigError("no CUDA device: " + "; ".join(problems))
+
     def _validate_steps(self) -> None:
         k = self.training.mini_batches_per_global_batch
         t = self.training

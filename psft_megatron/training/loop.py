@@ -79,6 +79,7 @@ def _phase_objective(recipe: RecipeConfig, step: int) -> ObjectiveConfig:
 def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
     """Run (or resume) the recipe on an initialised job; see the module docstring."""
     recipe.validate(env.world_size)
+    recipe.validate_for_device(env.device.type == "cuda")
     run_dir = Path(recipe.logging.run_dir)
     is_logger = env.rank == env.world_size - 1  # the last pipeline stage holds the loss
     if env.rank == 0:

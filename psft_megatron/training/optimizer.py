@@ -58,11 +58,6 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: OptimConfig, total_steps
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    if cfg.use_distributed_optimizer and not torch.cuda.is_available():
-        raise ValueError(
-            "optimizer.use_distributed_optimizer does not run on CPU (megatron-core asserts CUDA tensors); "
-            "set it to false for CPU runs"
-        )
     model = wrap_ddp(chunks, cfg.use_distributed_optimizer)
     opt_config = OptimizerConfig(
         optimizer="adam",  # megatron's "adam" is torch AdamW: decoupled weight decay
