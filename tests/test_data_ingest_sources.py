@@ -160,9 +160,9 @@ def test_config_from_yaml_mapping():
     assert isinstance(cfg.adapter_options, AdapterConfig) and cfg.adapter_options.strip_calculator_notes
     assert cfg.fingerprint() == DataSourceConfig.from_dict({**cfg.__dict__, "on_error": "raise"}).fingerprint()
     assert cfg.fingerprint() != DataSourceConfig.from_dict({**cfg.__dict__, "max_length": 512}).fingerprint()
-    with pytest.raises(ValueError, match="unknown data source keys"):
+    with pytest.raises(ValueError, match="unknown key source.max_len"):
         DataSourceConfig.from_dict({"path": "x.jsonl", "max_len": 5})
-    with pytest.raises(ValueError, match="unknown adapter options"):
+    with pytest.raises(ValueError, match="unknown key source.adapter_options.strip_notes"):
         DataSourceConfig.from_dict({"path": "x.jsonl", "adapter_options": {"strip_notes": True}})
     with pytest.raises(ValueError, match="long_sample"):
         DataSourceConfig(path="x.jsonl", long_sample="cut")  # type: ignore[arg-type]

@@ -119,5 +119,5 @@ def test_resolve_takes_fields_from_hf_config_and_keeps_recipe_overrides(tmp_path
     # Architecture from the file unless the recipe set it; params_dtype is the recipe's (default bf16).
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_query_groups, cfg.params_dtype) == (1, 64, 2, "bf16")
     assert cfg.hf_config == path
-    with pytest.raises(ValueError, match="unknown model config field"):
+    with pytest.raises(ValueError, match="unknown key model.num_layer"):
         ModelConfig.from_dict({"num_layer": 2})

@@ -83,8 +83,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], lines: dict[str,
 
 
 def _where(source: str, lines: dict[str, int], path: str) -> str:
+    """``file:line: `` (or ``file: ``) to start a message; empty when built from a mapping."""
+    if not source:
+        return ""
     line = lines.get(path)
-    return f"{source}:{line}" if line else source
+    return f"{source}:{line}: " if line else f"{source}: "
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
@@ -101,28 +104,30 @@ def _convert(value: Any, tp: Any, path: str, ctx: tuple[str, dict[str, int]]) ->
     if value is None:
         if optional or tp is Any:
             return None
-        raise ConfigError(f"{_where(source, lines, path)}: {path} must not be null")
+        raise ConfigError(f"{_where(source, lines, path)}{path} must not be null")
     tp = inner
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # already built (e.g. passed from code)
+            return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(source, lines, path)}: {path} must be a section (mapping), got {value!r}")
+            raise ConfigError(f"{_where(source, lines, path)}{path} must be a section (mapping), got {value!r}")
         return build_dataclass(tp, value, path, ctx)
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{_where(source, lines, path)}: {path} must be one of {list(choices)}, got {value!r}")
+            raise ConfigError(f"{_where(source, lines, path)}{path} must be one of {list(choices)}, got {value!r}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{_where(source, lines, path)}: {path} must be a list, got {value!r}")
+            raise ConfigError(f"{_where(source, lines, path)}{path} must be a list, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
         return [_convert(v, item_tp, f"{path}[{i}]", ctx) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{_where(source, lines, path)}: {path} must be a mapping, got {value!r}")
+            raise ConfigError(f"{_where(source, lines, path)}{path} must be a mapping, got {value!r}")
         return dict(value)
     if origin in (Union, types.UnionType):
         for option in get_args(tp):
@@ -130,17 +135,17 @@ def _convert(value: Any, tp: Any, path: str, ctx: tuple[str, dict[str, int]]) ->
                 return _convert(value, option, path, ctx)
             except ConfigError:
                 continue
-        raise ConfigError(f"{_where(source, lines, path)}: {path}: {value!r} matches none of {tp}")
+        raise ConfigError(f"{_where(source, lines, path)}{path}: {value!r} matches none of {tp}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{_where(source, lines, path)}: {path} must be true or false, got {value!r}")
+        raise ConfigError(f"{_where(source, lines, path)}{path} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{_where(source, lines, path)}: {path} must be an integer, got {value!r}")
+        raise ConfigError(f"{_where(source, lines, path)}{path} must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -149,15 +154,15 @@ def _convert(value: Any, tp: Any, path: str, ctx: tuple[str, dict[str, int]]) ->
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{_where(source, lines, path)}: {path} must be a number, got {value!r}")
+        raise ConfigError(f"{_where(source, lines, path)}{path} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{_where(source, lines, path)}: {path} must be a string, got {value!r}")
+        raise ConfigError(f"{_where(source, lines, path)}{path} must be a string, got {value!r}")
     return value
 
 
-def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "", ctx: tuple[str, dict[str, int]] = ("<overrides>", {})) -> T:
+def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "", ctx: tuple[str, dict[str, int]] = ("", {})) -> T:
     """Build ``cls`` from a mapping, checking every key and type; unknown keys are errors."""
     source, lines = ctx
     hints = get_type_hints(cls)
@@ -169,7 +174,7 @@ def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "", ctx: t
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{_where(source, lines, path)}: unknown key {path}{hint}; known keys here: {known}")
+            raise ConfigError(f"{_where(source, lines, path)}unknown key {path}{hint}; known keys here: {known}")
         kwargs[key] = _convert(value, hints[key], path, ctx)
     missing = [
         name
@@ -177,12 +182,11 @@ def build_dataclass(cls: type[T], data: dict[str, Any], prefix: str = "", ctx: t
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        where = _where(source, lines, prefix) if prefix else source
-        raise ConfigError(f"{where}: missing required key(s) {', '.join((prefix + '.' if prefix else '') + m for m in missing)}")
+        raise ConfigError(f"{_where(source, lines, prefix)}missing required key(s) {', '.join((prefix + '.' if prefix else '') + m for m in missing)}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{_where(source, lines, prefix)}: {prefix or cls.__name__}: {e}") from None
+        raise ConfigError(f"{_where(source, lines, prefix)}{prefix or cls.__name__}: {e}") from None
 
 
 def load_dataclass(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:

@@ -192,12 +192,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise, naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown model config field(s) {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; unknown keys and wrong types raise, naming them."""
+        from psft_megatron.config.load import build_dataclass
+
+        return build_dataclass(cls, data, "model")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:

@@ -16,8 +16,10 @@ Adapters validate what they read and raise :class:`DataError` naming the field.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
+
+from psft_megatron.config.load import build_dataclass
 
 from .errors import (
     BAD_ROLE,
@@ -57,12 +59,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        """Build from a YAML mapping; unknown keys are an error naming the allowed ones."""
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise ValueError(f"unknown adapter options {unknown}; allowed: {sorted(allowed)}")
-        return cls(**d)
+        """Build from a YAML mapping; unknown keys and wrong types are errors naming them."""
+        return build_dataclass(cls, d, "adapter_options")
 
 
 Adapter = Callable[[RawRecord, AdapterConfig], Conversation]

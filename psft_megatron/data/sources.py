@@ -14,9 +14,11 @@ import gzip
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
+
+from psft_megatron.config.load import build_dataclass
 
 from .adapters import AdapterConfig
 from .errors import (
@@ -75,14 +77,8 @@ class DataSourceConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DataSourceConfig":
-        """Build from a YAML mapping; unknown keys are an error naming the allowed ones."""
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise ValueError(f"unknown data source keys {unknown}; allowed: {sorted(allowed)}")
-        if "path" not in d:
-            raise ValueError("data source needs 'path' (a file, a dataset directory or a hub name)")
-        return cls(**d)
+        """Build from a YAML mapping; unknown keys, wrong types and a missing ``path`` are errors naming them."""
+        return build_dataclass(cls, d, "source")
 
     def fingerprint(self) -> str:
         """A stable hash of the settings that change the produced samples (for caches)."""
