@@ -43,7 +43,7 @@ def _train(recipe_dict: dict, crash_at: str | None = None) -> list[int]:
         real_replace = os.replace
 
         def replace(src, dst):  # die right before step 8 is published
-            if str(dst).endswith("step_000008"):
+            if str(dst).endswith("step_000008") and str(src).endswith(".partial"):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_replace(src, dst)
 
@@ -75,10 +75,10 @@ def test_crash_during_save_keeps_last_checkpoint(tmp_path, crash_at):
         run_in_processes(_train, 1, kwargs={"recipe_dict": recipe, "crash_at": crash_at}, timeout=240)
     assert (ckpts / "latest").read_text() == "step_000004"
     assert not (ckpts / "step_000008").exists()
-    assert list(ckpts.glob("step_000008.tmp*"))  # what the crash left behind
+    assert list(ckpts.glob("step_000008.partial"))  # what the crash left behind
     assert json.loads((ckpts / "step_000004" / "train_state.json").read_text())["step"] == 4
 
     steps = run_in_processes(_train, 1, kwargs={"recipe_dict": recipe}, timeout=240)[0]
     assert steps == [5, 6, 7, 8]  # resumed from the last good checkpoint
     assert (ckpts / "latest").read_text() == "step_000008"
-    assert not list(ckpts.glob("step_000008.tmp*"))
+    assert not list(ckpts.glob("step_000008.partial"))

@@ -66,6 +66,7 @@ TINY = (RECIPES / "tiny_cpu.yaml").read_text()
         (("  lr: 3.0e-3 ", "  lr: fast "), r"bad.yaml:\d+: optimizer.lr must be a number, got 'fast'"),
         (("  allow_random_init: true ", "  allow_random_init: false "), r"random weights: set checkpoint.init_from"),
         (("  sft_warmup_steps: 16", "  sft_warmup_steps: 6"), r"sft_warmup_steps \(6\) must be a multiple of .* = 4"),
+        (("  seq_length: 128", "  seq_length: 127"), r"seq_length \(127\) must be divisible by parallel.tensor_model_parallel_size \(2\)"),
         (("  name: psft", "  name: ppo"), r"bad.yaml:\d+: loss: unknown objective 'ppo'; known: \[.*'psft'"),
     ],
 )

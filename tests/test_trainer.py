@@ -38,7 +38,7 @@ def _recipe(data: Path, run_dir: Path, **sections) -> dict:
         "parallel": {},
         "training": {
             "seq_length": 64, "global_batch_size": 8, "mini_batch_size": 4, "micro_batch_size": 2,
-            "train_steps": 8, "sft_warmup_steps": 2, "seed": 7, "eval_interval": 4, "eval_batches": 1,
+            "train_steps": 8, "sft_warmup_steps": 2, "seed": 7, "eval_interval": 4, "eval_rows": 6,
         },
         "optimizer": {"lr": 2e-3, "min_lr": 2e-4, "lr_warmup_steps": 2, "clip_grad": 1.0, "weight_decay": 0.1},
         "loss": {"name": "psft", "eps_low": 0.2, "eps_high": 0.28},

@@ -65,11 +65,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read as asked (wrong layout, model or format)."""
 
 
-def _rank() -> int:
+def global_rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def barrier() -> None:
+    """A barrier over all ranks (no-op without torch.distributed)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -83,28 +85,28 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     final = Path(final)
     tmp = final.with_name(final.name + ".partial")
-    if _rank() == 0:
+    if global_rank() == 0:
         if final.exists() and not overwrite:
             raise FileExistsError(f"{final} exists; choose another output path or pass overwrite")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         yield tmp
     except BaseException:
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         old = final.with_name(final.name + ".old")
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
         if old.exists():
             shutil.rmtree(old)
-    _barrier()
+    barrier()
 
 
 def write_meta(dir: str | Path, model: ModelConfig, dtype: torch.dtype, **extra: Any) -> None:
@@ -183,28 +185,42 @@ def save_model_checkpoint(
     (``step``, ...) are stored as given. ``hf_config`` (dict or config.json path)
     travels with the weights when given.
     """
+    meta = dict(meta)
+    model_cfg = meta.pop("model")
+    with atomic_dir(dir, overwrite=overwrite) as tmp:
+        write_model_checkpoint(model_chunks, tmp, model_cfg, meta, hf_config=hf_config)
+    return Path(dir)
+
+
+def write_model_checkpoint(
+    model_chunks: list[Any],
+    dir: Path,
+    model_cfg: ModelConfig | dict[str, Any],
+    meta: dict[str, Any],
+    *,
+    hf_config: dict[str, Any] | str | Path | None = None,
+) -> None:
+    """Write ``model/``, the meta file and ``hf_config.json`` into the existing, empty ``dir``
+    (collective, not atomic by itself: callers write into an :func:`atomic_dir`)."""
     from megatron.core import dist_checkpointing
 
     from psft_megatron.model.build import unwrap_model
 
-    meta = dict(meta)
-    model_cfg = meta.pop("model")
     if isinstance(model_cfg, dict):
         model_cfg = ModelConfig.from_dict(model_cfg)
-    dtype = next(unwrap_model(model_chunks[0]).parameters()).dtype
+    meta = dict(meta)
     meta.setdefault("saved_layout", _layout())
     meta.setdefault("created_by", "psft_megatron")
-    with atomic_dir(dir, overwrite=overwrite) as tmp:
-        model_dir = tmp / MODEL_SUBDIR
-        if _rank() == 0:
-            model_dir.mkdir()
-        _barrier()
-        dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(model_dir))
-        if _rank() == 0:
-            write_meta(tmp, model_cfg, dtype, **meta)
-            if hf_config is not None:
-                _write_hf_config(tmp, hf_config)
-    return Path(dir)
+    dtype = next(unwrap_model(model_chunks[0]).parameters()).dtype
+    model_dir = dir / MODEL_SUBDIR
+    if global_rank() == 0:
+        model_dir.mkdir()
+    barrier()
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(model_dir))
+    if global_rank() == 0:
+        write_meta(dir, model_cfg, dtype, **meta)
+        if hf_config is not None:
+            _write_hf_config(dir, hf_config)
 
 
 def _write_hf_config(dir: Path, hf_config: dict[str, Any] | str | Path) -> None:

@@ -13,10 +13,10 @@ Layout of ``<save_dir>``::
         train_state.json        step, phase, consumed tokens, LR schedule, data position
         rng/rank_00000.pt ...   each rank's Python/NumPy/torch RNG state
 
-Crash safety: everything is written into ``step_000100.tmp`` (the weights first into
-``step_000100.tmp.partial``); only when every rank is done does rank 0 rename it and
-then replace ``latest`` atomically. A crash mid-save leaves the previous checkpoint and
-``latest`` untouched; stale ``.tmp*`` folders are removed by the next save.
+Crash safety: everything is written into ``step_000100.partial``; only when every rank
+is done does rank 0 rename it and then replace ``latest`` atomically. A crash mid-save
+leaves the previous checkpoint and ``latest`` untouched; stale ``.partial`` folders are
+removed by the next save.
 
 The model and optimizer state are sharded tensors with global keys, so a checkpoint
 loads into any TP/PP/VP layout (the RNG states are restored only at the same world
@@ -39,9 +39,12 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.checkpoint.model_checkpoint import (
+    atomic_dir,
+    barrier,
+    global_rank,
     load_model_checkpoint,
     model_sharded_state_dict,
-    save_model_checkpoint,
+    write_model_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -69,13 +72,6 @@ def find_latest(save_dir: str | Path) -> Path | None:
     return steps[-1][1] if steps else None
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -124,33 +120,30 @@ def save_training_checkpoint(
 
     save_dir = Path(save_dir)
     final = save_dir / step_dir_name(step)
-    tmp = save_dir / (final.name + ".tmp")
-    if _rank() == 0:
+    if global_rank() == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob("step_*.tmp*"):
+        for stale in save_dir.glob("step_*.partial"):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
-
-    save_model_checkpoint(model, tmp, meta)
-    if _rank() == 0:
-        (tmp / "optimizer").mkdir()
-        (tmp / "rng").mkdir()
-    _barrier()
-    model_sd = model_sharded_state_dict(model)
-    dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
-    if _rank() == 0:
-        state = dict(train_state, format_version=FORMAT_VERSION, layout=meta_layout(), scheduler=scheduler.state_dict())
-        _write_json(tmp / "train_state.json", state)
-    _barrier()
-    if _rank() == 0:
-        if final.exists():  # a re-save of the same step (e.g. resumed and saved again)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    barrier()
+    # A re-save of the same step (resumed, then saved again) swaps the old copy out atomically.
+    with atomic_dir(final, overwrite=True) as tmp:
+        model_cfg = meta["model"]
+        write_model_checkpoint(model, tmp, model_cfg, {k: v for k, v in meta.items() if k != "model"})
+        if global_rank() == 0:
+            (tmp / "optimizer").mkdir()
+            (tmp / "rng").mkdir()
+        barrier()
+        model_sd = model_sharded_state_dict(model)
+        dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
+        if global_rank() == 0:
+            state = dict(train_state, format_version=FORMAT_VERSION, layout=meta_layout(), scheduler=scheduler.state_dict())
+            _write_json(tmp / "train_state.json", state)
+    if global_rank() == 0:
         _write_text_atomic(save_dir / "latest", final.name)
-        _prune(save_dir, keep_last)
+        _prune(save_dir, step, keep_last)
         log.info("saved checkpoint %s", final)
-    _barrier()
+    barrier()
     return final
 
 
@@ -167,7 +160,7 @@ def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, sche
     opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
     optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(path / "optimizer")))
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+    rng_file = path / "rng" / f"rank_{global_rank():05d}.pt"
     same_world = len(list((path / "rng").glob("rank_*.pt"))) == (dist.get_world_size() if dist.is_initialized() else 1)
     if rng_file.is_file() and same_world and state.get("layout") == meta_layout():
         _set_rng_state(torch.load(rng_file, weights_only=False))
@@ -185,6 +178,8 @@ def meta_layout() -> dict[str, int]:
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "vp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+        "cp": parallel_state.get_context_parallel_world_size(),
         "dp": parallel_state.get_data_parallel_world_size(),
     }
 
@@ -209,9 +204,12 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(save_dir: Path, keep_last: int) -> None:
+def _prune(save_dir: Path, step: int, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints up to ``step`` (never ``step`` itself)."""
     if keep_last <= 0:
         return
-    steps = sorted((int(m.group(1)), p) for p in save_dir.glob("step_*") if (m := _STEP_RE.match(p.name)))
+    steps = sorted(
+        (s, p) for p in save_dir.glob("step_*") if (m := _STEP_RE.match(p.name)) and (s := int(m.group(1))) <= step
+    )
     for _, p in steps[:-keep_last]:
         shutil.rmtree(p, ignore_errors=True)

@@ -19,6 +19,11 @@ class ParallelConfig:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
 
+    def __post_init__(self) -> None:
+        # One virtual stage is no interleaving; megatron would still pick the interleaved schedule.
+        if self.virtual_pipeline_model_parallel_size == 1:
+            self.virtual_pipeline_model_parallel_size = None
+
     @property
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
@@ -49,6 +54,11 @@ class ParallelConfig:
                     "parallel.virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size >= 2; "
                     "set it to null or raise the pipeline size"
                 )
+        if self.context_parallel_size > 1:
+            raise ValueError(
+                "parallel.context_parallel_size > 1 is not supported yet (sequences are not split across CP "
+                "ranks by the data path); set context_parallel_size: 1"
+            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "parallel.sequence_parallel needs tensor_model_parallel_size > 1 (it shards activations over TP); "

@@ -61,6 +61,7 @@ class RecipeConfig:
             self.checkpoint.validate()
             self.model.resolve().validate(self.parallel)
             self._validate_steps()
+            self._validate_sequence_parallel()
             self._validate_data()
             if world_size is not None:
                 dp = self.parallel.data_parallel_size(world_size)
@@ -73,8 +74,16 @@ class RecipeConfig:
             raise ConfigError(str(e)) from None
 
     def validate_for_device(self, has_cuda: bool) -> None:
-        """What megatron-core cannot do without CUDA, refused up front on a CPU machine."""
+        """What megatron-core cannot do on this machine, refused before anything is built."""
         if has_cuda:
+            if self.parallel.sequence_parallel and self.model.transformer_impl == "local":
+                from megatron.core.models.gpt.gpt_layer_specs import HAVE_APEX
+
+                if not HAVE_APEX:  # the torch-norm fallback asserts no SP (cpu_compat lifts it on CPU only)
+                    raise ConfigError(
+                        "parallel.sequence_parallel with model.transformer_impl: local needs apex's fused norms on a "
+                        "GPU; install TransformerEngine (transformer_impl: auto) or apex, or turn sequence_parallel off"
+                    )
             return
         problems = []
         if self.model.params_dtype == "bf16":
@@ -130,6 +139,15 @@ class RecipeConfig:
                     f"data source {src.path}: max_length {src.max_length} exceeds training.seq_length "
                     f"{self.training.seq_length}; lower max_length or raise seq_length"
                 )
+
+    def _validate_sequence_parallel(self) -> None:
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and self.training.seq_length % tp:
+            raise ValueError(
+                f"training.seq_length ({self.training.seq_length}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp}) with sequence_parallel: each TP rank holds an equal "
+                f"slice of the sequence; use seq_length {self.training.seq_length // tp * tp or tp}"
+            )
 
     def _validate_interleaving(self, dp: int) -> None:
         pp = self.parallel.pipeline_model_parallel_size

@@ -26,12 +26,13 @@ class TrainingConfig:
     # The first N optimizer steps are plain SFT (no snapshot pass), then the objective below.
     sft_warmup_steps: int = 0
     seed: int = 1234
-    # Save a checkpoint and stop after this many optimizer steps (e.g. before a SLURM time
-    # limit); the next launch of the same recipe resumes. None = run to the end.
+    # Save a checkpoint and stop after this many optimizer steps *of this launch* (e.g. to fit
+    # a SLURM time limit); the next launch of the same recipe resumes. None = run to the end.
     exit_after_steps: int | None = None
-    # Validation: score the held-out split every N optimizer steps (0 = never) on up to this many batches.
+    # Validation: score the held-out split every N optimizer steps (0 = never), on its first
+    # eval_rows packed rows (the same rows at every layout; None = the whole split).
     eval_interval: int = 0
-    eval_batches: int = 4
+    eval_rows: int | None = None
 
     def validate(self) -> None:
         for name in ("seq_length", "global_batch_size", "mini_batch_size", "micro_batch_size"):
@@ -50,6 +51,8 @@ class TrainingConfig:
             raise ValueError(f"training.epochs must be > 0, got {self.epochs}")
         if self.exit_after_steps is not None and self.exit_after_steps < 1:
             raise ValueError(f"training.exit_after_steps must be >= 1 or null, got {self.exit_after_steps}")
+        if self.eval_rows is not None and self.eval_rows < 1:
+            raise ValueError(f"training.eval_rows must be >= 1 or null (the whole held-out split), got {self.eval_rows}")
         if self.sft_warmup_steps < 0:
             raise ValueError(f"training.sft_warmup_steps must be >= 0, got {self.sft_warmup_steps}")
 

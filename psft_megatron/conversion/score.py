@@ -65,7 +65,8 @@ def score_examples(
     Collective over the model-parallel group: every rank of it passes the same examples.
     An example with no response token scores None.
     """
-    from psft_megatron.model.forward import pipeline_forward, token_logprobs
+    from psft_megatron.loss.token_stats import vocab_parallel_token_stats
+    from psft_megatron.model.forward import pipeline_forward
 
     results: list[tuple[float | None, int]] = []
     for start in range(0, len(examples), batch_size):
@@ -81,7 +82,8 @@ def score_examples(
             mask[row, max(e.prompt_len - 1, 0) : len(e.ids) - 1] = True
 
         def nll(logits: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-            logp = token_logprobs(logits, mb["labels"].to(logits.device), vocab_size)
+            labels = mb["labels"].to(logits.device)
+            logp = vocab_parallel_token_stats(logits, labels, vocab_size=vocab_size, with_entropy=False).logp
             return -(logp.cpu() * mb["mask"]).sum(1)
 
         out = pipeline_forward(chunks, [{"input_ids": ids, "labels": labels, "mask": mask}], nll)

@@ -26,8 +26,8 @@ its micro-batch ``mb`` and calls ``model(**mb.forward_kwargs(backend))``:
     per-sample RoPE restart (megatron sizes the RoPE table from its ``max_seqlen``).
 
 The last stage computes the loss from its output with ``mb.labels`` and
-``mb.loss_mask`` (pass ``labels=mb.labels`` to get megatron's per-token cross
-entropy); normalise by :attr:`MiniBatch.num_loss_tokens`, the loss-token count of
+``mb.loss_mask`` (the trainer passes ``labels=mb.labels``, for which
+``psft_megatron.model.gpt.PSFTGPTModel`` returns the ``[s, b, V/TP]`` logits); normalise by :attr:`MiniBatch.num_loss_tokens`, the loss-token count of
 the whole mini-batch over all data-parallel ranks (no all-reduce needed).
 """
 

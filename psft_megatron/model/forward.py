@@ -1,4 +1,4 @@
-"""Forward-only passes over model chunks at any TP/PP, and vocab-padding-aware log-probs.
+"""Forward-only passes over model chunks at any TP/PP (tools: scoring, conversion checks).
 
 What each pipeline stage's ``GPTModel.forward`` needs:
 
@@ -11,11 +11,10 @@ What each pipeline stage's ``GPTModel.forward`` needs:
 * every stage: ``attention_mask=None`` gives causal attention (both layer specs
   build the causal mask themselves);
 * last stage (``post_process``): returns vocab-parallel logits ``[b, s, V_pad / TP]``
-  when ``labels`` is None, or per-token cross-entropy ``[b, s]`` with ``labels``.
+  when ``labels`` is None (with ``labels``, ``PSFTGPTModel`` returns them as ``[s, b, V_pad / TP]``).
 
-Padded vocabulary rows (see ``padded_vocab_size``) produce logits too; anything that
-normalises over the vocabulary must mask them (:func:`mask_padded_vocab_`), or the
-partition function includes ``V_pad - V`` extra terms.
+Padded vocabulary rows (see ``padded_vocab_size``) produce logits too; log-probs must
+leave them out: ``psft_megatron.loss.token_stats.vocab_parallel_token_stats(..., vocab_size=V)``.
 """
 
 from __future__ import annotations
@@ -24,28 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["mask_padded_vocab_", "pipeline_forward", "token_logprobs", "gather_logits"]
-
-
-def mask_padded_vocab_(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Set the logits of padded vocabulary entries on this TP rank's shard to the dtype minimum (in place)."""
-    from megatron.core import parallel_state
-
-    shard = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
-    keep = vocab_size - start
-    if keep < shard:
-        logits[..., max(keep, 0):] = torch.finfo(logits.dtype).min
-    return logits
-
-
-def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """log p(labels) ``[b, s]`` in fp32 from vocab-parallel logits ``[b, s, V_pad/TP]``, padding masked."""
-    from megatron.core import tensor_parallel
-
-    logits = vocab_parallel_logits.float().clone()  # the CE below works in place
-    mask_padded_vocab_(logits, vocab_size)
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+__all__ = ["pipeline_forward", "gather_logits"]
 
 
 def gather_logits(vocab_parallel_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

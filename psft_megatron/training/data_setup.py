@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from psft_megatron.config.recipe import RecipeConfig
 from psft_megatron.data.batches import MicroBatch
 from psft_megatron.data.cache import CachedSamples
@@ -18,21 +20,44 @@ log = logging.getLogger("psft")
 
 @dataclass
 class TrainData:
-    """The training loader and, if configured, the held-out samples."""
+    """The training loader and, if configured, the held-out rows."""
 
     loader: PackedLoader
-    eval_loader: PackedLoader | None
+    # The held-out split packed into rows (its own geometry: one row per step, one rank), so
+    # a small eval set never has to fill a training-size global batch.
+    eval_loader: PackedLoader | None = None
+    micro_batch_size: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    # The interleaved schedule needs a multiple of the pipeline size in micro-batches.
+    eval_multiple: int = 1
 
-    def eval_micro_batches(self, max_batches: int) -> list[MicroBatch]:
-        """The same first ``max_batches`` held-out global batches every time (this DP rank's micro-batches)."""
+    def eval_micro_batches(self, max_rows: int | None) -> list[MicroBatch]:
+        """This DP rank's share of the first ``max_rows`` held-out rows (None = all), the same every call.
+
+        Rows go out in batches of micro_batch_size x DP, one micro-batch per rank; the
+        last batch is filled with copies whose loss mask is zero, so every chosen row is
+        scored exactly once whatever the layout.
+        """
         if self.eval_loader is None:
             return []
-        self.eval_loader.epoch, self.eval_loader.index_in_epoch = 0, 0
-        n = min(max_batches, self.eval_loader.steps_per_epoch)
-        out: list[MicroBatch] = []
-        for _ in range(n):
-            gb = next(self.eval_loader)
-            out.extend(mb for mini in gb.mini_batches for mb in mini.micro_batches)
+        order = self.eval_loader.epoch_order(0)
+        if max_rows is not None:
+            order = order[:max_rows]
+        per_batch = self.micro_batch_size * self.dp_size
+        n = -(-len(order) // per_batch)
+        n = -(-n // self.eval_multiple) * self.eval_multiple  # extra batches are all filler
+        out = []
+        for b in range(n):
+            start = b * per_batch + self.dp_rank * self.micro_batch_size
+            rows = order[start : start + self.micro_batch_size]
+            real = len(rows)
+            filler = np.full(self.micro_batch_size - real, self.eval_loader.epoch_order(0)[0], dtype=order.dtype)
+            mb = self.eval_loader.build_micro_batch(np.concatenate([rows, filler]))
+            if real < self.micro_batch_size:
+                mb.loss_mask[real:] = 0
+                mb.num_loss_tokens = int(mb.loss_mask.sum())
+            out.append(mb)
         return out
 
 
@@ -64,18 +89,21 @@ def build_data(recipe: RecipeConfig, env: DistEnv) -> TrainData:
     dp_size = parallel_state.get_data_parallel_world_size()
     t = recipe.training
 
-    def loader(cached: CachedSamples, seed: int) -> PackedLoader:
+    def loader(cached: CachedSamples, seed: int, one_row: bool = False) -> PackedLoader:
         cfg = LoaderConfig(
             seq_length=t.seq_length,
-            global_batch_size=t.global_batch_size,
-            mini_batch_size=t.mini_batch_size,
-            micro_batch_size=t.micro_batch_size,
+            global_batch_size=1 if one_row else t.global_batch_size,
+            mini_batch_size=1 if one_row else t.mini_batch_size,
+            micro_batch_size=1 if one_row else t.micro_batch_size,
             seed=seed,
             pack=recipe.data.pack,
             pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]),
         )
+        if one_row:  # eval: TrainData splits the rows over DP itself
+            return PackedLoader(cached, cfg)
         return PackedLoader(cached, cfg, dp_rank=dp_rank, dp_size=dp_size)
 
     train = loader(_cache(recipe, env, "train"), t.seed)
-    held_out = loader(_cache(recipe, env, "eval"), t.seed) if recipe.data.eval else None
-    return TrainData(loader=train, eval_loader=held_out)
+    held_out = loader(_cache(recipe, env, "eval"), t.seed, one_row=True) if recipe.data.eval else None
+    multiple = recipe.parallel.pipeline_model_parallel_size if recipe.parallel.virtual_pipeline_model_parallel_size else 1
+    return TrainData(train, held_out, t.micro_batch_size, dp_rank, dp_size, multiple)

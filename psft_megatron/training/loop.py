@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 import yaml
 
 from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
@@ -70,6 +71,21 @@ def _meta(recipe: RecipeConfig, step: int) -> dict[str, Any]:
     return {"model": recipe.model.resolve(), "step": step, "tokenizer": recipe.data.tokenizer}
 
 
+def _latest_checkpoint(recipe: RecipeConfig, save_dir: Path) -> Path | None:
+    """The checkpoint to resume from, chosen by rank 0 and broadcast (ranks must agree, even
+    on a filesystem whose metadata caches disagree right after a crash)."""
+    found = find_latest(save_dir) if dist.get_rank() == 0 else None
+    if found is not None and not recipe.checkpoint.resume:
+        raise ValueError(
+            f"checkpoint.resume is false but {save_dir} already holds checkpoints ({found.name}) from an earlier "
+            "run, which this run's saves would mix with: use a fresh checkpoint.save_dir or logging.run_dir, "
+            "or set checkpoint.resume: true"
+        )
+    choice = [str(found) if found else None]
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
+
+
 def _phase_objective(recipe: RecipeConfig, step: int) -> ObjectiveConfig:
     if step < recipe.training.sft_warmup_steps:
         return replace(recipe.loss, name="sft")
@@ -94,6 +110,16 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
     if env.rank == 0:
         log.info("model: %s", built.description)
     steps_total = total_steps(recipe, data)
+    save_dir = _save_dir(recipe)
+    latest = _latest_checkpoint(recipe, save_dir)
+    if latest is None:
+        # Before the optimizer is built: bf16 runs keep fp32 main copies of the weights, made
+        # from the model's parameters when the optimizer is created.
+        if recipe.checkpoint.init_from:
+            load_model_checkpoint(built.chunks, recipe.checkpoint.init_from)
+            log.info("initialised weights from %s", recipe.checkpoint.init_from)
+        else:
+            log.warning("starting from RANDOM weights (checkpoint.allow_random_init is set)")
     bundle: OptimizerBundle = build_optimizer(
         built.chunks, recipe.optimizer, steps_total, bf16=recipe.model.resolve().params_dtype == "bf16"
     )
@@ -104,20 +130,15 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
     )
 
     step, consumed_tokens = 0, 0
-    save_dir = _save_dir(recipe)
-    latest = find_latest(save_dir) if recipe.checkpoint.resume else None
     if latest is not None:
+        # Weights, fp32 main weights and optimizer state, schedule, RNG: all from the checkpoint.
         state = load_training_checkpoint(latest, bundle.model, bundle.optimizer, bundle.scheduler)
         data.loader.load_state_dict(state["data"])
         step, consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
-    elif recipe.checkpoint.init_from:
-        load_model_checkpoint(bundle.model, recipe.checkpoint.init_from)
-        log.info("initialised weights from %s", recipe.checkpoint.init_from)
-    else:
-        log.warning("starting from RANDOM weights (checkpoint.allow_random_init is set)")
+    start_step = step
 
     metrics = MetricsWriter(run_dir, is_logger, steps_total, recipe.logging.tensorboard, recipe.logging.log_interval,
-                            recipe.logging.progress_bar)
+                            recipe.logging.progress_bar, resumed_at=step)
     records: list[dict[str, Any]] = []
     eval_records: list[dict[str, Any]] = []
     last_ckpt: Path | None = latest
@@ -148,7 +169,8 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
                     if is_logger:
                         log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
             interval = recipe.checkpoint.save_interval
-            exiting = recipe.training.exit_after_steps is not None and step >= recipe.training.exit_after_steps
+            limit = recipe.training.exit_after_steps
+            exiting = limit is not None and step - start_step >= limit
             if (
                 (interval and step % interval == 0 and step < steps_total)
                 or (step >= steps_total and recipe.checkpoint.save_at_end)
@@ -169,7 +191,7 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
 
 
 def _evaluate(model: list, data: TrainData, recipe: RecipeConfig, setup: PassSetup, step: int) -> dict[str, Any] | None:
-    micro_batches = data.eval_micro_batches(recipe.training.eval_batches)
+    micro_batches = data.eval_micro_batches(recipe.training.eval_rows)
     stats = evaluate(model, micro_batches, setup)
     if stats is None:
         return None

@@ -51,7 +51,7 @@ class MetricsWriter:
     """Writes metrics on the logging rank only; every method is a no-op elsewhere."""
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool = True,
-                 log_interval: int = 1, progress_bar: bool = True) -> None:
+                 log_interval: int = 1, progress_bar: bool = True, resumed_at: int = 0) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
@@ -68,13 +68,17 @@ class MetricsWriter:
 
             self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=True)
         run_dir.mkdir(parents=True, exist_ok=True)
-        # Append: a resumed run continues the same file (records carry their step).
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        # A resumed run continues the same file. Records written after the checkpoint it
+        # resumes from (by the launch that crashed) are dropped: they are about to be redone.
+        _drop_records_after(path, resumed_at)
+        self._file = open(path, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                # purge_step: TensorBoard hides the crashed launch's events after the checkpoint.
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
             except ImportError:  # tensorboard is a declared dependency; tolerate a trimmed env
                 log.warning("tensorboard is not installed: no TensorBoard events")
 
@@ -130,6 +134,18 @@ class MetricsWriter:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of ``path`` with ``step <= step`` (atomically rewritten)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
 
 
 def _fmt_seconds(s: float) -> str:

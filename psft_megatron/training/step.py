@@ -130,8 +130,8 @@ def train_step(
                 inplace=True,
             )
             stats.append(res.stats)
-            # clone: megatron divides the returned loss in place; keep the report intact.
-            return res.loss * scale, {"loss": res.loss.detach().clone()}
+            # megatron divides the returned product in place, not res.loss: the report stays intact.
+            return res.loss * scale, {"loss": res.loss.detach()}
 
         return output, loss_func
 
