@@ -82,3 +82,7 @@ def test_crash_during_save_keeps_last_checkpoint(tmp_path, crash_at):
     assert steps == [5, 6, 7, 8]  # resumed from the last good checkpoint
     assert (ckpts / "latest").read_text() == "step_000008"
     assert not list(ckpts.glob("step_000008.partial"))
+    # The crashed launch had logged steps 5..8 before dying in the save; the resumed launch
+    # redid them: each step appears once, from the run that counts.
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))
