@@ -11,7 +11,7 @@ return ``None`` elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -163,15 +163,21 @@ def train_global_batch(
     schedule call, so the pipeline fills once); mini-batch 1 runs on the snapshot
     weights and uses its own detached log-probs. ``sft``/``dft`` need no snapshot.
     """
-    k = len(gb.mini_batches)
+    # Once per global batch: the snapshot and the train steps then reuse the device copies
+    # (preparing a prepared micro-batch is free: thd() of one row and .to() its own device).
+    minis = [
+        replace(mini, micro_batches=prepare_micro_batches(mini.micro_batches, setup.backend, setup.device))
+        for mini in gb.mini_batches
+    ]
+    k = len(minis)
     logp_old: list[Sequence[torch.Tensor | None] | None] = [None] * k
     if objective.name == "psft" and k > 1:
-        rest = [mb for mini in gb.mini_batches[1:] for mb in mini.micro_batches]
+        rest = [mb for mini in minis[1:] for mb in mini.micro_batches]
         flat = snapshot(bundle.model, rest, setup)
-        m = len(gb.mini_batches[0].micro_batches)
+        m = len(minis[0].micro_batches)
         for j in range(1, k):
             logp_old[j] = flat[(j - 1) * m : j * m]
-    for j, mini in enumerate(gb.mini_batches):
+    for j, mini in enumerate(minis):
         yield train_step(bundle, mini, objective, setup, logp_old[j])
 
 
