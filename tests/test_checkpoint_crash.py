@@ -86,3 +86,9 @@ def test_crash_during_save_keeps_last_checkpoint(tmp_path, crash_at):
     # redid them: each step appears once, from the run that counts.
     logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 9))
+
+    if crash_at == "publish":  # once is enough: a fresh run must not write into these checkpoints
+        fresh = copy.deepcopy(recipe)
+        fresh["checkpoint"]["resume"] = False
+        with pytest.raises(MultiProcessError, match="checkpoint.resume is false but .* already holds checkpoints"):
+            run_in_processes(_train, 1, kwargs={"recipe_dict": fresh}, timeout=240)

@@ -31,6 +31,7 @@ from psft_megatron.checkpoint.train_checkpoint import (
     load_training_checkpoint,
     save_training_checkpoint,
 )
+from psft_megatron.config.model import ModelConfig
 from psft_megatron.config.recipe import RecipeConfig
 from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.loss.objectives import ObjectiveConfig
@@ -67,23 +68,25 @@ def _save_dir(recipe: RecipeConfig) -> Path:
     return Path(recipe.checkpoint.save_dir or Path(recipe.logging.run_dir) / "checkpoints")
 
 
-def _meta(recipe: RecipeConfig, step: int) -> dict[str, Any]:
-    return {"model": recipe.model.resolve(), "step": step, "tokenizer": recipe.data.tokenizer}
+def _meta(model_cfg: ModelConfig, recipe: RecipeConfig, step: int) -> dict[str, Any]:
+    return {"model": model_cfg, "step": step, "tokenizer": recipe.data.tokenizer}
 
 
 def _latest_checkpoint(recipe: RecipeConfig, save_dir: Path) -> Path | None:
     """The checkpoint to resume from, chosen by rank 0 and broadcast (ranks must agree, even
     on a filesystem whose metadata caches disagree right after a crash)."""
     found = find_latest(save_dir) if dist.get_rank() == 0 else None
-    if found is not None and not recipe.checkpoint.resume:
-        raise ValueError(
-            f"checkpoint.resume is false but {save_dir} already holds checkpoints ({found.name}) from an earlier "
-            "run, which this run's saves would mix with: use a fresh checkpoint.save_dir or logging.run_dir, "
-            "or set checkpoint.resume: true"
-        )
     choice = [str(found) if found else None]
     dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0]) if choice[0] else None
+    if choice[0] is None:
+        return None
+    if not recipe.checkpoint.resume:  # raised on every rank: none is left waiting
+        raise ValueError(
+            f"checkpoint.resume is false but {save_dir} already holds checkpoints ({Path(choice[0]).name}) from an "
+            "earlier run, which this run's saves would mix with: use a fresh checkpoint.save_dir or "
+            "logging.run_dir, or set checkpoint.resume: true"
+        )
+    return Path(choice[0])
 
 
 def _phase_objective(recipe: RecipeConfig, step: int) -> ObjectiveConfig:
@@ -102,8 +105,9 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
+    model_cfg = recipe.model.resolve()  # reads model.hf_config once, if set
     data = build_data(recipe, env)
-    built = build_model(recipe.model, recipe.parallel)
+    built = build_model(model_cfg, recipe.parallel)
     if built.transformer_impl == "local":
         for chunk in built.chunks:  # packed rows rely on the block-diagonal mask being applied
             check_model_honours_mask(chunk)
@@ -121,12 +125,12 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
         else:
             log.warning("starting from RANDOM weights (checkpoint.allow_random_init is set)")
     bundle: OptimizerBundle = build_optimizer(
-        built.chunks, recipe.optimizer, steps_total, bf16=recipe.model.resolve().params_dtype == "bf16"
+        built.chunks, recipe.optimizer, steps_total, bf16=model_cfg.params_dtype == "bf16"
     )
     setup = PassSetup(
         backend="te" if built.transformer_impl == "transformer_engine" else "local",
         device=env.device,
-        vocab_size=recipe.model.resolve().vocab_size,  # the loss leaves the padded columns out
+        vocab_size=model_cfg.vocab_size,  # the loss leaves the padded columns out
     )
 
     step, consumed_tokens = 0, 0
@@ -180,7 +184,7 @@ def train(recipe: RecipeConfig, env: DistEnv) -> TrainResult:
                                "phase": _phase_objective(recipe, step).name}
                 last_ckpt = save_training_checkpoint(
                     save_dir, step, bundle.model, bundle.optimizer, bundle.scheduler, train_state,
-                    _meta(recipe, step), keep_last=recipe.checkpoint.keep_last,
+                    _meta(model_cfg, recipe, step), keep_last=recipe.checkpoint.keep_last,
                 )
             if exiting and step < steps_total:
                 log.info("stopping after step %d (training.exit_after_steps); relaunch to resume", step)
