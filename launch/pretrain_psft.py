@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # megatron-core logs its own set-up at INFO on every rank; keep its warnings only.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     from psft_megatron.config.load import ConfigError
     from psft_megatron.config.recipe import load_recipe
 
@@ -65,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed, teardown
     from psft_megatron.training.loop import train
 
+    from psft_megatron.checkpoint.model_checkpoint import CheckpointError
+    from psft_megatron.data.errors import DataError
+    from psft_megatron.training.data_setup import DataSetupError
+
     backend = None if recipe.distributed.backend == "auto" else recipe.distributed.backend
     env = init_distributed(backend, recipe.distributed.timeout_minutes)
     try:
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(recipe.training.seed)
         result = train(recipe, env)
         logging.getLogger("psft").info("done: %d steps; last checkpoint %s", result.step, result.last_checkpoint)
+    except (DataError, DataSetupError, CheckpointError, ConfigError) as e:
+        # Problems with the user's inputs: one line naming what to fix, not a traceback.
+        print(f"error [rank {env.rank}]: {e}", file=sys.stderr)
+        return 1
     finally:
         teardown()
     return 0

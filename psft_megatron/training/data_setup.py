@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 
 from psft_megatron.config.recipe import RecipeConfig
 from psft_megatron.data.batches import MicroBatch
@@ -16,6 +17,10 @@ from psft_megatron.data.prepare import prepare_dataset
 from psft_megatron.runtime.distributed import DistEnv
 
 log = logging.getLogger("psft")
+
+
+class DataSetupError(RuntimeError):
+    """Another rank (rank 0) failed to prepare the data; its message is included."""
 
 
 @dataclass
@@ -64,17 +69,28 @@ class TrainData:
 def _cache(recipe: RecipeConfig, env: DistEnv, split: str) -> CachedSamples:
     data = recipe.data
     sources = data.train if split == "train" else data.eval
-    # Rank 0 tokenises once into a shared cache; every other rank waits and maps it.
-    # (Node-local cache dirs would need local_rank == 0 writers: see docs.)
-    cached = prepare_dataset(
-        Path(data.cache_dir) / split,
-        sources,
-        data.tokenizer,
-        data.chat_template,
-        is_writer=env.rank == 0,
-        pad=data.pad,
-        rebuild_stale=True,
-    )
+    # Rank 0 tokenises once into a shared cache (cache_dir must be on a filesystem every
+    # node sees), then tells the others whether it worked: a bad data file then stops every
+    # rank at once with rank 0's message, instead of leaving them polling for a cache.
+    def prepare(is_writer: bool) -> CachedSamples:
+        return prepare_dataset(
+            Path(data.cache_dir) / split, sources, data.tokenizer, data.chat_template,
+            is_writer=is_writer, pad=data.pad, rebuild_stale=True,
+        )
+
+    failure: list[str | None] = [None]
+    if env.rank == 0:
+        try:
+            cached = prepare(is_writer=True)
+        except Exception as e:
+            failure[0] = f"{type(e).__name__}: {e}"
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise DataSetupError(f"rank 0 could not prepare the {split} data: {failure[0]}")
+    if env.rank != 0:
+        cached = prepare(is_writer=False)
     if env.rank == 0:
         m = cached.manifest
         log.info("%s data: %d samples, %d tokens (cache %s)", split, m.n_samples, m.n_tokens, cached.path)
