@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from psft_megatron.data.cache import open_cache  # noqa: E402
+from psft_megatron.data.config import DataSourceConfig  # noqa: E402
 from psft_megatron.data.encode import iter_tokenized  # noqa: E402
 from psft_megatron.data.loader import LoaderConfig, PackedLoader  # noqa: E402
 from psft_megatron.data.packing import packing_efficiency  # noqa: E402
 from psft_megatron.data.prepare import prepare_dataset  # noqa: E402
-from psft_megatron.data.sources import DataSourceConfig  # noqa: E402
 from psft_megatron.data.templates import load_template  # noqa: E402
 from psft_megatron.data.tokenizer import load_tokenizer  # noqa: E402
 

@@ -36,7 +36,7 @@ def _recipe(data: Path, run: Path, args: argparse.Namespace, gpu: bool) -> dict:
         "parallel": {"tensor_model_parallel_size": args.tp},
         "training": {
             "seq_length": args.seq, "global_batch_size": args.k * args.mini, "mini_batch_size": args.mini,
-            "micro_batch_size": args.micro, "train_steps": args.k, "seed": 1,
+            "micro_batch_size": args.micro, "train_steps": args.k * 1000, "seed": 1,  # a long, flat lr schedule
         },
         "optimizer": {"lr": 1e-4, "min_lr": 1e-5},
         "loss": {"name": "psft"},
@@ -64,26 +64,18 @@ def measure(recipe_dict: dict, repeats: int) -> dict:
 
     import torch
 
-    from psft_megatron.config.recipe import recipe_from_dict
     from psft_megatron.loss.objectives import ObjectiveConfig
-    from psft_megatron.model.build import build_model
+    from psft_megatron.recipe import recipe_from_dict
+    from psft_megatron.run import build_trainer
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed
-    from psft_megatron.training.data_setup import build_data
-    from psft_megatron.training.optimizer import build_optimizer
-    from psft_megatron.training.step import PassSetup, snapshot, train_global_batch, train_step
+    from psft_megatron.training.step import snapshot, train_global_batch, train_step
 
     env = init_distributed()
     recipe = recipe_from_dict(copy.deepcopy(recipe_dict))
     init_model_parallel(recipe.parallel)
     set_seed(1)
-    data = build_data(recipe, env)
-    built = build_model(recipe.model, recipe.parallel)
-    bundle = build_optimizer(built.chunks, recipe.optimizer, 10_000, bf16=recipe.model.params_dtype == "bf16")
-    setup = PassSetup(
-        backend="te" if built.transformer_impl == "transformer_engine" else "local",
-        device=env.device,
-        vocab_size=recipe.model.resolve().vocab_size,  # the loss leaves the padded columns out
-    )
+    trainer = build_trainer(recipe, env)  # the run's own data, model, optimizer and pass set-up
+    data, bundle, setup = trainer.data, trainer.bundle, trainer.setup
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     k = recipe.training.mini_batches_per_global_batch
     sft, psft = ObjectiveConfig(name="sft"), recipe.loss

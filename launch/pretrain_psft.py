@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core logs its own set-up at INFO on every rank; keep its warnings only.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     from psft_megatron.config.load import ConfigError
-    from psft_megatron.config.recipe import load_recipe
+    from psft_megatron.recipe import load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -64,26 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.recipe}: valid")
         return 0
 
-    from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed, teardown
-    from psft_megatron.training.loop import train
-
+    # Imported here, not at the top: --validate-only must not pay for importing megatron-core.
     from psft_megatron.checkpoint.model_checkpoint import CheckpointError
     from psft_megatron.data.errors import DataError
+    from psft_megatron.run import run
     from psft_megatron.training.data_setup import DataSetupError
 
-    backend = None if recipe.distributed.backend == "auto" else recipe.distributed.backend
-    env = init_distributed(backend, recipe.distributed.timeout_minutes)
     try:
-        init_model_parallel(recipe.parallel)
-        set_seed(recipe.training.seed)
-        result = train(recipe, env)
+        result = run(recipe)
         logging.getLogger("psft").info("done: %d steps; last checkpoint %s", result.step, result.last_checkpoint)
     except (DataError, DataSetupError, CheckpointError, ConfigError) as e:
         # Problems with the user's inputs: one line naming what to fix, not a traceback.
-        print(f"error [rank {env.rank}]: {e}", file=sys.stderr)
+        print(f"error [rank {rank}]: {e}", file=sys.stderr)
         return 1
-    finally:
-        teardown()
     return 0
 
 

@@ -18,6 +18,8 @@ import pytest
 from psft_megatron.data.synthetic import write_tiny_dataset
 from psft_megatron.testing.multiproc import MultiProcessError, run_in_processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _recipe(data: Path, run: Path) -> dict:
     return {
@@ -35,9 +37,8 @@ def _recipe(data: Path, run: Path) -> dict:
 
 
 def _train(recipe_dict: dict, crash_at: str | None = None) -> list[int]:
-    from psft_megatron.config.recipe import recipe_from_dict
-    from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed
-    from psft_megatron.training.loop import train
+    from psft_megatron.recipe import recipe_from_dict
+    from psft_megatron.run import run
 
     if crash_at == "publish":
         real_replace = os.replace
@@ -59,11 +60,7 @@ def _train(recipe_dict: dict, crash_at: str | None = None) -> list[int]:
             return real_save(state, path, *a, **kw)
 
         dcp.save = save
-    env = init_distributed()
-    recipe = recipe_from_dict(copy.deepcopy(recipe_dict))
-    init_model_parallel(recipe.parallel)
-    set_seed(recipe.training.seed)
-    return [r["step"] for r in train(recipe, env).records]
+    return [r["step"] for r in run(recipe_from_dict(copy.deepcopy(recipe_dict))).records]
 
 
 @pytest.mark.parametrize("crash_at", ["publish", "weights"])

@@ -27,6 +27,8 @@ import torch
 
 from psft_megatron.testing.multiproc import run_in_processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 GGUF_DIR = SHARED / "models" / "smollm2-135m-instruct-gguf"
@@ -39,7 +41,14 @@ TINY = ("llama", "qwen2", "mistral")
 
 
 def _tiny_hf(name: str) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
@@ -183,7 +192,11 @@ def _megatron_logits(ckpt: str, parallel: Any, ids: torch.Tensor, microbatches: 
 
     ``microbatches``: split ``ids`` row-wise into that many microbatches and return the list.
     """
-    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, model_config_of, read_meta
+    from psft_megatron.checkpoint.model_checkpoint import (
+        load_model_checkpoint,
+        model_config_of,
+        read_meta,
+    )
     from psft_megatron.model.build import build_model
     from psft_megatron.model.forward import gather_logits, pipeline_forward
     from psft_megatron.runtime import cpu_compat
@@ -212,9 +225,9 @@ def _expect_failure(fn: Any, *args: Any, **kwargs: Any) -> str:
 
 
 def tp1_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[str, Any]:
-    from psft_megatron.config.parallel import ParallelConfig
     from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+    from psft_megatron.runtime.config import ParallelConfig
 
     out: dict[str, Any] = {"reports": {}, "diff": {}, "errors": {}}
     for name, hf in models.items():
@@ -262,11 +275,14 @@ def _trainer_format_round_trip(root: str, refs: dict[str, Any]) -> float:
 def _error_cases(root: str, models: dict[str, str]) -> dict[str, str]:
     from safetensors.torch import load_file, save_file
 
-    from psft_megatron.config.model import ModelConfig
+    from psft_megatron.checkpoint.model_checkpoint import (
+        load_model_checkpoint,
+        read_meta,
+    )
     from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
-    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, read_meta
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
     from psft_megatron.model.build import build_model
+    from psft_megatron.model.config import ModelConfig
 
     src = Path(models["qwen2"])
     errors = {}
@@ -307,11 +323,15 @@ def _error_cases(root: str, models: dict[str, str]) -> dict[str, str]:
 
 
 def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> dict[str, Any]:
-    from psft_megatron.config.model import ModelConfig
-    from psft_megatron.config.parallel import ParallelConfig
-    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, read_meta, save_model_checkpoint
+    from psft_megatron.checkpoint.model_checkpoint import (
+        load_model_checkpoint,
+        read_meta,
+        save_model_checkpoint,
+    )
     from psft_megatron.conversion.score import score_file
     from psft_megatron.model.build import build_model
+    from psft_megatron.model.config import ModelConfig
+    from psft_megatron.runtime.config import ParallelConfig
     from psft_megatron.runtime.distributed import init_model_parallel, set_seed
 
     out: dict[str, Any] = {"tp2": {}, "pp2": {}}

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from psft_megatron.data.adapters import AdapterConfig
+from psft_megatron.data.config import AdapterConfig
 from psft_megatron.data.errors import DataError, ErrorPolicy
-from psft_megatron.data.sources import DataSourceConfig, iter_records, resolve_format
+from psft_megatron.data.config import DataSourceConfig
+from psft_megatron.data.sources import iter_records, resolve_format
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).parents[1] / ".." / "shared"
@@ -117,7 +118,8 @@ def test_hub_names_go_through_datasets_and_hub_offline(tmp_path):
     """A hub dataset name dispatches to datasets.load_dataset and a hub tokenizer name to
     huggingface_hub; offline both fail with a clear DataError, not a library traceback."""
     code = (
-        "from psft_megatron.data.sources import DataSourceConfig, iter_records\n"
+        "from psft_megatron.data.config import DataSourceConfig\n"
+        "from psft_megatron.data.sources import iter_records\n"
         "from psft_megatron.data.errors import DataError\n"
         "try:\n"
         "    list(iter_records(DataSourceConfig(path='openai/gsm8k', subset='main', split='train')))\n"

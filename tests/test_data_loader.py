@@ -157,9 +157,9 @@ def test_seeded_epochs_and_no_global_rng():
 
 
 def test_config_validation_says_what_to_change():
-    with pytest.raises(ValueError, match=r"global_batch_size=20 is not a multiple of mini_batch_size=8.*e\.g\. 24"):
+    with pytest.raises(ValueError, match=r"global_batch_size \(20\) is not a multiple of mini_batch_size \(8\).*e\.g\. 24"):
         LoaderConfig(64, 20, 8, 1).validate(1)
-    with pytest.raises(ValueError, match=r"micro_batch_size \* dp_size = 2 \* 4 = 8.*e\.g\. 16"):
+    with pytest.raises(ValueError, match=r"mini_batch_size \(12\) is not a multiple of micro_batch_size x data-parallel size = 2 x 4 = 8.*e\.g\. 16"):
         LoaderConfig(64, 24, 12, 2).validate(4)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         PackedLoader(_store(n=10), LoaderConfig(64, 64, 8, 1), 0, 1)

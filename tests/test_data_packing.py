@@ -108,10 +108,10 @@ def test_block_causal_mask_and_cu_seqlens_consistent():
     p = thd.packed_seq_params()
     assert p.qkv_format == "thd" and p.max_seqlen_q == p.max_seqlen_kv == 10
     assert torch.equal(p.cu_seqlens_q, mb.cu_seqlens) and torch.equal(p.cu_seqlens_kv, mb.cu_seqlens)
-    kw = thd.forward_kwargs("te")
+    kw = thd.forward_kwargs("transformer_engine")
     assert kw["attention_mask"] is None and kw["packed_seq_params"].qkv_format == "thd"
     with pytest.raises(ValueError, match="thd"):
-        mb.forward_kwargs("te")
+        mb.forward_kwargs("transformer_engine")
 
 
 def test_labels_never_cross_boundaries_in_batches():

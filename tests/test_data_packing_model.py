@@ -10,6 +10,8 @@ import torch
 
 from psft_megatron.testing.multiproc import run_in_processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 S = 20
 ROW_LENGTHS = [[5, 7, 3], [9, 6]]  # two rows: padding 5 in both
 VOCAB = 64

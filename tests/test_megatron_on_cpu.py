@@ -18,11 +18,13 @@ import torch
 
 from psft_megatron.testing.multiproc import run_in_processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 SEQ, VOCAB, GLOBAL_BATCH, STEPS = 16, 128, 4, 3
 
 
 def _layout(tp: int, pp: int, sp: bool):
-    from psft_megatron.config.parallel import ParallelConfig
+    from psft_megatron.runtime.config import ParallelConfig
 
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp)
 
@@ -79,7 +81,11 @@ def _batches():
 def _train(model, config, dp: int, steps: int = STEPS) -> dict:
     """Run ``steps`` optimizer steps of next-token CE on the fixed global batch."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

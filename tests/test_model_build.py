@@ -9,9 +9,11 @@ import torch
 
 from psft_megatron.testing.multiproc import run_in_processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _cfg(**kw: Any):
-    from psft_megatron.config.model import ModelConfig, RopeScaling
+    from psft_megatron.model.config import ModelConfig, RopeScaling
 
     base = dict(family="llama", num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                 num_query_groups=2, vocab_size=1000, params_dtype="fp32", transformer_impl="auto",
@@ -31,9 +33,9 @@ def _describe(built: Any) -> dict[str, Any]:
 
 
 def build_layouts_worker() -> dict[str, Any]:
-    from psft_megatron.config.parallel import ParallelConfig
     from psft_megatron.model.build import build_model
     from psft_megatron.runtime import cpu_compat
+    from psft_megatron.runtime.config import ParallelConfig
     from psft_megatron.runtime.distributed import init_model_parallel, set_seed
 
     cpu_compat.apply()

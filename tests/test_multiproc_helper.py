@@ -8,6 +8,8 @@ import torch.distributed as dist
 
 from psft_megatron.testing.multiproc import MultiProcessError, run_in_processes
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def _allreduce_rank(scale: float) -> float:
     t = torch.tensor([float(dist.get_rank()) * scale])

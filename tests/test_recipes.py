@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from psft_megatron.config.load import ConfigError
-from psft_megatron.config.recipe import load_recipe
+from psft_megatron.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -44,7 +44,7 @@ def test_70b_layout_fits_its_cluster():
     assert p.tensor_model_parallel_size == 8  # one NVLink node
     assert r.model.num_layers % (p.pipeline_model_parallel_size * p.virtual_pipeline_model_parallel_size) == 0
     assert p.data_parallel_size(64) == 2
-    with pytest.raises(ConfigError, match="world size 48 is not divisible"):
+    with pytest.raises(ConfigError, match=r"70b_math.yaml:\d+: parallel layout does not fit the job: world size 48 is not divisible"):
         r.validate(48)
 
 
@@ -60,13 +60,13 @@ TINY = (RECIPES / "tiny_cpu.yaml").read_text()
 @pytest.mark.parametrize(
     "edit, expected",
     [
-        (("  mini_batch_size: 4 ", "  mini_batch_size: 5 "), r"global_batch_size \(16\) must be divisible by training.mini_batch_size \(5\)"),
+        (("  mini_batch_size: 4 ", "  mini_batch_size: 5 "), r"bad.yaml:\d+: training.global_batch_size \(16\) is not a multiple of training.mini_batch_size \(5\)"),
         (("  train_steps: 96", "  train_stpes: 96"), r"bad.yaml:\d+: unknown key training.train_stpes \(did you mean training.train_steps\?\)"),
-        (("  num_attention_heads: 4", "  num_attention_heads: 3"), r"num_query_groups \(2\) must divide model.num_attention_heads \(3\)"),
+        (("  num_attention_heads: 4", "  num_attention_heads: 3"), r"bad.yaml:\d+: model.num_query_groups \(2\) must divide model.num_attention_heads \(3\)"),
         (("  lr: 3.0e-3 ", "  lr: fast "), r"bad.yaml:\d+: optimizer.lr must be a number, got 'fast'"),
-        (("  allow_random_init: true ", "  allow_random_init: false "), r"random weights: set checkpoint.init_from"),
-        (("  sft_warmup_steps: 16", "  sft_warmup_steps: 6"), r"sft_warmup_steps \(6\) must be a multiple of .* = 4"),
-        (("  seq_length: 128", "  seq_length: 127"), r"seq_length \(127\) must be divisible by parallel.tensor_model_parallel_size \(2\)"),
+        (("  allow_random_init: true ", "  allow_random_init: false "), r"bad.yaml:\d+: checkpoint.init_from is not set, so the model would start from random weights"),
+        (("  sft_warmup_steps: 16", "  sft_warmup_steps: 6"), r"bad.yaml:\d+: training.sft_warmup_steps \(6\) must be a multiple of .* = 4"),
+        (("  seq_length: 128", "  seq_length: 127"), r"bad.yaml:\d+: training.seq_length \(127\) must be divisible by parallel.tensor_model_parallel_size \(2\)"),
         (("  name: psft", "  name: ppo"), r"bad.yaml:\d+: loss: unknown objective 'ppo'; known: \[.*'psft'"),
     ],
 )
@@ -80,7 +80,7 @@ def test_bad_recipe_messages(tmp_path, edit, expected):
 def test_layout_constraints_need_world_size():
     r = load_recipe(RECIPES / "tiny_cpu.yaml", ["parallel.tensor_model_parallel_size=1", "parallel.sequence_parallel=false"])
     r.validate(2)  # DP=2: mini-batch 4 = micro 2 x DP 2
-    with pytest.raises(ConfigError, match=r"mini_batch_size \(4\) must be divisible by micro_batch_size x data-parallel size = 2 x 4 = 8"):
+    with pytest.raises(ConfigError, match=r"tiny_cpu.yaml:\d+: training.mini_batch_size \(4\) is not a multiple of micro_batch_size x data-parallel size = 2 x 4 = 8"):
         r.validate(4)
     with pytest.raises(ConfigError, match=r"num_query_groups \(2\) must be divisible by parallel.tensor_model_parallel_size \(4\)"):
         load_recipe(RECIPES / "tiny_cpu.yaml", ["parallel.tensor_model_parallel_size=4"])
@@ -89,10 +89,23 @@ def test_layout_constraints_need_world_size():
 def test_overrides_are_typed_and_checked():
     r = load_recipe(RECIPES / "tiny_cpu.yaml", ["training.train_steps=32", "optimizer.lr=1e-3", "loss.eps_high=0.3"])
     assert (r.training.train_steps, r.optimizer.lr, r.loss.eps_high) == (32, 1e-3, 0.3)
-    with pytest.raises(ConfigError, match="training.train_steps must be an integer"):
+    # Errors about an override name the command line, not a line of the YAML file.
+    with pytest.raises(ConfigError, match="^command-line override: training.train_steps must be an integer"):
         load_recipe(RECIPES / "tiny_cpu.yaml", ["training.train_steps=many"])
-    with pytest.raises(ConfigError, match="unknown key model.layers"):
+    with pytest.raises(ConfigError, match=r"^command-line override: unknown key training.trian_steps \(did you mean training.train_steps\?\)"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["training.trian_steps=4"])
+    with pytest.raises(ConfigError, match="^command-line override: unknown key model.layers"):
         load_recipe(RECIPES / "tiny_cpu.yaml", ["model.layers=2"])
+
+
+def test_per_source_fields_can_be_overridden():
+    r = load_recipe(RECIPES / "tiny_cpu.yaml", ["data.train[0].on_error=skip", "data.eval[0].limit=5"])
+    assert r.data.train[0].on_error == "skip" and r.data.eval[0].limit == 5
+    assert r.data.train[0].path == "data/tiny/train.jsonl"  # the rest of the source is kept
+    with pytest.raises(ConfigError, match=r"^command-line override: data.train\[0\].on_error must be one of \['raise', 'skip'\]"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["data.train[0].on_error=ignore"])
+    with pytest.raises(ConfigError, match=r"data.train\[3\] does not exist \(the list has 1 entries\)"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["data.train[3].limit=5"])
 
 
 def test_cli_refuses_bad_recipe_before_building(tmp_path):

@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from psft_megatron.data.synthetic import write_tiny_dataset
 from psft_megatron.testing.multiproc import free_port
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from psft_megatron.conversion.hf_to_megatron import ConversionError
     from psft_megatron.checkpoint.model_checkpoint import CheckpointError
+    from psft_megatron.conversion.hf_to_megatron import ConversionError
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
 
     try:

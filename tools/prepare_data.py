@@ -21,8 +21,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from psft_megatron.data.cache import CacheError  # noqa: E402
+from psft_megatron.data.config import DataSourceConfig  # noqa: E402
 from psft_megatron.data.prepare import prepare_dataset  # noqa: E402
-from psft_megatron.data.sources import DataSourceConfig  # noqa: E402
 
 
 def load_sources(args: argparse.Namespace) -> list[DataSourceConfig]:

@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from psft_megatron.config.parallel import ParallelConfig
     from psft_megatron.conversion.score import score_file
+    from psft_megatron.runtime.config import ParallelConfig
     from psft_megatron.runtime.distributed import init_distributed, teardown
 
     init_distributed()

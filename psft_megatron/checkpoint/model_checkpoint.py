@@ -5,7 +5,7 @@ Layout::
     <dir>/
       psft_meta.json    {"format": "psft-megatron", "format_version": 1,
                          "model": ModelConfig fields, "dtype": "float32" | "bfloat16",
-                         "saved_layout": {"tp", "pp", "vp"}, "step": int | null,
+                         "saved_layout": {"world_size", "tp", "pp", "vp", "cp", "dp"}, "step": int | null,
                          "created_by": str, ...any extra keys the saver adds}
       model/            megatron-core dist checkpoint (torch_dist format, written by
                         dist_checkpointing.save of the model's sharded_state_dict():
@@ -36,7 +36,10 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from psft_megatron.config.model import ModelConfig
+from psft_megatron.model.build import unwrap_model
+from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.hf_config import load_hf_config_dict
+from psft_megatron.runtime.distributed import parallel_layout
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,9 @@ __all__ = [
     "model_sharded_state_dict",
     "read_meta",
     "save_model_checkpoint",
+    "write_hf_config",
     "write_meta",
+    "write_model_checkpoint",
 ]
 
 FORMAT = "psft-megatron"
@@ -150,22 +155,8 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
     return cfg.resolve() if cfg.hf_config and not cfg.num_layers else cfg
 
 
-def _layout() -> dict[str, Any]:
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return {"tp": 1, "pp": 1, "vp": None}
-    return {
-        "tp": ps.get_tensor_model_parallel_world_size(),
-        "pp": ps.get_pipeline_model_parallel_world_size(),
-        "vp": ps.get_virtual_pipeline_model_parallel_world_size(),
-    }
-
-
 def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
     """The chunks' sharded state dicts (DDP wrappers removed), e.g. to key an optimizer's state."""
-    from psft_megatron.model.build import unwrap_model
-
     # Per-chunk sub-dicts: chunk-local module names repeat across virtual stages,
     # while the dist-checkpoint keys inside are global.
     return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
@@ -204,12 +195,10 @@ def write_model_checkpoint(
     (collective, not atomic by itself: callers write into an :func:`atomic_dir`)."""
     from megatron.core import dist_checkpointing
 
-    from psft_megatron.model.build import unwrap_model
-
     if isinstance(model_cfg, dict):
         model_cfg = ModelConfig.from_dict(model_cfg)
     meta = dict(meta)
-    meta.setdefault("saved_layout", _layout())
+    meta.setdefault("saved_layout", parallel_layout())
     meta.setdefault("created_by", "psft_megatron")
     dtype = next(unwrap_model(model_chunks[0]).parameters()).dtype
     model_dir = dir / MODEL_SUBDIR
@@ -220,13 +209,12 @@ def write_model_checkpoint(
     if global_rank() == 0:
         write_meta(dir, model_cfg, dtype, **meta)
         if hf_config is not None:
-            _write_hf_config(dir, hf_config)
+            write_hf_config(dir, hf_config)
 
 
-def _write_hf_config(dir: Path, hf_config: dict[str, Any] | str | Path) -> None:
+def write_hf_config(dir: Path, hf_config: dict[str, Any] | str | Path) -> None:
+    """Store the HF ``config.json`` (a dict, or a path to one) the weights came from as ``hf_config.json``."""
     if not isinstance(hf_config, dict):
-        from psft_megatron.model.hf_config import load_hf_config_dict
-
         hf_config = load_hf_config_dict(hf_config)
     with open(dir / HF_CONFIG_FILE, "w") as f:
         json.dump(hf_config, f, indent=2)
@@ -246,8 +234,6 @@ _ARCH_FIELDS = (
 
 def check_compatible(model_chunks: list[Any], ckpt_model: ModelConfig, dir: str | Path) -> None:
     """Raise :class:`CheckpointError` naming every architecture field where model and checkpoint differ."""
-    from psft_megatron.model.build import unwrap_model
-
     chunk = unwrap_model(model_chunks[0])
     cfg = chunk.config
     diffs = [
@@ -273,8 +259,6 @@ def load_model_checkpoint(model_chunks: list[Any], dir: str | Path) -> dict[str,
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
-
-    from psft_megatron.model.build import unwrap_model
 
     meta = read_meta(dir)
     check_compatible(model_chunks, model_config_of(meta), dir)

@@ -10,7 +10,8 @@ Layout of ``<save_dir>``::
                                 plus:
         optimizer/              dist checkpoint of the optimizer state (layout-independent:
                                 keyed by the model's sharded tensors)
-        train_state.json        step, phase, consumed tokens, LR schedule, data position
+        train_state.json        step, LR schedule, layout, and each registered state by name
+                                ("progress": step and consumed tokens, "data": the loader position)
         rng/rank_00000.pt ...   each rank's Python/NumPy/torch RNG state
 
 Crash safety: everything is written into ``step_000100.partial``; only when every rank
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.checkpoint.model_checkpoint import (
+    CheckpointError,
     atomic_dir,
     barrier,
     global_rank,
@@ -46,10 +48,11 @@ from psft_megatron.checkpoint.model_checkpoint import (
     model_sharded_state_dict,
     write_model_checkpoint,
 )
+from psft_megatron.runtime.distributed import parallel_layout
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: train state keyed by component ("progress", "data")
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -137,7 +140,7 @@ def save_training_checkpoint(
         dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
         torch.save(_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
         if global_rank() == 0:
-            state = dict(train_state, format_version=FORMAT_VERSION, layout=meta_layout(), scheduler=scheduler.state_dict())
+            state = dict(train_state, format_version=FORMAT_VERSION, layout=parallel_layout(), scheduler=scheduler.state_dict())
             _write_json(tmp / "train_state.json", state)
     if global_rank() == 0:
         _write_text_atomic(save_dir / "latest", final.name)
@@ -154,7 +157,10 @@ def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, sche
     path = Path(path)
     state = json.loads((path / "train_state.json").read_text())
     if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {state.get('format_version')} is not {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path}: training-state format {state.get('format_version')} cannot be resumed by this version "
+            f"(format {FORMAT_VERSION}); start a fresh run with checkpoint.init_from={path} (the weights still load)"
+        )
     load_model_checkpoint(model, path)
     model_sd = model_sharded_state_dict(model)
     opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
@@ -162,26 +168,12 @@ def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, sche
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{global_rank():05d}.pt"
     same_world = len(list((path / "rng").glob("rank_*.pt"))) == (dist.get_world_size() if dist.is_initialized() else 1)
-    if rng_file.is_file() and same_world and state.get("layout") == meta_layout():
+    if rng_file.is_file() and same_world and state.get("layout") == parallel_layout():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     else:
         log.warning("%s: saved with another layout; RNG states re-seeded instead of restored", path)
     log.info("resumed from %s (step %s)", path, state.get("step"))
     return state
-
-
-def meta_layout() -> dict[str, int]:
-    """This job's parallel layout, as stored in checkpoints."""
-    from megatron.core import parallel_state
-
-    return {
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-        "tp": parallel_state.get_tensor_model_parallel_world_size(),
-        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-        "vp": parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-        "cp": parallel_state.get_context_parallel_world_size(),
-        "dp": parallel_state.get_data_parallel_world_size(),
-    }
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,0 +1,5 @@
+"""HF <-> Megatron checkpoint conversion through a declarative weight-mapping registry, streamed.
+
+Belongs here: the mapping registry and transforms, safetensors I/O, the two converters.
+Not here: the checkpoint directory format itself (``checkpoint``) or training.
+"""

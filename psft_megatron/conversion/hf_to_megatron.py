@@ -1,4 +1,5 @@
-"""HF folder -> psft_megatron model checkpoint (see ``layout.py``), streamed tensor by tensor.
+"""HF folder -> psft_megatron model checkpoint (see :mod:`psft_megatron.checkpoint.model_checkpoint`),
+streamed tensor by tensor.
 
 Every check (architecture, missing / unexpected tensors, shapes) runs on the
 safetensors headers before a byte is written; the output appears under its final
@@ -15,11 +16,19 @@ from typing import Any
 
 import torch
 
-from psft_megatron.config.model import ModelConfig
-from psft_megatron.checkpoint import model_checkpoint as layout
+from psft_megatron.checkpoint.model_checkpoint import (
+    MODEL_SUBDIR,
+    TOKENIZER_SUBDIR,
+    atomic_dir,
+    write_hf_config,
+    write_meta,
+)
 from psft_megatron.conversion.hf_io import HFCheckpointReader, copy_tokenizer_files
 from psft_megatron.conversion.registry import IGNORED_HF_SUFFIXES, WeightMapping, expand
 from psft_megatron.conversion.session import single_process_megatron
+from psft_megatron.conversion.streaming import slots_of, stream_save
+from psft_megatron.model.build import build_meta_model
+from psft_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +107,9 @@ def convert_hf_to_megatron(
     ``config.json`` travels as ``hf_config.json`` and the tokenizer files into
     ``tokenizer/``. Returns a small report (seconds, tensors, dtype).
     """
-    from psft_megatron.conversion.streaming import slots_of, stream_save
-    from psft_megatron.model.build import build_meta_model
-    from psft_megatron.model.hf_config import transformer_config_from_hf
-
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
-    cfg = transformer_config_from_hf(hf_dir)
+    cfg = ModelConfig.from_hf(hf_dir)
     reader = HFCheckpointReader(hf_dir)
     cfg = dataclasses.replace(
         cfg,
@@ -112,7 +117,7 @@ def convert_hf_to_megatron(
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         transformer_impl="local",
     )
-    padded = cfg.padded_vocab_size(1)
+    padded = cfg.padded_vocab_size
     with single_process_megatron():
         meta_model = build_meta_model(cfg)
         slots = slots_of(meta_model)
@@ -123,21 +128,21 @@ def convert_hf_to_megatron(
             return m.fn.to_megatron([reader.get(h) for h in hf_names], cfg, padded)
 
         dtype = next(iter(slots.values())).dtype
-        with layout.atomic_dir(out_dir, overwrite=overwrite) as tmp:
-            model_dir = tmp / layout.MODEL_SUBDIR
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+            model_dir = tmp / MODEL_SUBDIR
             model_dir.mkdir()
             stream_save(meta_model, model_dir, produce)
-            layout.write_meta(
+            write_meta(
                 tmp,
                 dataclasses.replace(cfg, transformer_impl="auto"),
                 dtype,
                 created_by="convert_hf_to_megatron",
                 source=str(hf_dir.resolve()),
-                saved_layout={"tp": 1, "pp": 1, "vp": None},
+                saved_layout={"world_size": 1, "tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1},
                 step=None,
             )
-            layout._write_hf_config(tmp, hf_dir / "config.json")
-            tokenizer = copy_tokenizer_files(hf_dir, tmp / layout.TOKENIZER_SUBDIR)
+            write_hf_config(tmp, hf_dir / "config.json")
+            tokenizer = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_SUBDIR)
     report = {
         "seconds": time.perf_counter() - start,
         "tensors": len(plan),

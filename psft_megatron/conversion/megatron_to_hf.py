@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
-from psft_megatron.config.model import ModelConfig
 from psft_megatron.checkpoint import model_checkpoint as layout
 from psft_megatron.conversion.hf_io import SafetensorsWriter, copy_tokenizer_files
 from psft_megatron.conversion.hf_to_megatron import ConversionError
 from psft_megatron.conversion.registry import expand
 from psft_megatron.conversion.session import single_process_megatron
+from psft_megatron.conversion.streaming import load_groups, slots_of
+from psft_megatron.model.build import build_meta_model
+from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.hf_config import hf_config_from_model_config
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,6 @@ def _source_dtype(ckpt_dir: Path, cfg: ModelConfig) -> torch.dtype | None:
 
 
 def _hf_config(ckpt_dir: Path, cfg: ModelConfig, out_dtype: torch.dtype) -> dict[str, Any]:
-    from psft_megatron.model.hf_config import hf_config_from_model_config
-
     name = str(out_dtype).replace("torch.", "")
     hf = _travelled_hf_config(ckpt_dir, cfg)
     if hf is None:
@@ -119,9 +120,6 @@ def convert_megatron_to_hf(
     trimmed. Tokenizer files come from the checkpoint's ``tokenizer/`` or ``tokenizer_dir``.
     Returns a small report.
     """
-    from psft_megatron.conversion.streaming import load_groups, slots_of
-    from psft_megatron.model.build import build_meta_model
-
     start = time.perf_counter()
     ckpt_dir = Path(ckpt_dir)
     meta = layout.read_meta(ckpt_dir)

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psft_megatron.config.model import ModelConfig
 from psft_megatron.conversion.transforms import TRANSFORMS, Transform
+from psft_megatron.model.config import ModelConfig
 
 __all__ = ["IGNORED_HF_SUFFIXES", "WeightMapping", "mappings_for", "expand"]
 

@@ -19,8 +19,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from psft_megatron.config.parallel import ParallelConfig
 from psft_megatron.checkpoint import model_checkpoint as layout
+from psft_megatron.data.tokenizer import load_tokenizer
+from psft_megatron.loss.token_stats import vocab_parallel_token_stats
+from psft_megatron.model.build import build_model
+from psft_megatron.model.forward import pipeline_forward
+from psft_megatron.runtime.config import ParallelConfig
+from psft_megatron.runtime.distributed import init_model_parallel, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +70,6 @@ def score_examples(
     Collective over the model-parallel group: every rank of it passes the same examples.
     An example with no response token scores None.
     """
-    from psft_megatron.loss.token_stats import vocab_parallel_token_stats
-    from psft_megatron.model.forward import pipeline_forward
-
     results: list[tuple[float | None, int]] = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
@@ -120,10 +122,6 @@ def score_file(
     state for ``parallel`` itself.
     """
     from megatron.core import parallel_state
-
-    from psft_megatron.data.tokenizer import load_tokenizer
-    from psft_megatron.model.build import build_model
-    from psft_megatron.runtime.distributed import init_model_parallel, set_seed
 
     parallel = parallel or ParallelConfig()
     meta = layout.read_meta(ckpt_dir)

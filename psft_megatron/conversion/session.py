@@ -7,7 +7,9 @@ from typing import Iterator
 
 import torch.distributed as dist
 
-from psft_megatron.config.parallel import ParallelConfig
+from psft_megatron.runtime import cpu_compat
+from psft_megatron.runtime.config import ParallelConfig
+from psft_megatron.runtime.distributed import init_distributed, init_model_parallel
 
 
 @contextmanager
@@ -18,9 +20,6 @@ def single_process_megatron() -> Iterator[None]:
     layout-independent anyway. Whatever this context initialised it tears down.
     """
     from megatron.core import parallel_state
-
-    from psft_megatron.runtime import cpu_compat
-    from psft_megatron.runtime.distributed import init_distributed, init_model_parallel
 
     cpu_compat.apply()  # no-op with CUDA; init_distributed would do it, but a caller may have set up dist itself
     own_dist = not dist.is_initialized()

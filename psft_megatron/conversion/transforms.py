@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from psft_megatron.config.model import ModelConfig
+from psft_megatron.model.config import ModelConfig
 
 __all__ = ["Transform", "TRANSFORMS", "qkv_merge", "qkv_split"]
 

@@ -16,11 +16,9 @@ Adapters validate what they read and raise :class:`DataError` naming the field.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from psft_megatron.config.load import build_dataclass
-
+from .config import AdapterConfig, TrainOn
 from .errors import (
     BAD_ROLE,
     EMPTY_FIELD,
@@ -32,36 +30,6 @@ from .errors import (
     DataError,
 )
 from .types import Conversation, Message, RawRecord
-
-TrainOn = Literal["last", "all"]
-
-
-@dataclass
-class AdapterConfig:
-    """Options for the adapters; each adapter reads only the ones that concern it."""
-
-    system_prompt: str | None = None  # prepended as a system turn unless the record has one
-    train_on: TrainOn = "last"  # hh_rlhf/messages/generic: train the last assistant turn, or all
-    strip_calculator_notes: bool = False  # gsm8k: drop the "<<48/2=24>>" annotations
-    require_boxed: bool = True  # math: a solution without \boxed{...} is a bad record
-    hh_field: str = "chosen"  # hh_rlhf: which transcript to train on
-    prompt_field: str = "prompt"  # generic (prompt/response mode)
-    response_field: str = "response"  # generic
-    messages_field: str | None = None  # generic: set to use a messages column instead
-    role_key: str = "role"  # messages/generic: keys inside each message
-    content_key: str = "content"
-    # messages/generic: dataset role names -> user/assistant/system (e.g. ShareGPT's human/gpt)
-    role_map: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.train_on not in ("last", "all"):
-            raise ValueError(f"train_on must be 'last' or 'all', got {self.train_on!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        """Build from a YAML mapping; unknown keys and wrong types are errors naming them."""
-        return build_dataclass(cls, d, "adapter_options")
-
 
 Adapter = Callable[[RawRecord, AdapterConfig], Conversation]
 ADAPTERS: dict[str, Adapter] = {}

@@ -18,7 +18,7 @@ its micro-batch ``mb`` and calls ``model(**mb.forward_kwargs(backend))``:
     computed on every stage from the sequence length, not from ``position_ids``.
     The attention spec must honour the mask: see :mod:`psft_megatron.data.masks`.
 
-``backend="te"`` (TransformerEngine, THD packed format)
+``backend="transformer_engine"`` (TransformerEngine, THD packed format)
     call ``mb = mb.thd()`` first (flattens to ``[1, b*S]``; THD needs batch 1), then
     ``input_ids``, ``position_ids``, ``attention_mask=None`` and
     ``packed_seq_params=mb.packed_seq_params()``. *All* stages need
@@ -42,7 +42,7 @@ import torch
 from psft_megatron.data.masks import block_causal_mask, packed_seq_params
 from psft_megatron.data.packing import PackedRow
 
-AttentionBackend = Literal["local", "te"]
+AttentionBackend = Literal["local", "transformer_engine"]
 
 
 @dataclass
@@ -99,7 +99,7 @@ class MicroBatch:
                 "position_ids": self.position_ids,
                 "attention_mask": self.attention_mask(),
             }
-        if backend == "te":
+        if backend == "transformer_engine":
             if self.shape[0] != 1:
                 raise ValueError(f"THD needs a batch of 1 row, got {self.shape[0]}; call mb.thd() first")
             return {

@@ -77,15 +77,6 @@ def identity_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(_canonical(identity).encode()).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes: use it in ``identity`` for tokenizer files and local sources."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(cache_dir: str | os.PathLike[str]) -> CacheManifest | None:
     """The manifest of a complete cache at ``cache_dir``, or None when there is none."""
     path = Path(cache_dir) / MANIFEST

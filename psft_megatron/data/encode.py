@@ -27,8 +27,9 @@ from typing import Iterator
 import numpy as np
 
 from .adapters import get_adapter
+from .config import DataSourceConfig, LongSamplePolicy
 from .errors import NO_TRAINED_TOKENS, PROMPT_TOO_LONG, TOO_LONG, DataError, ErrorPolicy
-from .sources import DataSourceConfig, LongSamplePolicy, iter_records
+from .sources import iter_records
 from .templates import ChatTemplate
 from .tokenizer import Tokenizer
 from .types import Conversation, SkipReport, TokenizedSample

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from psft_megatron.config.load import FieldError
 from psft_megatron.data.batches import GlobalBatch, MicroBatch, MiniBatch, collate
 from psft_megatron.data.packing import PackStrategy, check_lengths, pack_row, plan_packs
 from psft_megatron.data.store import SampleStore
@@ -60,25 +61,10 @@ class LoaderConfig:
     pad_id: int = 0
 
     def validate(self, dp_size: int) -> None:
-        """Raise ``ValueError`` naming what to change when the sizes do not divide."""
-        for name in ("seq_length", "global_batch_size", "mini_batch_size", "micro_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if dp_size < 1:
-            raise ValueError(f"dp_size must be >= 1, got {dp_size}")
-        if self.global_batch_size % self.mini_batch_size:
-            raise ValueError(
-                f"global_batch_size={self.global_batch_size} is not a multiple of mini_batch_size="
-                f"{self.mini_batch_size}; make global_batch_size a multiple of it (e.g. "
-                f"{_round_up(self.global_batch_size, self.mini_batch_size)}) or change mini_batch_size"
-            )
-        per_step = self.micro_batch_size * dp_size
-        if self.mini_batch_size % per_step:
-            raise ValueError(
-                f"mini_batch_size={self.mini_batch_size} is not a multiple of micro_batch_size * dp_size = "
-                f"{self.micro_batch_size} * {dp_size} = {per_step}; use a mini_batch_size that is a multiple "
-                f"of {per_step} (e.g. {_round_up(self.mini_batch_size, per_step)}), or lower micro_batch_size"
-            )
+        """Raise :class:`~psft_megatron.config.load.FieldError` naming what to change when the sizes do not divide."""
+        if self.seq_length < 1:
+            raise FieldError("seq_length", f"must be >= 1, got {self.seq_length}")
+        check_batch_sizes(self.global_batch_size, self.mini_batch_size, self.micro_batch_size, dp_size)
 
     def num_mini_batches(self) -> int:
         """Mini-batches (optimizer steps) per global batch."""
@@ -91,6 +77,45 @@ class LoaderConfig:
 
 def _round_up(x: int, m: int) -> int:
     return max(m, -(-x // m) * m)
+
+
+def check_batch_sizes(
+    global_batch_size: int,
+    mini_batch_size: int,
+    micro_batch_size: int,
+    dp_size: int | None = None,
+    section: str = "",
+) -> None:
+    """The batch-geometry rule, the one place it is written: each global batch splits into whole
+    mini-batches, and each mini-batch into whole micro-batches on every data-parallel rank.
+
+    ``dp_size=None`` checks what needs no world size. ``section`` prefixes the field names
+    in errors (``"training."`` for a recipe). Raises :class:`FieldError`.
+    """
+    sizes = {"global_batch_size": global_batch_size, "mini_batch_size": mini_batch_size,
+             "micro_batch_size": micro_batch_size}
+    for name, value in sizes.items():
+        if value < 1:
+            raise FieldError(f"{section}{name}", f"must be >= 1, got {value}")
+    if global_batch_size % mini_batch_size:
+        raise FieldError(
+            f"{section}global_batch_size",
+            f"({global_batch_size}) is not a multiple of {section}mini_batch_size ({mini_batch_size}): each global "
+            f"batch splits into whole mini-batches; use e.g. {_round_up(global_batch_size, mini_batch_size)} or "
+            "change mini_batch_size",
+        )
+    if dp_size is None:
+        return
+    if dp_size < 1:
+        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
+    per_step = micro_batch_size * dp_size
+    if mini_batch_size % per_step:
+        raise FieldError(
+            f"{section}mini_batch_size",
+            f"({mini_batch_size}) is not a multiple of micro_batch_size x data-parallel size = "
+            f"{micro_batch_size} x {dp_size} = {per_step}: use e.g. {_round_up(mini_batch_size, per_step)}, "
+            "or lower micro_batch_size, or change the number of processes",
+        )
 
 
 class PackedLoader:

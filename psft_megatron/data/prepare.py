@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from psft_megatron.data.cache import CachedSamples, prepare_cache
+from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.encode import iter_tokenized
-from psft_megatron.data.sources import DataSourceConfig
 from psft_megatron.data.templates import ChatTemplate, load_template
 from psft_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from psft_megatron.data.types import SkipReport, TokenizedSample

@@ -11,16 +11,12 @@ Parquet file, a hub dataset that cannot be loaded) always raise.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
-from psft_megatron.config.load import build_dataclass
-
-from .adapters import AdapterConfig
+from .config import DataSourceConfig, SourceFormat
 from .errors import (
     INVALID_UTF8,
     MALFORMED_JSON,
@@ -28,69 +24,13 @@ from .errors import (
     SOURCE,
     DataError,
     ErrorPolicy,
-    OnError,
 )
 from .types import Provenance, RawRecord
-
-SourceFormat = Literal["auto", "jsonl", "json", "parquet", "datasets"]
-LongSamplePolicy = Literal["drop", "truncate_response"]
 
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 _JSON_SUFFIXES = (".json", ".json.gz")
 _PARQUET_SUFFIXES = (".parquet",)
 _FILE_SUFFIXES = _JSONL_SUFFIXES + _JSON_SUFFIXES + _PARQUET_SUFFIXES
-
-
-@dataclass
-class DataSourceConfig:
-    """One training data source, as a YAML recipe describes it.
-
-    ``path`` is a local file (``.jsonl``, ``.jsonl.gz``, ``.json``, ``.parquet``), a local
-    dataset directory, or a ``datasets`` hub name (``openai/gsm8k``); with ``data_files``
-    it is a ``datasets`` builder name such as ``"json"`` or ``"parquet"``.
-    """
-
-    path: str
-    adapter: str = "generic"  # gsm8k | math | hh_rlhf | messages | generic
-    adapter_options: AdapterConfig = field(default_factory=AdapterConfig)
-    format: SourceFormat = "auto"  # auto: by file suffix; directories and hub names use datasets
-    split: str = "train"  # datasets only
-    subset: str | None = None  # datasets config name, e.g. "main" for openai/gsm8k
-    data_files: str | list[str] | dict[str, Any] | None = None  # datasets only
-    streaming: bool = False  # datasets only: iterate without downloading the whole split
-    cache_dir: str | None = None  # datasets only
-    max_length: int | None = None  # tokens per sample; None = no limit
-    long_sample: LongSamplePolicy = "drop"  # drop, or cut the response (never the prompt)
-    on_error: OnError = "raise"  # raise a DataError, or skip and count in the SkipReport
-    limit: int | None = None  # read only the first N records (smoke tests, debugging)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.adapter_options, dict):
-            self.adapter_options = AdapterConfig.from_dict(self.adapter_options)
-        _check_choice("format", self.format, ("auto", "jsonl", "json", "parquet", "datasets"))
-        _check_choice("long_sample", self.long_sample, ("drop", "truncate_response"))
-        _check_choice("on_error", self.on_error, ("raise", "skip"))
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be >= 2 or null, got {self.max_length}")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError(f"limit must be >= 0 or null, got {self.limit}")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataSourceConfig":
-        """Build from a YAML mapping; unknown keys, wrong types and a missing ``path`` are errors naming them."""
-        return build_dataclass(cls, d, "source")
-
-    def fingerprint(self) -> str:
-        """A stable hash of the settings that change the produced samples (for caches)."""
-        d = asdict(self)
-        for k in ("on_error", "cache_dir", "streaming"):  # do not change which samples come out
-            d.pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def resolve_format(cfg: DataSourceConfig) -> SourceFormat:

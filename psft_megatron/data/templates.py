@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from .errors import SPECIAL_TOKEN_IN_CONTENT, TEMPLATE, TEMPLATE_RENDER, DataError, TemplateError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, special_token_regex
 from .types import Conversation, Message, Provenance
 
 
@@ -98,11 +98,6 @@ def load_template(
     except UnicodeDecodeError as e:
         raise TemplateError(str(path), None, None, TEMPLATE, f"template is not UTF-8: {e}") from None
     return JinjaTemplate(source, tokenizer, str(path), template_vars)
-
-
-def _special_regex(tokenizer: Tokenizer) -> re.Pattern | None:
-    toks = sorted(tokenizer.special_tokens, key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in toks)) if toks else None
 
 
 def _check_content(conv: Conversation, special: re.Pattern | None) -> None:
@@ -207,7 +202,7 @@ class BuiltinTemplate:
         if name == "llama2" and tokenizer.bos_token is None:
             raise TemplateError(f"template '{name}'", None, "bos_token", TEMPLATE, f"tokenizer {tokenizer.name} has no BOS token")
         _require_tokens(name, tokenizer, needed)
-        self._special = _special_regex(tokenizer)
+        self._special = special_token_regex(list(tokenizer.special_tokens))
 
     def render(self, conv: Conversation) -> Rendered:
         """Text of ``conv`` and the character spans of its trained turns."""
@@ -311,7 +306,7 @@ class JinjaTemplate:
             if v is not None:  # HF leaves absent special tokens undefined, not None
                 self._vars[k] = v
         self._vars.update(self.template_vars)
-        self._special = _special_regex(tokenizer)
+        self._special = special_token_regex(list(tokenizer.special_tokens))
         self._check_probe()
 
     def _render(self, conv: Conversation, msgs: list[dict[str, str]], add_generation_prompt: bool) -> str:

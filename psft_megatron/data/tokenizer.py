@@ -140,7 +140,8 @@ def _resolve_pad(tok: Any, pad: str | int | None, configured: str | None) -> int
     return tid
 
 
-def _special_regex(tokens: Sequence[str]) -> re.Pattern | None:
+def special_token_regex(tokens: Sequence[str]) -> re.Pattern | None:
+    """A pattern matching any of ``tokens`` (None for none), longest first."""
     if not tokens:
         return None
     # Longest first so that e.g. "<|im_end|>" is not cut by a shorter token that prefixes it.
@@ -190,7 +191,7 @@ class SentencePieceTokenizer:
             if self.sp.is_control(i) or self.sp.is_unknown(i)
         }
         self._special_ids = {i: s for s, i in self.special_tokens.items()}
-        self._special_re = _special_regex(list(self.special_tokens))
+        self._special_re = special_token_regex(list(self.special_tokens))
         self.pad_id = _resolve_pad(self, pad, _token_str(cfg.get("pad_token")))
         self.pad_token = self.sp.id_to_piece(self.pad_id)
 

@@ -1,0 +1,6 @@
+"""The model: the ``model`` recipe section, HF config reading, and megatron GPTModel chunks.
+
+Belongs here: ``ModelConfig``, building megatron-core ``GPTModel`` chunks for a layout (TE or
+local spec), the HF ``config.json`` reader/writer, forward-only pipeline passes for tools.
+Not here: weights on disk (``checkpoint``), HF weight mapping (``conversion``), losses (``loss``).
+"""

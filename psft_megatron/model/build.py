@@ -26,8 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from psft_megatron.config.model import ModelConfig, padded_vocab_size
-from psft_megatron.config.parallel import ParallelConfig
+from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.gpt import PSFTGPTModel
+from psft_megatron.runtime.config import ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ __all__ = [
     "build_meta_model",
     "build_model",
     "layer_spec",
-    "model_vocab_size",
     "select_transformer_impl",
     "transformer_config",
     "unwrap_model",
@@ -195,9 +195,7 @@ def _set_rope_scaling(chunk: Any, model: ModelConfig) -> None:
 def _gpt_chunk(
     model: ModelConfig, config: Any, spec: Any, vocab: int, pre: bool, post: bool, vp_stage: int | None
 ) -> Any:
-    from psft_megatron.model.gpt import PSFTGPTModel as GPTModel
-
-    chunk = GPTModel(
+    chunk = PSFTGPTModel(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=vocab,
@@ -246,7 +244,7 @@ def build_model(
             f"megatron parallel state has TP={tp} but the config asks for "
             f"{parallel.tensor_model_parallel_size}: call init_model_parallel(parallel) first"
         )
-    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+    vocab = model.padded_vocab_size
 
     vp = parallel.virtual_pipeline_model_parallel_size
     stages: list[int | None] = list(range(vp)) if vp else [None]
@@ -280,17 +278,12 @@ def build_meta_model(model: ModelConfig, impl: str = "local") -> Any:
     model = model.resolve()
     model.validate(ParallelConfig())
     config = transformer_config(model, ParallelConfig(), impl=impl, perform_initialization=False)
-    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, 1)
+    vocab = model.padded_vocab_size
     with torch.device("meta"):
         chunk = _gpt_chunk(model, config, layer_spec(impl), vocab, True, True, None)
     # Norms are created in fp32 whatever params_dtype says; one dtype throughout, as a
     # Float16Module-wrapped training model saves.
     return chunk.to(_DTYPES[model.params_dtype])
-
-
-def model_vocab_size(model: ModelConfig, tensor_model_parallel_size: int = 1) -> int:
-    """Rows of the embedding / output layer after padding (alias of :func:`padded_vocab_size`)."""
-    return padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tensor_model_parallel_size)
 
 
 def unwrap_model(chunk: Any) -> Any:

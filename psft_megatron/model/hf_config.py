@@ -1,4 +1,4 @@
-"""Read a Hugging Face ``config.json`` into a :class:`ModelConfig` (and write one back).
+"""Read a Hugging Face ``config.json`` into ModelConfig fields (and write one back).
 
 Handles the files written by transformers 4.x (``rope_theta`` / ``rope_scaling`` at the
 top level, ``torch_dtype``) and 5.x (``rope_parameters``, ``dtype``).
@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from psft_megatron.config.model import ModelConfig, RopeScaling
+if TYPE_CHECKING:  # model.config imports this module; the reader returns plain fields
+    from psft_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HF_ARCHITECTURES", "load_hf_config_dict", "transformer_config_from_hf", "hf_config_from_model_config"]
+__all__ = ["HF_ARCHITECTURES", "load_hf_config_dict", "model_fields_from_hf", "hf_config_from_model_config"]
 
 # model_type -> the transformers class that loads it.
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
@@ -52,7 +53,7 @@ def _family(cfg: dict[str, Any]) -> str:
     )
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = cfg.get("rope_parameters")  # transformers 5.x
     if isinstance(params, dict) and "rope_theta" in params:
         theta = float(params["rope_theta"])
@@ -64,12 +65,12 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     if rope_type in (None, "default"):
         return theta, None
     if rope_type == "llama3":
-        return theta, RopeScaling(
-            factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        )
+        return theta, {
+            "factor": float(scaling["factor"]),
+            "low_freq_factor": float(scaling["low_freq_factor"]),
+            "high_freq_factor": float(scaling["high_freq_factor"]),
+            "original_max_position_embeddings": int(scaling["original_max_position_embeddings"]),
+        }
     raise ValueError(
         f"unsupported RoPE scaling {rope_type!r} (supported: none, 'llama3'); "
         "the converted model would compute different positions than the HF one"
@@ -81,9 +82,10 @@ def _dtype(cfg: dict[str, Any]) -> str:
     return "bf16" if dtype in ("bfloat16", "float16") else "fp32"
 
 
-def transformer_config_from_hf(config_json: str | Path | dict[str, Any]) -> ModelConfig:
-    """Build a :class:`ModelConfig` from an HF config (dict, config.json path, or model folder).
+def model_fields_from_hf(config_json: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig`` keyword arguments from an HF config (dict, config.json path, or model folder).
 
+    Use :meth:`psft_megatron.model.config.ModelConfig.from_hf` for the config itself.
     Raises ValueError for an unknown architecture or a feature that would not convert exactly.
     """
     cfg = load_hf_config_dict(config_json)
@@ -115,7 +117,7 @@ def transformer_config_from_hf(config_json: str | Path | dict[str, Any]) -> Mode
     head_dim = cfg.get("head_dim")
     if head_dim is not None and int(head_dim) == hidden // heads:
         head_dim = None  # the default; keep configs minimal
-    return ModelConfig(
+    return dict(
         family=family,
         num_layers=int(cfg["num_hidden_layers"]),
         hidden_size=hidden,
@@ -136,7 +138,7 @@ def transformer_config_from_hf(config_json: str | Path | dict[str, Any]) -> Mode
     )
 
 
-def hf_config_from_model_config(model: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+def hf_config_from_model_config(model: "ModelConfig", dtype: str = "float32") -> dict[str, Any]:
     """A minimal transformers-loadable config.json for ``model`` (used when no original config travelled)."""
     cfg: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURES[model.family]],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from psft_megatron.config.parallel import ParallelConfig
 from psft_megatron.runtime import cpu_compat
+from psft_megatron.runtime.config import ParallelConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,13 @@ class DistEnv:
     local_rank: int
     backend: str
     device: torch.device
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost (single-process runs, test launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def default_backend() -> str:
@@ -46,8 +54,6 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
     cpu_compat.apply()
     backend = backend or default_backend()
     if "RANK" not in os.environ:
-        from psft_megatron.testing.multiproc import free_port
-
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -111,11 +117,29 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def teardown() -> None:
-    """Destroy Megatron's groups and the default process group (safe to call twice)."""
+def parallel_layout() -> dict[str, int | None]:
+    """This job's layout as checkpoints record it: world size, TP, PP, VP, CP and DP
+    (a single-process layout when megatron's parallel state is not initialised)."""
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if not ps.model_parallel_is_initialized():
+        return {"world_size": world, "tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": world}
+    return {
+        "world_size": world,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "vp": ps.get_virtual_pipeline_model_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def teardown(destroy_process_group: bool = True) -> None:
+    """Destroy Megatron's groups and (unless told not to) the default process group; safe to call twice."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if destroy_process_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,16 +26,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from psft_megatron.runtime.distributed import free_port
+
 
 class MultiProcessError(RuntimeError):
     """A child rank failed or the launch timed out."""
-
-
-def free_port() -> int:
-    """Return a TCP port that was free a moment ago on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, limit: int = 6000) -> str:

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from psft_megatron.config.recipe import RecipeConfig
 from psft_megatron.data.batches import MicroBatch
 from psft_megatron.data.cache import CachedSamples
+from psft_megatron.data.config import DataConfig
 from psft_megatron.data.loader import LoaderConfig, PackedLoader
 from psft_megatron.data.prepare import prepare_dataset
+from psft_megatron.runtime.config import ParallelConfig
 from psft_megatron.runtime.distributed import DistEnv
+from psft_megatron.training.config import TrainingConfig
 
 log = logging.getLogger("psft")
 
@@ -66,8 +68,7 @@ class TrainData:
         return out
 
 
-def _cache(recipe: RecipeConfig, env: DistEnv, split: str) -> CachedSamples:
-    data = recipe.data
+def _cache(data: DataConfig, env: DistEnv, split: str) -> CachedSamples:
     sources = data.train if split == "train" else data.eval
     # Rank 0 tokenises once into a shared cache (cache_dir must be on a filesystem every
     # node sees), then tells the others whether it worked: a bad data file then stops every
@@ -97,13 +98,12 @@ def _cache(recipe: RecipeConfig, env: DistEnv, split: str) -> CachedSamples:
     return cached
 
 
-def build_data(recipe: RecipeConfig, env: DistEnv) -> TrainData:
+def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, env: DistEnv) -> TrainData:
     """Prepare (or map) the token caches and build the DP-sharded loaders."""
     from megatron.core import parallel_state
 
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
-    t = recipe.training
 
     def loader(cached: CachedSamples, seed: int, one_row: bool = False) -> PackedLoader:
         cfg = LoaderConfig(
@@ -112,14 +112,14 @@ def build_data(recipe: RecipeConfig, env: DistEnv) -> TrainData:
             mini_batch_size=1 if one_row else t.mini_batch_size,
             micro_batch_size=1 if one_row else t.micro_batch_size,
             seed=seed,
-            pack=recipe.data.pack,
+            pack=data.pack,
             pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]),
         )
         if one_row:  # eval: TrainData splits the rows over DP itself
             return PackedLoader(cached, cfg)
         return PackedLoader(cached, cfg, dp_rank=dp_rank, dp_size=dp_size)
 
-    train = loader(_cache(recipe, env, "train"), t.seed)
-    held_out = loader(_cache(recipe, env, "eval"), t.seed, one_row=True) if recipe.data.eval else None
-    multiple = recipe.parallel.pipeline_model_parallel_size if recipe.parallel.virtual_pipeline_model_parallel_size else 1
+    train = loader(_cache(data, env, "train"), t.seed)
+    held_out = loader(_cache(data, env, "eval"), t.seed, one_row=True) if data.eval else None
+    multiple = parallel.pipeline_model_parallel_size if parallel.virtual_pipeline_model_parallel_size else 1
     return TrainData(train, held_out, t.micro_batch_size, dp_rank, dp_size, multiple)

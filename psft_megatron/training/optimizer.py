@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from psft_megatron.config.training import OptimConfig
+from psft_megatron.training.config import OptimConfig
 
 log = logging.getLogger(__name__)
 

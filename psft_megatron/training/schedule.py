@@ -14,7 +14,7 @@ def prepare_micro_batches(micro_batches: Sequence[MicroBatch], backend: Attentio
     """Move to the device and, for TransformerEngine's THD path, flatten each to one row."""
     out = []
     for mb in micro_batches:
-        if backend == "te":
+        if backend == "transformer_engine":
             mb = mb.thd()
         out.append(mb.to(device, non_blocking=True))
     return out

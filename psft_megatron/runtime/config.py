@@ -1,8 +1,11 @@
-"""The parallel layout section of a recipe."""
+"""The ``parallel`` and ``distributed`` sections of a recipe: how the job is laid out over ranks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from psft_megatron.config.load import FieldError, check_choices
 
 
 @dataclass
@@ -29,38 +32,52 @@ class ParallelConfig:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
-        """DP size for ``world_size`` ranks; raises if the layout does not divide the world."""
+        """DP size for ``world_size`` ranks; raises :class:`FieldError` if the layout does not divide the world."""
         mp = self.model_parallel_size
         if world_size % mp != 0:
-            raise ValueError(
-                f"world size {world_size} is not divisible by TP x PP x CP = "
+            raise FieldError(
+                "parallel",
+                f"layout does not fit the job: world size {world_size} is not divisible by TP x PP x CP = "
                 f"{self.tensor_model_parallel_size} x {self.pipeline_model_parallel_size} x "
                 f"{self.context_parallel_size} = {mp}: launch a multiple of {mp} processes "
-                f"or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size"
+                f"or change parallel.tensor_model_parallel_size / pipeline_model_parallel_size / context_parallel_size",
             )
         return world_size // mp
 
     def validate(self) -> None:
-        """Checks that need no world size; raises ValueError naming the field to change."""
+        """Checks that need no world size; raises :class:`FieldError` naming the field to change."""
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+                raise FieldError(f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
         vp = self.virtual_pipeline_model_parallel_size
         if vp is not None:
             if vp < 1:
-                raise ValueError(f"parallel.virtual_pipeline_model_parallel_size must be >= 1 or null, got {vp}")
+                raise FieldError("parallel.virtual_pipeline_model_parallel_size", f"must be >= 1 or null, got {vp}")
             if vp > 1 and self.pipeline_model_parallel_size < 2:
-                raise ValueError(
-                    "parallel.virtual_pipeline_model_parallel_size > 1 needs pipeline_model_parallel_size >= 2; "
-                    "set it to null or raise the pipeline size"
+                raise FieldError(
+                    "parallel.virtual_pipeline_model_parallel_size",
+                    "> 1 needs pipeline_model_parallel_size >= 2; set it to null or raise the pipeline size",
                 )
         if self.context_parallel_size > 1:
-            raise ValueError(
-                "parallel.context_parallel_size > 1 is not supported yet (sequences are not split across CP "
-                "ranks by the data path); set context_parallel_size: 1"
+            raise FieldError(
+                "parallel.context_parallel_size",
+                "> 1 is not supported yet (sequences are not split across CP ranks by the data path); "
+                "set context_parallel_size: 1",
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError(
-                "parallel.sequence_parallel needs tensor_model_parallel_size > 1 (it shards activations over TP); "
-                "set sequence_parallel: false or raise the tensor size"
+            raise FieldError(
+                "parallel.sequence_parallel",
+                "needs tensor_model_parallel_size > 1 (it shards activations over TP); "
+                "set sequence_parallel: false or raise the tensor size",
             )
+
+
+@dataclass
+class DistributedConfig:
+    """torch.distributed settings."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_minutes: float = 30.0
+
+    def __post_init__(self) -> None:
+        check_choices(self)

@@ -1,4 +1,4 @@
-"""The model section of a recipe: which decoder-only transformer to build.
+"""The ``model`` section of a recipe: which decoder-only transformer to build.
 
 A recipe either lists the fields or points ``hf_config`` at a Hugging Face
 ``config.json`` (or the folder holding it); :meth:`ModelConfig.resolve` fills the
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
-from psft_megatron.config.parallel import ParallelConfig
+from psft_megatron.config.load import FieldError, build_dataclass, check_choices
+from psft_megatron.model.hf_config import model_fields_from_hf
+from psft_megatron.runtime.config import ParallelConfig
 
-__all__ = ["FAMILIES", "ModelConfig", "RopeScaling", "padded_vocab_size"]
+__all__ = ["ModelConfig", "RopeScaling"]
 
-FAMILIES = ("llama", "qwen2", "mistral")
-PARAMS_DTYPES = ("fp32", "bf16")
-TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
 # Training choices, never read from an HF config.
 _RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config")
 
@@ -44,7 +44,7 @@ class ModelConfig:
     differ in QKV bias (Qwen2), tied embeddings and RoPE scaling.
     """
 
-    family: str = "llama"
+    family: Literal["llama", "qwen2", "mistral"] = "llama"
     num_layers: int = 0
     hidden_size: int = 0
     ffn_hidden_size: int = 0
@@ -60,8 +60,8 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
-    params_dtype: str = "bf16"
-    transformer_impl: str = "auto"
+    params_dtype: Literal["fp32", "bf16"] = "bf16"
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # HF config.json (or its folder) to take the architecture from.
     hf_config: str | None = None
     # The embedding and output rows are padded to a multiple of this (TP must divide it);
@@ -69,8 +69,9 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope_scaling, dict):  # straight from YAML
+        if isinstance(self.rope_scaling, dict):  # straight from YAML or an HF config
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        check_choices(self)
 
     @property
     def kv_channels(self) -> int:
@@ -81,9 +82,24 @@ class ModelConfig:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
-    def padded_vocab_size(self, tensor_model_parallel_size: int = 1) -> int:
-        """Embedding rows after padding for ``tensor_model_parallel_size`` (see :func:`padded_vocab_size`)."""
-        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tensor_model_parallel_size)
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: ``vocab_size`` rounded up to ``make_vocab_size_divisible_by``.
+
+        Unlike Megatron-LM (a multiple of ``divisible_by * TP``) this does not depend on the
+        layout, so a checkpoint's embedding and output shapes are the same at every TP size
+        and it loads into any layout. :meth:`validate` checks that TP divides it evenly.
+        """
+        d = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // d) * d
+
+    @classmethod
+    def from_hf(cls, config_json: str | Path | dict[str, Any]) -> "ModelConfig":
+        """The architecture of an HF config (dict, config.json path, or model folder).
+
+        Raises ValueError for an unknown architecture or a feature that would not convert exactly.
+        """
+        return cls(**model_fields_from_hf(config_json))
 
     def resolve(self) -> "ModelConfig":
         """Return a copy with the architecture filled from ``hf_config`` (if set).
@@ -94,9 +110,7 @@ class ModelConfig:
         """
         if not self.hf_config:
             return dataclasses.replace(self)
-        from psft_megatron.model.hf_config import transformer_config_from_hf
-
-        from_hf = transformer_config_from_hf(self.hf_config)
+        from_hf = ModelConfig.from_hf(self.hf_config)
         defaults = ModelConfig()
         merged = {}
         for f in dataclasses.fields(self):
@@ -106,85 +120,90 @@ class ModelConfig:
         return ModelConfig(**merged)
 
     def validate(self, parallel: ParallelConfig | None = None) -> None:
-        """Check every architecture and layout constraint; raise ValueError naming the field.
+        """Check every architecture and layout constraint; raise :class:`FieldError` naming the field.
 
         Call on a resolved config (see :meth:`resolve`) before building weights.
         """
         parallel = parallel or ParallelConfig()
         parallel.validate()
-        if self.family not in FAMILIES:
-            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        check_choices(self)
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
                      "max_position_embeddings", "make_vocab_size_divisible_by"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 hint = " (or set model.hf_config to take it from a config.json)" if not self.hf_config else ""
-                raise ValueError(f"model.{name} must be a positive integer, got {value!r}{hint}")
-        if self.params_dtype not in PARAMS_DTYPES:
-            raise ValueError(f"model.params_dtype must be one of {PARAMS_DTYPES}, got {self.params_dtype!r}")
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
-            raise ValueError(f"model.transformer_impl must be one of {TRANSFORMER_IMPLS}, got {self.transformer_impl!r}")
+                raise FieldError(f"model.{name}", f"must be a positive integer, got {value!r}{hint}")
         if self.norm_epsilon <= 0:
-            raise ValueError(f"model.norm_epsilon must be > 0, got {self.norm_epsilon}")
+            raise FieldError("model.norm_epsilon", f"must be > 0, got {self.norm_epsilon}")
         if self.rope_theta <= 0:
-            raise ValueError(f"model.rope_theta must be > 0, got {self.rope_theta}")
+            raise FieldError("model.rope_theta", f"must be > 0, got {self.rope_theta}")
 
         heads, groups = self.num_attention_heads, self.query_groups
         if groups < 1 or heads % groups != 0:
-            raise ValueError(
-                f"model.num_query_groups ({groups}) must divide model.num_attention_heads ({heads}): "
-                "each key/value head serves a whole number of query heads"
+            raise FieldError(
+                "model.num_query_groups",
+                f"({groups}) must divide model.num_attention_heads ({heads}): "
+                "each key/value head serves a whole number of query heads",
             )
         if self.head_dim is None and self.hidden_size % heads != 0:
-            raise ValueError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_attention_heads ({heads}), "
-                "or set model.head_dim explicitly"
+            raise FieldError(
+                "model.hidden_size",
+                f"({self.hidden_size}) must be divisible by model.num_attention_heads ({heads}), "
+                "or set model.head_dim explicitly",
             )
         if self.head_dim is not None and self.head_dim < 1:
-            raise ValueError(f"model.head_dim must be a positive integer or null, got {self.head_dim}")
+            raise FieldError("model.head_dim", f"must be a positive integer or null, got {self.head_dim}")
 
         rs = self.rope_scaling
         if rs is not None:
             if rs.factor <= 0:
-                raise ValueError(f"model.rope_scaling.factor must be > 0, got {rs.factor}")
+                raise FieldError("model.rope_scaling.factor", f"must be > 0, got {rs.factor}")
             if not 0 < rs.low_freq_factor < rs.high_freq_factor:
-                raise ValueError(
-                    "model.rope_scaling needs 0 < low_freq_factor < high_freq_factor, got "
-                    f"{rs.low_freq_factor} and {rs.high_freq_factor}"
+                raise FieldError(
+                    "model.rope_scaling",
+                    f"needs 0 < low_freq_factor < high_freq_factor, got {rs.low_freq_factor} and {rs.high_freq_factor}",
                 )
             if rs.original_max_position_embeddings < 1:
-                raise ValueError("model.rope_scaling.original_max_position_embeddings must be a positive integer")
+                raise FieldError("model.rope_scaling.original_max_position_embeddings", "must be a positive integer")
 
         tp = parallel.tensor_model_parallel_size
         pp = parallel.pipeline_model_parallel_size
         vp = parallel.virtual_pipeline_model_parallel_size or 1
         if heads % tp != 0:
-            raise ValueError(
-                f"model.num_attention_heads ({heads}) must be divisible by "
-                f"parallel.tensor_model_parallel_size ({tp}): pick a TP size that divides {heads}"
+            raise FieldError(
+                "model.num_attention_heads",
+                f"({heads}) must be divisible by parallel.tensor_model_parallel_size ({tp}): "
+                f"pick a TP size that divides {heads}",
             )
         if groups % tp != 0:
-            raise ValueError(
-                f"model.num_query_groups ({groups}) must be divisible by "
-                f"parallel.tensor_model_parallel_size ({tp}): each TP rank holds whole key/value heads; "
-                f"pick a TP size that divides {groups}"
+            raise FieldError(
+                "model.num_query_groups",
+                f"({groups}) must be divisible by parallel.tensor_model_parallel_size ({tp}): each TP rank holds "
+                f"whole key/value heads; pick a TP size that divides {groups}",
             )
         if self.ffn_hidden_size % tp != 0:
-            raise ValueError(
-                f"model.ffn_hidden_size ({self.ffn_hidden_size}) must be divisible by "
-                f"parallel.tensor_model_parallel_size ({tp})"
+            raise FieldError(
+                "model.ffn_hidden_size",
+                f"({self.ffn_hidden_size}) must be divisible by parallel.tensor_model_parallel_size ({tp})",
             )
-        padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)  # raises if TP does not divide it
+        if self.make_vocab_size_divisible_by % tp:
+            raise FieldError(
+                "model.make_vocab_size_divisible_by",
+                f"({self.make_vocab_size_divisible_by}) must be a multiple of parallel.tensor_model_parallel_size "
+                f"({tp}) so every TP rank gets an equal vocabulary slice: use {self.make_vocab_size_divisible_by * tp}",
+            )
         if self.num_layers % (pp * vp) != 0:
-            raise ValueError(
-                f"model.num_layers ({self.num_layers}) must be divisible by parallel.pipeline_model_parallel_size x "
+            raise FieldError(
+                "model.num_layers",
+                f"({self.num_layers}) must be divisible by parallel.pipeline_model_parallel_size x "
                 f"virtual_pipeline_model_parallel_size ({pp} x {vp} = {pp * vp}): every model chunk gets the same "
-                "number of layers"
+                "number of layers",
             )
         if parallel.context_parallel_size > 1 and self.transformer_impl == "local":
-            raise ValueError(
-                "parallel.context_parallel_size > 1 needs TransformerEngine attention: "
-                "set model.transformer_impl to auto/transformer_engine on a GPU machine, or context_parallel_size: 1"
+            raise FieldError(
+                "parallel.context_parallel_size",
+                "> 1 needs TransformerEngine attention: set model.transformer_impl to auto/transformer_engine on a "
+                "GPU machine, or context_parallel_size: 1",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,23 +212,4 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """Inverse of :meth:`to_dict`; unknown keys and wrong types raise, naming them."""
-        from psft_megatron.config.load import build_dataclass
-
         return build_dataclass(cls, data, "model")
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
-    """Round ``vocab_size`` up to a multiple of ``divisible_by``, which TP must divide.
-
-    Unlike Megatron-LM (a multiple of ``divisible_by * TP``) the padded size does not
-    depend on the layout, so a checkpoint's embedding and output shapes are the same at
-    every TP size and it loads into any layout. Every TP rank still holds an equal slice.
-    """
-    if divisible_by % tensor_model_parallel_size:
-        raise ValueError(
-            f"model.make_vocab_size_divisible_by ({divisible_by}) must be a multiple of "
-            f"parallel.tensor_model_parallel_size ({tensor_model_parallel_size}) so every TP rank gets an equal "
-            f"vocabulary slice: use {divisible_by * tensor_model_parallel_size}"
-        )
-    return ((vocab_size + divisible_by - 1) // divisible_by) * divisible_by
-

@@ -1,0 +1,44 @@
+"""The ``checkpoint`` section of a recipe: where checkpoints go, how often, and what the run starts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psft_megatron.config.load import FieldError
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go, how often, and what the run starts from."""
+
+    # Checkpoints are written to <run_dir>/checkpoints unless set.
+    save_dir: str | None = None
+    save_interval: int = 0  # optimizer steps between saves (0 = only at the end)
+    keep_last: int = 2  # older step checkpoints are deleted (0 = keep all)
+    save_at_end: bool = True
+    # Resume from the latest checkpoint in save_dir when one exists.
+    resume: bool = True
+    # A converted HF checkpoint (tools/convert_hf_to_megatron.py) to start from.
+    init_from: str | None = None
+    # Fine-tuning random weights is almost always a mistake: refuse unless said explicitly.
+    allow_random_init: bool = False
+
+    def validate(self, steps_per_global_batch: int = 1) -> None:
+        """Checks within this section (``steps_per_global_batch``: saves fall between global batches)."""
+        if self.save_interval < 0:
+            raise FieldError("checkpoint.save_interval", f"must be >= 0, got {self.save_interval}")
+        if self.save_interval % steps_per_global_batch:
+            raise FieldError(
+                "checkpoint.save_interval",
+                f"({self.save_interval}) must be a multiple of global_batch_size / mini_batch_size = "
+                f"{steps_per_global_batch}: checkpoints are taken between global batches",
+            )
+        if self.keep_last < 0:
+            raise FieldError("checkpoint.keep_last", f"must be >= 0, got {self.keep_last}")
+        if self.init_from is None and not self.allow_random_init:
+            raise FieldError(
+                "checkpoint.init_from",
+                "is not set, so the model would start from random weights: "
+                "set checkpoint.init_from to a converted HF checkpoint (tools/convert_hf_to_megatron.py), "
+                "or set checkpoint.allow_random_init: true if that is really what you want",
+            )

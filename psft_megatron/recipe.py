@@ -1,0 +1,133 @@
+"""The whole recipe: the component sections composed, loaded from YAML with overrides and
+checked before anything is built.
+
+Each section's dataclass lives next to its component (``model.config.ModelConfig``,
+``data.config.DataConfig``, ...) and checks its own fields. This module only composes
+them and checks the rules that span sections (batch geometry against the world size,
+sequence parallelism against the sequence length, what this machine can run). Every
+error, single-field or cross-field, starts with the file and line of the field to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psft_megatron.checkpoint.config import CheckpointConfig
+from psft_megatron.config.load import ConfigError, FieldError, Origin, build_dataclass, load_dataclass, to_dict
+from psft_megatron.data.config import DataConfig
+from psft_megatron.loss.objectives import ObjectiveConfig
+from psft_megatron.model.config import ModelConfig
+from psft_megatron.runtime.config import DistributedConfig, ParallelConfig
+from psft_megatron.training.config import LoggingConfig, OptimConfig, TrainingConfig
+
+__all__ = ["RecipeConfig", "load_recipe", "recipe_from_dict"]
+
+
+@dataclass
+class RecipeConfig:
+    """A training run. Every section is optional except what ``validate`` requires."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    loss: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # The YAML file and key lines this recipe was read from (empty when built in code).
+    origin: Origin = field(default_factory=Origin, init=False, repr=False, compare=False)
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Every constraint that can be checked before a weight is built; ConfigError says what to change."""
+        try:
+            self.parallel.validate()
+            self.training.validate()
+            self.optimizer.validate()
+            self.checkpoint.validate(self.training.mini_batches_per_global_batch)
+            self.logging.validate()
+            self.model.resolve().validate(self.parallel)
+            self._validate_cross_section()
+            self.data.validate(self.training.seq_length)
+            if world_size is not None:
+                dp = self.parallel.data_parallel_size(world_size)
+                self.training.validate_for_dp(dp)
+                self._validate_interleaving(dp)
+        except FieldError as e:
+            raise ConfigError(f"{self.origin.where(e.field)}{e}") from None
+        except ConfigError:
+            raise
+        except ValueError as e:  # e.g. an unreadable model.hf_config
+            raise ConfigError(f"{self.origin.where('model.hf_config')}{e}") from None
+
+    def validate_for_device(self, has_cuda: bool) -> None:
+        """What megatron-core cannot do on this machine, refused before anything is built."""
+        if has_cuda:
+            if self.parallel.sequence_parallel and self.model.transformer_impl == "local":
+                from megatron.core.models.gpt.gpt_layer_specs import HAVE_APEX
+
+                if not HAVE_APEX:  # the torch-norm fallback asserts no SP (cpu_compat lifts it on CPU only)
+                    raise ConfigError(
+                        f"{self.origin.where('parallel.sequence_parallel')}parallel.sequence_parallel with "
+                        "model.transformer_impl: local needs apex's fused norms on a GPU; install TransformerEngine "
+                        "(transformer_impl: auto) or apex, or turn sequence_parallel off"
+                    )
+            return
+        problems = []
+        if self.model.params_dtype == "bf16":
+            problems.append(
+                f"{self.origin.where('model.params_dtype')}model.params_dtype: bf16 needs CUDA (megatron's "
+                "mixed-precision optimizer asserts CUDA tensors); use fp32 on CPU"
+            )
+        if self.optimizer.use_distributed_optimizer:
+            problems.append(
+                f"{self.origin.where('optimizer.use_distributed_optimizer')}optimizer.use_distributed_optimizer "
+                "needs CUDA (megatron asserts CUDA tensors); set it to false on CPU"
+            )
+        if problems:
+            raise ConfigError("no CUDA device: " + "; ".join(problems))
+
+    def _validate_cross_section(self) -> None:
+        t = self.training
+        if t.eval_interval and not self.data.eval:
+            raise FieldError("training.eval_interval", "is set but data.eval lists no held-out source")
+        tp = self.parallel.tensor_model_parallel_size
+        if self.parallel.sequence_parallel and t.seq_length % tp:
+            raise FieldError(
+                "training.seq_length",
+                f"({t.seq_length}) must be divisible by parallel.tensor_model_parallel_size ({tp}) with "
+                f"sequence_parallel: each TP rank holds an equal slice of the sequence; use seq_length "
+                f"{t.seq_length // tp * tp or tp}",
+            )
+
+    def _validate_interleaving(self, dp: int) -> None:
+        if not self.parallel.virtual_pipeline_model_parallel_size:
+            return
+        pp = self.parallel.pipeline_model_parallel_size
+        micro = self.training.mini_batch_size // (self.training.micro_batch_size * dp)
+        if micro % pp:
+            raise FieldError(
+                "training.mini_batch_size",
+                f"gives {micro} micro-batches per mini-batch, but the interleaved pipeline schedule needs a "
+                f"multiple of pipeline_model_parallel_size ({pp}): raise training.mini_batch_size or lower "
+                "micro_batch_size",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides, build and validate (world size unknown)."""
+    recipe, origin = load_dataclass(RecipeConfig, path, overrides)
+    recipe.origin = origin
+    recipe.validate()
+    return recipe
+
+
+def recipe_from_dict(data: dict[str, Any]) -> RecipeConfig:
+    """Build a recipe from a mapping (tests, notebooks); not validated."""
+    return build_dataclass(RecipeConfig, data)

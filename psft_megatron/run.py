@@ -1,0 +1,124 @@
+"""One entry for a training run: initialise -> build -> train -> teardown.
+
+    result = run(load_recipe("recipes/tiny_cpu.yaml"))
+
+The launcher, the tests and the benchmarks all go through :func:`run` (or
+:func:`build_trainer` when they drive the passes themselves), so the set-up sequence
+is written once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from psft_megatron.checkpoint.checkpointer import Checkpointer
+from psft_megatron.data.masks import check_model_honours_mask
+from psft_megatron.model.build import build_model
+from psft_megatron.recipe import RecipeConfig
+from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
+from psft_megatron.training.data_setup import TrainData, build_data
+from psft_megatron.training.evaluator import Evaluator
+from psft_megatron.training.loop import Trainer, TrainResult, train
+from psft_megatron.training.metrics import MetricsWriter
+from psft_megatron.training.optimizer import build_optimizer
+from psft_megatron.training.phases import PhaseSchedule
+from psft_megatron.training.progress import TrainProgress
+from psft_megatron.training.step import PassSetup
+from psft_megatron.training.stopping import StopPolicy
+
+log = logging.getLogger("psft")
+
+__all__ = ["build_trainer", "run", "total_steps"]
+
+
+def total_steps(recipe: RecipeConfig, data: TrainData) -> int:
+    """Optimizer steps of the run: training.train_steps, or epochs x global batches x k."""
+    t = recipe.training
+    if t.train_steps is not None:
+        return t.train_steps
+    k = t.mini_batches_per_global_batch
+    return max(1, math.floor(t.epochs * data.loader.steps_per_epoch)) * k
+
+
+def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
+    """Build this rank's data, model, optimizer and run components for ``recipe``, resumed from
+    the latest checkpoint when there is one. Needs :func:`init_model_parallel` and :func:`set_seed`."""
+    recipe.validate(env.world_size)
+    recipe.validate_for_device(env.device.type == "cuda")
+    run_dir = Path(recipe.logging.run_dir)
+    if env.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+    model_cfg = recipe.model.resolve()  # reads model.hf_config once, if set
+    data = build_data(recipe.data, recipe.training, recipe.parallel, env)
+    built = build_model(model_cfg, recipe.parallel)
+    if built.transformer_impl == "local":
+        for chunk in built.chunks:  # packed rows rely on the block-diagonal mask being applied
+            check_model_honours_mask(chunk)
+    if env.rank == 0:
+        log.info("model: %s", built.description)
+    steps = total_steps(recipe, data)
+
+    checkpointer = Checkpointer(
+        recipe.checkpoint,
+        recipe.checkpoint.save_dir or run_dir / "checkpoints",
+        model_cfg,
+        meta={"tokenizer": recipe.data.tokenizer},
+    )
+    checkpointer.find_resume_point()
+    checkpointer.load_initial_weights(built.chunks)  # before the optimizer copies them to fp32 main params
+    bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
+    progress = TrainProgress()
+    states = {"progress": progress, "data": data.loader}
+    checkpointer.resume(bundle.model, bundle.optimizer, bundle.scheduler, states)
+
+    setup = PassSetup(
+        backend=built.transformer_impl,
+        device=env.device,
+        vocab_size=model_cfg.vocab_size,  # the loss leaves the padded columns out
+    )
+    is_logger = env.rank == env.world_size - 1  # the last pipeline stage holds the loss
+    log_cfg = recipe.logging
+    metrics = MetricsWriter(run_dir, is_logger, steps, log_cfg.tensorboard, log_cfg.log_interval,
+                            log_cfg.progress_bar, resumed_at=progress.step)
+    return Trainer(
+        bundle=bundle,
+        data=data,
+        setup=setup,
+        phases=PhaseSchedule(recipe.loss, recipe.training.sft_warmup_steps),
+        checkpointer=checkpointer,
+        evaluator=Evaluator(
+            recipe.training.eval_interval, lambda: data.eval_micro_batches(recipe.training.eval_rows), setup
+        ),
+        metrics=metrics,
+        stop=StopPolicy(progress.step, recipe.training.exit_after_steps),
+        progress=progress,
+        total_steps=steps,
+        tokens_per_step=recipe.training.mini_batch_size * recipe.training.seq_length,
+        is_logger=is_logger,
+        states=states,
+    )
+
+
+def run(recipe: RecipeConfig) -> TrainResult:
+    """Train ``recipe`` in this process (one rank of a torchrun job, or alone): set up
+    torch.distributed and megatron's parallel state, build, train or resume, tear down.
+
+    The default process group is destroyed at the end only if this call created it, so
+    a caller (a test) may run several recipes in one job.
+    """
+    owns_process_group = not dist.is_initialized()
+    backend = None if recipe.distributed.backend == "auto" else recipe.distributed.backend
+    env = init_distributed(backend, recipe.distributed.timeout_minutes)
+    try:
+        init_model_parallel(recipe.parallel)
+        set_seed(recipe.training.seed)
+        return train(build_trainer(recipe, env))
+    finally:
+        teardown(destroy_process_group=owns_process_group)

@@ -1,0 +1,126 @@
+"""The ``training``, ``optimizer`` and ``logging`` sections of a recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from psft_megatron.config.load import FieldError, check_choices
+from psft_megatron.data.loader import check_batch_sizes
+
+
+@dataclass
+class TrainingConfig:
+    """Batches and schedule.
+
+    One *global batch* gets one logp_old snapshot pass (PSFT), then is split into
+    ``global_batch_size / mini_batch_size`` mini-batches, one optimizer step each.
+    A mini-batch runs as micro-batches of ``micro_batch_size`` sequences on each of
+    the DP ranks. Batch sizes count packed sequences of ``seq_length`` tokens.
+    """
+
+    seq_length: int = 2048
+    global_batch_size: int = 64
+    mini_batch_size: int = 8
+    micro_batch_size: int = 1
+    # Optimizer steps to run in total (warm-up steps included). Set either this or epochs.
+    train_steps: int | None = None
+    epochs: float | None = None
+    # The first N optimizer steps are plain SFT (no snapshot pass), then the objective below.
+    sft_warmup_steps: int = 0
+    seed: int = 1234
+    # Save a checkpoint and stop after this many optimizer steps *of this launch* (e.g. to fit
+    # a SLURM time limit); the next launch of the same recipe resumes. None = run to the end.
+    exit_after_steps: int | None = None
+    # Validation: score the held-out split every N optimizer steps (0 = never), on its first
+    # eval_rows packed rows (the same rows at every layout; None = the whole split).
+    eval_interval: int = 0
+    eval_rows: int | None = None
+
+    def validate(self) -> None:
+        """Checks within this section; raises :class:`FieldError`."""
+        if self.seq_length < 1:
+            raise FieldError("training.seq_length", f"must be >= 1, got {self.seq_length}")
+        check_batch_sizes(self.global_batch_size, self.mini_batch_size, self.micro_batch_size, section="training.")
+        if (self.train_steps is None) == (self.epochs is None):
+            raise FieldError("training.train_steps", "or training.epochs: set exactly one of the two")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise FieldError("training.train_steps", f"must be >= 1, got {self.train_steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise FieldError("training.epochs", f"must be > 0, got {self.epochs}")
+        if self.exit_after_steps is not None and self.exit_after_steps < 1:
+            raise FieldError("training.exit_after_steps", f"must be >= 1 or null, got {self.exit_after_steps}")
+        if self.eval_interval < 0:
+            raise FieldError("training.eval_interval", f"must be >= 0, got {self.eval_interval}")
+        if self.eval_rows is not None and self.eval_rows < 1:
+            raise FieldError("training.eval_rows", f"must be >= 1 or null (the whole held-out split), got {self.eval_rows}")
+        if self.sft_warmup_steps < 0:
+            raise FieldError("training.sft_warmup_steps", f"must be >= 0, got {self.sft_warmup_steps}")
+        k = self.mini_batches_per_global_batch
+        # Checkpoints and the SFT->PSFT switch happen at global-batch boundaries, where no
+        # snapshot log-probs are pending: that is what makes resume exact.
+        for name in ("train_steps", "exit_after_steps", "sft_warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value % k:
+                raise FieldError(
+                    f"training.{name}",
+                    f"({value}) must be a multiple of the mini-batches per global batch (global_batch_size / "
+                    f"mini_batch_size = {k}): runs switch phase, save and stop between global batches; use "
+                    f"{value // k * k or k} or {(value // k + 1) * k}",
+                )
+
+    def validate_for_dp(self, dp_size: int) -> None:
+        """Divisibility that depends on the data-parallel size."""
+        check_batch_sizes(self.global_batch_size, self.mini_batch_size, self.micro_batch_size, dp_size,
+                          section="training.")
+
+    @property
+    def mini_batches_per_global_batch(self) -> int:
+        return self.global_batch_size // self.mini_batch_size
+
+
+@dataclass
+class OptimConfig:
+    """megatron-core optimizer (AdamW) and learning-rate schedule."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    # megatron's distributed optimizer (ZeRO-1). GPU only: it does not run on CPU.
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+    def validate(self) -> None:
+        """Checks within this section; raises :class:`FieldError`."""
+        if self.lr <= 0:
+            raise FieldError("optimizer.lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise FieldError("optimizer.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise FieldError("optimizer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if self.clip_grad < 0:
+            raise FieldError("optimizer.clip_grad", f"must be >= 0 (0 disables clipping), got {self.clip_grad}")
+        if self.lr_warmup_steps < 0:
+            raise FieldError("optimizer.lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps}")
+
+
+@dataclass
+class LoggingConfig:
+    """Run directory, console and TensorBoard logging."""
+
+    run_dir: str = "runs/psft"
+    log_interval: int = 1  # optimizer steps between console lines
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    def validate(self) -> None:
+        if self.log_interval < 1:
+            raise FieldError("logging.log_interval", f"must be >= 1, got {self.log_interval}")

@@ -1,0 +1,34 @@
+"""Held-out scoring during training: when it runs and what it records."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from psft_megatron.data.batches import MicroBatch
+from psft_megatron.training.step import PassSetup, evaluate
+
+
+class Evaluator:
+    """Scores the held-out rows every ``interval`` optimizer steps (0 = never).
+
+    ``micro_batches`` yields this rank's share of the chosen held-out rows, the same
+    rows on every call and at every layout (see ``TrainData.eval_micro_batches``).
+    """
+
+    def __init__(self, interval: int, micro_batches: Callable[[], list[MicroBatch]], setup: PassSetup) -> None:
+        self.interval = interval
+        self._micro_batches = micro_batches
+        self.setup = setup
+
+    def should_evaluate(self, step: int, steps_just_run: int) -> bool:
+        """True when the last ``steps_just_run`` steps (one global batch) crossed a multiple of the interval."""
+        every = self.interval
+        return bool(every) and step // every > (step - steps_just_run) // every
+
+    def evaluate(self, model: list, step: int) -> dict[str, Any] | None:
+        """The eval record of ``step`` (last pipeline stage; None elsewhere)."""
+        stats = evaluate(model, self._micro_batches(), self.setup)
+        if stats is None:
+            return None
+        return {"step": step, "loss": stats["loss"], "entropy": stats["mean_entropy"],
+                "mean_logp": stats["mean_logp"], "tokens": int(stats["token_count"])}

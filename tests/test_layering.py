@@ -1,0 +1,128 @@
+"""The package's import rule, checked on the source: imports only flow down the layers.
+
+    config                       typed YAML -> dataclasses (no project imports)
+    runtime | loss | data        independent of each other
+    model
+    checkpoint
+    conversion
+    evaluation
+    training
+    recipe                       composes every section's config
+    run                          initialise -> build -> train -> teardown
+    testing                      helpers for tests and benchmarks (nothing imports it)
+
+A module may import its own package and any lower layer, never a sibling of its layer
+or a higher one. Project imports sit at the top of a module (a function-level import
+would hide an edge from this test); the one exception is a ``TYPE_CHECKING`` import
+inside the same package, which never runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "psft_megatron"
+
+LAYERS = {
+    "config": 0,
+    "runtime": 1, "loss": 1, "data": 1,
+    "model": 2,
+    "checkpoint": 3,
+    "conversion": 4,
+    "evaluation": 5,
+    "training": 6,
+    "recipe": 7,
+    "run": 8,
+    "testing": 9,
+}
+
+
+def _component(module: str) -> str:
+    """``psft_megatron.model.build`` -> ``model``; ``psft_megatron.recipe`` -> ``recipe``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, int, bool, bool]]:
+    """(imported module, line, at module top, under TYPE_CHECKING) for every project import."""
+    tree = ast.parse(path.read_text())
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    found: list[tuple[str, int, bool, bool]] = []
+
+    def visit(node: ast.AST, top: bool, typing_only: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                visit(child, top, True)
+                continue
+            if isinstance(child, ast.ImportFrom):
+                if child.level:  # relative: resolve against this module's package
+                    base = package.split(".")
+                    base = base[: len(base) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                if target.startswith("psft_megatron"):
+                    found.append((target, child.lineno, top, typing_only))
+            elif isinstance(child, ast.Import):
+                for alias in child.names:
+                    if alias.name.startswith("psft_megatron"):
+                        found.append((alias.name, child.lineno, top, typing_only))
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            visit(child, inner, typing_only)
+
+    visit(tree, True, False)
+    return found
+
+
+def _sources() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_component_has_a_layer():
+    components = {_component(_module_name(p)) for p in _sources()} - {""}
+    assert components <= set(LAYERS), f"add {sorted(components - set(LAYERS))} to LAYERS (and the README's Layout)"
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_flow_down(path):
+    me = _component(_module_name(path))
+    problems = []
+    for target, line, top, typing_only in _imports(path):
+        other = _component(target)
+        where = f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}"
+        if typing_only:
+            if other != me:
+                problems.append(f"{where}: a TYPE_CHECKING import may only name its own package")
+            continue
+        if not top:
+            problems.append(f"{where} inside a function or class: move it to the top of the module")
+        if other and other != me and LAYERS[other] >= LAYERS[me]:
+            problems.append(f"{where}: {other} (layer {LAYERS[other]}) is not below {me} (layer {LAYERS[me]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):
+    """The checker itself: a planted upward import and a function-level import are reported."""
+    pkg = tmp_path / "psft_megatron"
+    (pkg / "loss").mkdir(parents=True)
+    bad = pkg / "loss" / "bad.py"
+    bad.write_text("from psft_megatron.training.step import evaluate\n\ndef f():\n    from psft_megatron.loss import x\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    found = _imports(bad)
+    assert ("psft_megatron.training.step", 1, True, False) in found
+    assert ("psft_megatron.loss", 4, False, False) in found
+    with pytest.raises(AssertionError, match="training \\(layer 6\\) is not below loss"):
+        test_imports_flow_down(bad)
