@@ -16,6 +16,7 @@ TFLOP/s and MFU against --peak-tflops (default: H100 SXM dense bf16, 989).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -29,9 +30,12 @@ def _recipe(data: Path, run: Path, args: argparse.Namespace, gpu: bool) -> dict:
     return {
         "model": {
             "family": "llama", "num_layers": args.layers, "hidden_size": args.hidden,
-            "ffn_hidden_size": args.hidden * 8 // 3 // 64 * 64 or 64, "num_attention_heads": max(4, args.hidden // 64),
-            "num_query_groups": max(2, args.hidden // 256), "vocab_size": 384, "max_position_embeddings": args.seq,
-            "params_dtype": "bf16" if gpu else "fp32", "transformer_impl": "auto" if gpu else "local",
+            "ffn_hidden_size": args.ffn or (args.hidden * 8 // 3 // 64 * 64 or 64),
+            "num_attention_heads": args.heads or max(4, args.hidden // 64),
+            "num_query_groups": args.kv_groups or max(2, args.hidden // 256),
+            # The data's tokenizer has 384 tokens; a larger vocabulary adds realistic embedding/output rows.
+            "vocab_size": max(384, args.vocab), "max_position_embeddings": args.seq,
+            "params_dtype": "bf16" if gpu else "fp32", "transformer_impl": args.impl or ("auto" if gpu else "local"),
         },
         "parallel": {"tensor_model_parallel_size": args.tp},
         "training": {
@@ -50,8 +54,9 @@ def _recipe(data: Path, run: Path, args: argparse.Namespace, gpu: bool) -> dict:
 
 
 def _flops_per_token(m: dict, seq: int) -> float:
-    """Training FLOPs per token (fwd+bwd = 3x forward) of a Llama-style decoder."""
-    h, L, f, v = m["hidden_size"], m["num_layers"], m["ffn_hidden_size"], 512
+    """Training FLOPs per token (fwd+bwd = 3x forward) of a Llama-style decoder (padded vocabulary)."""
+    h, L, f = m["hidden_size"], m["num_layers"], m["ffn_hidden_size"]
+    v = -(-m["vocab_size"] // 128) * 128
     heads, groups = m["num_attention_heads"], m["num_query_groups"]
     kv = h * groups // heads
     per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * f + 2 * 2 * seq * h  # qkvo, swiglu, attention
@@ -122,6 +127,13 @@ def main() -> None:
     p.add_argument("--mini", type=int, default=4, help="mini-batch size (sequences)")
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ffn", type=int, default=0, help="FFN size (default: 8/3 x hidden, rounded to 64)")
+    p.add_argument("--heads", type=int, default=0, help="attention heads (default: hidden / 64)")
+    p.add_argument("--kv-groups", type=int, default=0, help="key/value heads (default: hidden / 256)")
+    p.add_argument("--vocab", type=int, default=384, help="vocabulary rows (>= the data's 384 tokens)")
+    p.add_argument("--impl", choices=["auto", "local", "transformer_engine"], default=None,
+                   help="layer spec (default: auto on GPU, local on CPU)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU")
     args = p.parse_args()
 
@@ -131,12 +143,15 @@ def main() -> None:
     from psft_megatron.testing.multiproc import run_in_processes
 
     gpu = torch.cuda.is_available()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
-    write_tiny_dataset(tmp / "data", train=4000, eval=16)
-    recipe = _recipe(tmp / "data", tmp / "run", args, gpu)
-    env = {"PSFT_DIST_BACKEND": "nccl"} if gpu else {}
-    res = run_in_processes(measure, args.nproc, kwargs={"recipe_dict": recipe, "repeats": args.repeats},
-                           timeout=1800, env=env)[-1]
+    with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp_name:
+        tmp = Path(tmp_name)
+        write_tiny_dataset(tmp / "data", train=4000, eval=16)
+        recipe = _recipe(tmp / "data", tmp / "run", args, gpu)
+        env = {"PSFT_DIST_BACKEND": "nccl"} if gpu else {}
+        # On a GPU the ranks set up NCCL themselves (init_distributed); a gloo default group
+        # would make megatron's gradient all-reduce of CUDA tensors fail.
+        res = run_in_processes(measure, args.nproc, kwargs={"recipe_dict": recipe, "repeats": args.repeats},
+                               timeout=1800, env=env, init_process_group=not gpu)[-1]
     k = res["k"]
     share = res["fwd"] / res["step"]
     floor = 1 + (k - 1) / k * share
@@ -147,11 +162,21 @@ def main() -> None:
     print(f"PSFT {res['psft']:.3f} s/global batch  {tokens / res['psft']:.0f} tok/s")
     print(f"PSFT/SFT {res['psft'] / res['sft']:.3f}   floor {floor:.3f}  "
           f"(forward-only {res['fwd']:.3f} s / training step {res['step']:.3f} s = {share:.3f} per mini-batch)")
+    # The keys benchmarks/gpu_check_report.py reads (parse_trainer_output's).
+    figures = {"geometry": {"device": res["device"], "nproc": args.nproc, "tp": args.tp, "layers": args.layers,
+                            "hidden": args.hidden, "seq": args.seq, "k": k, "mini": args.mini},
+               "sft_s": res["sft"], "psft_s": res["psft"], "sft_tokens_per_s": tokens / res["sft"],
+               "psft_tokens_per_s": tokens / res["psft"], "psft_over_sft": res["psft"] / res["sft"], "floor": floor,
+               "forward_only_s": res["fwd"], "train_step_s": res["step"], "forward_share": share}
     if gpu:
         fpt = _flops_per_token(recipe["model"], args.seq)
         for name in ("sft", "psft"):
             tflops = fpt * tokens / res[name] / 1e12 / args.nproc
+            figures[f"{name}_tflops"] = tflops
+            figures[f"{name}_mfu_printed"] = tflops / args.peak_tflops
             print(f"{name}: {tflops:.1f} model TFLOP/s per GPU, MFU {tflops / args.peak_tflops:.1%} (snapshot pass not counted)")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
