@@ -6,7 +6,13 @@ HF_DIR holds config.json, weights (*.safetensors, sharded or not, or pytorch_mod
 and tokenizer files. CKPT_DIR gets ``model/`` (megatron dist checkpoint, loads at any
 TP/PP), ``psft_meta.json``, ``hf_config.json`` and ``tokenizer/``; it appears only when
 complete. Runs as one process (no torchrun) and streams tensor by tensor.
-Exit status 2 with a one-line reason when the input cannot be converted exactly.
+
+Exit status: 0 done (prints a JSON report); 2 the input cannot be converted exactly or
+the output cannot be written (a missing, unsupported or corrupt config.json or weight
+file, an existing CKPT_DIR without --overwrite, an unwritable or full disk): one
+"error: ..." line on stderr names the file and what to change, no traceback; 2 also for
+bad usage (argparse prints the usage first); 1 an internal error (a traceback follows:
+please report it).
 """
 
 from __future__ import annotations
@@ -15,9 +21,18 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _quiet_known_warnings() -> None:
+    # Printed by megatron-core and torch on every conversion; they say nothing about this one and
+    # would bury the one "error:" line.
+    warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch|megatron)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,15 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_known_warnings()
 
-    from psft_megatron.conversion.hf_to_megatron import ConversionError, convert_hf_to_megatron
+    # Torch-free checks first: a wrong path or config fails in a second, before megatron is imported.
+    from psft_megatron.conversion.checks import check_hf_folder, check_output_dir
+    from psft_megatron.conversion.errors import ConversionError
 
     try:
+        check_hf_folder(args.hf)
+        check_output_dir(args.out, args.overwrite)
+        from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
+
         report = convert_hf_to_megatron(
             args.hf, args.out, make_vocab_size_divisible_by=args.vocab_divisible_by, overwrite=args.overwrite
         )
-    except (ConversionError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, OSError) as e:  # OSError: e.g. FileExistsError for an existing --out
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(json.dumps(report))
     return 0

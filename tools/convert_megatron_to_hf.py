@@ -7,7 +7,13 @@ Works for a checkpoint saved at any TP/PP. HF_DIR gets safetensors shards with
 ``model.safetensors.index.json``, ``config.json`` and the tokenizer files; vocabulary
 padding is trimmed. ``--dtype auto`` keeps the dtype of the HF config that travelled
 with the checkpoint (else the checkpoint's). Runs as one process, layer by layer.
-Exit status 2 with a one-line reason when the checkpoint does not fit its config.
+
+Exit status: 0 done (prints a JSON report); 2 the checkpoint cannot be exported or the
+output cannot be written (CKPT_DIR missing or not a checkpoint, a corrupt or truncated
+checkpoint file, tensors that do not fit its config, an existing HF_DIR without
+--overwrite, an unwritable or full disk): one "error: ..." line on stderr names the file
+and what to change, no traceback; 2 also for bad usage (argparse prints the usage first);
+1 an internal error (a traceback follows).
 """
 
 from __future__ import annotations
@@ -16,9 +22,18 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _quiet_known_warnings() -> None:
+    # Printed by megatron-core and torch on every export; they say nothing about this one and
+    # would bury the one "error:" line.
+    warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch|megatron)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,22 +46,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_known_warnings()
 
-    from psft_megatron.checkpoint.model_checkpoint import CheckpointError
-    from psft_megatron.conversion.hf_to_megatron import ConversionError
-    from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+    # Torch-free checks first: a wrong path fails in a second, before megatron is imported.
+    from psft_megatron.conversion.checks import check_checkpoint_dir, check_output_dir
+    from psft_megatron.conversion.errors import ConversionError
 
     try:
-        report = convert_megatron_to_hf(
-            args.ckpt,
-            args.out,
-            dtype=args.dtype,
-            tokenizer_dir=args.tokenizer,
-            max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-            overwrite=args.overwrite,
-        )
-    except (ConversionError, CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_checkpoint_dir(args.ckpt)
+        check_output_dir(args.out, args.overwrite)
+        from psft_megatron.checkpoint.model_checkpoint import CheckpointError  # imports megatron-core
+        from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+
+        try:
+            report = convert_megatron_to_hf(
+                args.ckpt,
+                args.out,
+                dtype=args.dtype,
+                tokenizer_dir=args.tokenizer,
+                max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                overwrite=args.overwrite,
+            )
+        except CheckpointError as e:  # psft_meta.json missing or unreadable: the same one line
+            raise ConversionError(str(e)) from None
+    except (ConversionError, OSError) as e:  # OSError: e.g. FileExistsError for an existing --out
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     print(json.dumps(report))
     return 0

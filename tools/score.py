@@ -7,6 +7,11 @@
 Any TP/PP (N = TP x PP x DP; DP replicas split the examples). Also runs as a plain
 ``python`` process (one rank). Output: one JSONL line per input line, in order:
 ``{"index", "nll", "num_tokens", "truncated"}`` plus ``"id"`` when the input has one.
+
+Exit status: 0 done; 2 bad input (a missing or unreadable checkpoint, data file or
+tokenizer, a malformed data line): one "error: ..." line on stderr per rank names the
+file and what to change, no traceback; 2 also for bad usage (argparse prints the usage
+first); 1 an internal error (a traceback follows).
 """
 
 from __future__ import annotations
@@ -14,9 +19,18 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _quiet_known_warnings() -> None:
+    # Printed by megatron-core and torch on every run; they say nothing about this one and
+    # would bury the one "error:" line.
+    warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch|megatron)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +49,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_known_warnings()
 
+    # Torch-free checks first: a wrong path fails in a second, before megatron is imported.
+    from psft_megatron.conversion.checks import check_checkpoint_dir
+    from psft_megatron.conversion.errors import ConversionError
+
+    try:
+        check_checkpoint_dir(args.ckpt)
+        if not Path(args.data).is_file():
+            raise ConversionError(f"{args.data}: file not found (--data)")
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from psft_megatron.checkpoint.model_checkpoint import CheckpointError
     from psft_megatron.conversion.score import score_file
+    from psft_megatron.data.errors import DataError
     from psft_megatron.runtime.config import ParallelConfig
     from psft_megatron.runtime.distributed import init_distributed, teardown
 
@@ -55,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             params_dtype=args.dtype,
         )
+    except (CheckpointError, ConversionError, DataError, OSError) as e:
+        # Every rank reads and checks the same inputs the same way, so a bad one stops every rank here.
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 2
     finally:
         teardown()
     return 0

@@ -130,14 +130,25 @@ def read_meta(dir: str | Path) -> dict[str, Any]:
     """The checkpoint's psft_meta.json, checked for format and version."""
     path = Path(dir) / META_FILE
     if not path.is_file():
+        if not Path(dir).exists():
+            partial = Path(str(dir) + ".partial").exists()
+            raise CheckpointError(
+                f"{dir} does not exist"
+                + (" (only an unfinished .partial directory does: the save did not complete)" if partial else "")
+            )
+        if not Path(dir).is_dir():
+            raise CheckpointError(f"{dir} is a file, not a checkpoint directory (which holds {META_FILE} and model/)")
         hint = ""
         if (Path(dir) / "metadata.json").is_file():
             hint = " (this looks like a bare megatron dist checkpoint: point at its parent directory)"
-        elif Path(str(dir) + ".partial").exists():
-            hint = " (only an unfinished .partial directory exists: the save did not complete)"
         raise CheckpointError(f"{dir} is not a psft_megatron model checkpoint: no {META_FILE}{hint}")
-    with open(path) as f:
-        meta = json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # unreadable, or not JSON (e.g. cut short by a full disk)
+        raise CheckpointError(f"{path} is unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     if not isinstance(meta.get("model"), dict):

@@ -17,12 +17,16 @@ offset as soon as it is produced. Output: ``model-0000i-of-0000N.safetensors`` p
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from psft_megatron.conversion.checks import read_safetensors_header, weight_files
+from psft_megatron.conversion.errors import ConversionError, describe
 
 __all__ = ["HFCheckpointReader", "SafetensorsWriter", "TOKENIZER_FILES", "copy_tokenizer_files"]
 
@@ -63,18 +67,6 @@ class _Entry:
     end: int
 
 
-def _read_safetensors_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise ValueError(f"{path} is not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    return header, 8 + n
-
-
 class HFCheckpointReader:
     """Names, shapes and dtypes of an HF folder's tensors without reading them; ``get`` reads one."""
 
@@ -82,44 +74,42 @@ class HFCheckpointReader:
         self.folder = Path(folder)
         self._entries: dict[str, _Entry] = {}
         self._bin: dict[str, dict[str, torch.Tensor]] = {}
-        self._bin_of: dict[str, Path] = {}
-        st = sorted(self.folder.glob("*.safetensors"))
-        bins = sorted(self.folder.glob("pytorch_model*.bin"))
-        if st:
-            self.format = "safetensors"
-            for path in self._files(st, "model.safetensors.index.json"):
-                header, base = _read_safetensors_header(path)
-                for name, info in header.items():
-                    if name == "__metadata__":
-                        continue
-                    if info["dtype"] not in _ST_DTYPES:
-                        raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-                    b, e = info["data_offsets"]
-                    self._entries[name] = _Entry(path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), base + b, base + e)
-        elif bins:
-            self.format = "bin"
-            for path in self._files(bins, "pytorch_model.bin.index.json"):
-                try:
-                    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
-                    sd = torch.load(path, map_location="cpu", weights_only=True)
-                self._bin[str(path)] = sd
-                for name, t in sd.items():
-                    self._entries[name] = _Entry(path, t.dtype, tuple(t.shape), 0, 0)
-        else:
-            raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {self.folder}")
+        self.format, files = weight_files(self.folder)
+        for path in files:
+            if self.format == "safetensors":
+                self._add_safetensors(path)
+            else:
+                self._add_bin(path)
 
-    def _files(self, found: list[Path], index_name: str) -> list[Path]:
-        index = self.folder / index_name
-        if not index.exists():
-            return found
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted({self.folder / v for v in weight_map.values()})
-        missing = [str(p) for p in files if not p.exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shard(s) that do not exist: {missing}")
-        return files
+    def _add_safetensors(self, path: Path) -> None:
+        header, base = read_safetensors_header(path)
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in _ST_DTYPES:
+                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            dtype, shape = _ST_DTYPES[info["dtype"]], tuple(info["shape"])
+            b, e = info["data_offsets"]
+            if e - b != _nbytes(shape, dtype):
+                raise ConversionError(
+                    f"{path} has a corrupt safetensors header: tensor {name} {shape} {info['dtype']} "
+                    f"needs {_nbytes(shape, dtype)} bytes, its offsets span {e - b}"
+                )
+            self._entries[name] = _Entry(path, dtype, shape, base + b, base + e)
+
+    def _add_bin(self, path: Path) -> None:
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise ConversionError(f"{path} is not a readable PyTorch weights file (corrupt or truncated?): {describe(e)}") from None
+        if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+            raise ConversionError(f"{path} does not hold a state dict of tensors")
+        self._bin[str(path)] = sd
+        for name, t in sd.items():
+            self._entries[name] = _Entry(path, t.dtype, tuple(t.shape), 0, 0)
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -139,10 +129,14 @@ class HFCheckpointReader:
         if self.format == "bin":
             return self._bin[str(e.file)][name].clone()
         buf = torch.empty(e.end - e.start, dtype=torch.uint8)
-        with open(e.file, "rb") as f:
-            f.seek(e.start)
-            if f.readinto(buf.numpy()) != e.end - e.start:
-                raise ValueError(f"{e.file}: truncated data for tensor {name}")
+        try:
+            with open(e.file, "rb") as f:
+                f.seek(e.start)
+                n = f.readinto(buf.numpy())
+        except OSError as err:
+            raise ConversionError(f"cannot read {e.file}: {describe(err)}") from None
+        if n != e.end - e.start:  # the file shrank after its header was checked
+            raise ConversionError(f"{e.file} is truncated: tensor {name} ends past the end of the file")
         return buf.view(e.dtype).reshape(e.shape)
 
 

@@ -1,15 +1,17 @@
 """HF folder -> psft_megatron model checkpoint (see :mod:`psft_megatron.checkpoint.model_checkpoint`),
 streamed tensor by tensor.
 
-Every check (architecture, missing / unexpected tensors, shapes) runs on the
-safetensors headers before a byte is written; the output appears under its final
-name only once complete.
+Every check (architecture, missing / unexpected tensors, shapes, truncated files, a
+writable output folder) runs on the config and the safetensors headers before a byte
+is written; the output appears under its final name only once complete. Every problem
+with the input or the output raises :class:`ConversionError` naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ from psft_megatron.checkpoint.model_checkpoint import (
     write_hf_config,
     write_meta,
 )
+from psft_megatron.conversion.checks import check_free_space, check_hf_folder, check_output_dir
+from psft_megatron.conversion.errors import ConversionError, writing_to
 from psft_megatron.conversion.hf_io import HFCheckpointReader, copy_tokenizer_files
 from psft_megatron.conversion.registry import IGNORED_HF_SUFFIXES, WeightMapping, expand
 from psft_megatron.conversion.session import single_process_megatron
@@ -32,11 +36,8 @@ from psft_megatron.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
+# ConversionError is defined in .errors (the torch-free checks raise it too) and exported here as before.
 __all__ = ["ConversionError", "convert_hf_to_megatron", "plan_hf_to_megatron"]
-
-
-class ConversionError(ValueError):
-    """The input cannot be converted exactly; the message says why."""
 
 
 def _checkpoint_dtype(reader: HFCheckpointReader) -> str:
@@ -109,7 +110,8 @@ def convert_hf_to_megatron(
     """
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
-    cfg = ModelConfig.from_hf(hf_dir)
+    cfg = check_hf_folder(hf_dir)
+    check_output_dir(out_dir, overwrite)
     reader = HFCheckpointReader(hf_dir)
     cfg = dataclasses.replace(
         cfg,
@@ -128,7 +130,9 @@ def convert_hf_to_megatron(
             return m.fn.to_megatron([reader.get(h) for h in hf_names], cfg, padded)
 
         dtype = next(iter(slots.values())).dtype
-        with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        need = sum(s.dtype.itemsize * math.prod(s.shape) for s in slots.values())
+        check_free_space(out_dir, need)
+        with atomic_dir(out_dir, overwrite=overwrite) as tmp, writing_to(out_dir, need):
             model_dir = tmp / MODEL_SUBDIR
             model_dir.mkdir()
             stream_save(meta_model, model_dir, produce)

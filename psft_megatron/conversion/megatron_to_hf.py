@@ -2,7 +2,10 @@
 
 The checkpoint's tensors are checked against the model config in ``psft_meta.json``
 (keys and global shapes, from the dist-checkpoint metadata) before anything is
-written; the output appears under its final name only once complete.
+written, and every file is checked to be as long as the checkpoint's ``.metadata`` says (a
+truncated copy fails there, naming the file); the output appears under its final name only
+once complete. Problems raise :class:`ConversionError` (or ``CheckpointError`` from reading
+``psft_meta.json``) naming the file.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +21,9 @@ from typing import Any
 import torch
 
 from psft_megatron.checkpoint import model_checkpoint as layout
+from psft_megatron.conversion.checks import check_free_space, check_output_dir
+from psft_megatron.conversion.errors import ConversionError, describe, writing_to
 from psft_megatron.conversion.hf_io import SafetensorsWriter, copy_tokenizer_files
-from psft_megatron.conversion.hf_to_megatron import ConversionError
 from psft_megatron.conversion.registry import expand
 from psft_megatron.conversion.session import single_process_megatron
 from psft_megatron.conversion.streaming import load_groups, slots_of
@@ -36,12 +41,30 @@ _VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 def _check_checkpoint(model_dir: Path, slots: dict[str, Any], cfg: ModelConfig) -> torch.dtype:
     """Compare the dist checkpoint's tensor keys and global shapes with the model's; return its weights' dtype."""
+    from megatron.core.dist_checkpointing import load_common_state_dict
+    from megatron.core.dist_checkpointing.core import maybe_load_config
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (model_dir / ".metadata").is_file():
         raise ConversionError(f"{model_dir} holds no torch_dist checkpoint (.metadata missing)")
-    md = FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
+    # megatron's own readers of its two small files, so a damaged one is named here, not deep in a load.
+    try:
+        config = maybe_load_config(str(model_dir))
+    except Exception as e:  # json or a field the config class does not know
+        raise ConversionError(f"{model_dir / 'metadata.json'} is unreadable (corrupt?): {describe(e)}") from None
+    if config is None:
+        raise ConversionError(f"{model_dir} is not a megatron dist checkpoint (metadata.json missing)")
+    try:
+        load_common_state_dict(str(model_dir))
+    except Exception as e:  # torch.load raises many types on a damaged file
+        raise ConversionError(f"{model_dir / 'common.pt'} is unreadable (corrupt or truncated?): {describe(e)}") from None
+    try:
+        metadata = FileSystemReader(str(model_dir)).read_metadata()
+    except Exception as e:  # pickle raises many types on a damaged file
+        raise ConversionError(f"{model_dir / '.metadata'} is unreadable (corrupt or truncated?): {describe(e)}") from None
+    _check_file_sizes(model_dir, metadata.storage_data or {})
+    md = metadata.state_dict_metadata
     tensors = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
     expected: dict[str, tuple[int, ...]] = {}
     for s in slots.values():
@@ -66,6 +89,23 @@ def _check_checkpoint(model_dir: Path, slots: dict[str, Any], cfg: ModelConfig) 
     return tensors["embedding.word_embeddings.weight"].properties.dtype
 
 
+def _check_file_sizes(model_dir: Path, storage: dict[Any, Any]) -> None:
+    """Every stored item's bytes lie inside its file: an incomplete copy fails here, naming the file."""
+    need: dict[str, int] = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(need.items()):
+        path = model_dir / name
+        if not path.is_file():
+            raise ConversionError(f"{path} is missing: the checkpoint's .metadata lists it")
+        size = path.stat().st_size
+        if size < end:
+            raise ConversionError(
+                f"{path} is truncated: the checkpoint's .metadata puts data up to byte {end}, the file holds "
+                f"{size} bytes; copy the checkpoint again"
+            )
+
+
 def _travelled_hf_config(ckpt_dir: Path, cfg: ModelConfig) -> dict[str, Any] | None:
     """The HF config that came with the weights: ``hf_config.json``, else the model config's ``hf_config``."""
     candidates = [ckpt_dir / layout.HF_CONFIG_FILE]
@@ -74,8 +114,11 @@ def _travelled_hf_config(ckpt_dir: Path, cfg: ModelConfig) -> dict[str, Any] | N
         candidates.append(p / "config.json" if p.is_dir() else p)
     for path in candidates:
         if path.is_file():
-            with open(path) as f:
-                return json.load(f)
+            try:
+                with open(path) as f:
+                    return json.load(f)
+            except (OSError, ValueError) as e:
+                raise ConversionError(f"{path} is not a readable HF config: {describe(e)}") from None
     return None
 
 
@@ -124,6 +167,7 @@ def convert_megatron_to_hf(
     ckpt_dir = Path(ckpt_dir)
     meta = layout.read_meta(ckpt_dir)
     cfg = layout.model_config_of(meta)
+    check_output_dir(out_dir, overwrite)
     model_dir = ckpt_dir / layout.MODEL_SUBDIR
     with single_process_megatron():
         # Keys and shapes only: tensors are read in the dtype they were stored in.
@@ -146,9 +190,11 @@ def convert_megatron_to_hf(
             outs = m.fn.to_hf(torch.empty(slots[name].shape, device="meta"), cfg)
             plan += [(h, tuple(t.shape), out_dtype) for h, t in zip(hf_names, outs)]
 
-        with layout.atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        need = sum(out_dtype.itemsize * math.prod(shape) for _, shape, _ in plan)
+        check_free_space(out_dir, need)
+        with layout.atomic_dir(out_dir, overwrite=overwrite) as tmp, writing_to(out_dir, need):
             writer = SafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
-            for group in load_groups(meta_model, model_dir):
+            for group in load_groups(meta_model, model_dir):  # read errors arrive as ConversionError
                 for name, tensor in group.items():
                     hf_names, m = entries[name]
                     for h, t in zip(hf_names, m.fn.to_hf(tensor, cfg)):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.checkpoint import model_checkpoint as layout
+from psft_megatron.data.errors import SOURCE, DataError
 from psft_megatron.data.tokenizer import load_tokenizer
 from psft_megatron.loss.token_stats import vocab_parallel_token_stats
 from psft_megatron.model.build import build_model
@@ -98,8 +99,22 @@ def score_examples(
 
 
 def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The file's records; a missing file or a bad line raises :class:`DataError` naming file:line."""
+    if not Path(path).is_file():
+        raise DataError(str(path), None, None, SOURCE, "file not found")
+    records = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(str(path), lineno, None, "malformed_json", f"malformed JSON: {e}") from None
+            if not isinstance(rec, dict):
+                raise DataError(str(path), lineno, None, "not_an_object", "not a JSON object")
+            records.append(rec)
+    return records
 
 
 def score_file(
@@ -130,6 +145,7 @@ def score_file(
     if not Path(tok_path).exists() and meta.get("tokenizer"):
         tok_path = meta["tokenizer"]
     tokenizer = load_tokenizer(tok_path)
+    records = _read_jsonl(data_path)  # before the model is built: a bad file fails in a second
 
     init_model_parallel(parallel)
     set_seed(0)
@@ -138,7 +154,6 @@ def score_file(
     for c in built.chunks:
         c.eval()
 
-    records = _read_jsonl(data_path)
     examples = encode_examples(
         records, tokenizer, prompt_key=prompt_key, response_key=response_key, add_bos=add_bos, max_length=max_length
     )

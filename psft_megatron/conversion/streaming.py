@@ -29,6 +29,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from psft_megatron.conversion.errors import ConversionError, describe
+
 __all__ = ["Slot", "load_groups", "slots_of", "stream_save", "streaming_save_strategy"]
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -172,7 +174,10 @@ def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[st
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
     from torch.distributed.checkpoint import FileSystemReader
 
-    stored = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    try:
+        stored = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
+    except Exception as e:  # pickle raises many types on a damaged file
+        raise ConversionError(f"{checkpoint_dir}/.metadata is unreadable (corrupt or truncated?): {describe(e)}") from None
     slots = slots_of(meta_model)
     num_layers = 1 + max((s.layer for s in slots.values() if s.layer is not None), default=-1)
     groups: dict[int | None, list[Slot]] = {}
@@ -189,5 +194,12 @@ def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[st
                 data = torch.empty((1, *s.shape), dtype=dtype)
                 request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, data, (0, s.layer, num_layers))
         # A region of each global tensor, not a full cover: skip the access-pattern validation.
-        loaded = dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)
+        try:
+            loaded = dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # torch's CheckpointException (a BaseException) wraps the reader's error
+            raise ConversionError(
+                f"cannot read the dist checkpoint {checkpoint_dir} (a file is corrupt or truncated?): {describe(e)}"
+            ) from None
         yield {name: (t if slots[name].layer is None else t[0]) for name, t in loaded.items()}

@@ -82,8 +82,10 @@ def read_manifest(cache_dir: str | os.PathLike[str]) -> CacheManifest | None:
     path = Path(cache_dir) / MANIFEST
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path} is unreadable ({type(e).__name__}: {e}); delete the cache to rebuild it") from None
     return CacheManifest(**data)
 
 
@@ -105,7 +107,6 @@ def write_cache(
     ``rebuild_stale``, in which case it is replaced (readers holding maps keep them).
     """
     final = Path(cache_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
     want = identity_hash(identity)
     existing = read_manifest(final)
     if existing is not None:
@@ -115,10 +116,16 @@ def write_cache(
             raise StaleCacheError(_stale_message(final, existing.identity, identity))
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # read-only or missing permission: one line naming the cache, not a traceback
+        raise CacheError(f"cannot write the cache {final}: {_unwritable(final, tmp, e)}") from None
     try:
         manifest = _write_arrays(tmp, samples, identity, want, skip_report, info or {})
         _publish(tmp, final, want, rebuild_stale)
+    except OSError as e:  # e.g. the disk filled up; the sources' own read errors arrive as DataError
+        raise CacheError(f"could not write the cache {final}: {_os_line(e)}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -334,6 +341,21 @@ def _stale_message(path: Path, have: dict[str, Any], want: dict[str, Any]) -> st
         + (f" ({detail})" if detail else "")
         + ". Delete it, point the run at a new cache directory, or rebuild with --rebuild-stale / rebuild_stale=True."
     )
+
+
+def _os_line(e: OSError) -> str:
+    return " ".join(str(e).split())
+
+
+def _unwritable(final: Path, tmp: Path, e: OSError) -> str:
+    """Why the cache's folder could not be made, naming a folder the user knows (not the temp name)."""
+    probe = final.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    where = final.parent if e.filename == str(tmp) else e.filename
+    return f"[Errno {e.errno}] {e.strerror}: '{where}'"
 
 
 def _canonical(obj: Any) -> str:

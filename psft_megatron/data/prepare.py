@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 from psft_megatron.data.cache import CachedSamples, prepare_cache
 from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.encode import iter_tokenized
+from psft_megatron.data.errors import SOURCE, DataError
 from psft_megatron.data.templates import ChatTemplate, load_template
 from psft_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from psft_megatron.data.types import SkipReport, TokenizedSample
@@ -67,6 +68,20 @@ def iter_sources(
         yield from iter_tokenized(cfg, tokenizer, template, report)
 
 
+def _not_empty(
+    samples: Iterator[TokenizedSample], sources: Sequence[DataSourceConfig], report: SkipReport
+) -> Iterator[TokenizedSample]:
+    """``samples``, raising a :class:`DataError` naming the sources when there are none: a cache
+    of no samples would only fail later, far from its cause (an empty file, or every sample dropped)."""
+    n = 0
+    for s in samples:
+        n += 1
+        yield s
+    if n == 0:
+        why = f"every sample was dropped: {report.summary()}" if report.total else "no records in it (an empty file?)"
+        raise DataError(", ".join(s.path for s in sources), None, None, SOURCE, f"no samples to cache, {why}")
+
+
 def prepare_dataset(
     cache_dir: str | os.PathLike[str],
     sources: Sequence[DataSourceConfig],
@@ -84,7 +99,8 @@ def prepare_dataset(
     ``template``: as :func:`psft_megatron.data.templates.load_template` (None = the
     tokenizer's own). Use ``is_writer = (global rank == 0)`` on a shared filesystem,
     ``local_rank == 0`` with node-local cache directories. The loader's ``pad_id``
-    should be ``cached.manifest.identity["tokenizer"]["pad_id"]``.
+    should be ``cached.manifest.identity["tokenizer"]["pad_id"]``. Sources that yield no
+    sample at all raise :class:`~psft_megatron.data.errors.DataError` and no cache is written.
     """
     if not sources:
         raise ValueError("prepare_dataset needs at least one data source")
@@ -94,7 +110,7 @@ def prepare_dataset(
 
     def make() -> tuple[Iterator[TokenizedSample], SkipReport]:
         report = SkipReport()
-        return iter_sources(sources, tok, tpl, report), report
+        return _not_empty(iter_sources(sources, tok, tpl, report), sources, report), report
 
     info = {"tokenizer": str(tok.name), "template": getattr(tpl, "name", None), "sources": [s.path for s in sources]}
     return prepare_cache(
