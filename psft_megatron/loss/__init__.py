@@ -1,6 +1,7 @@
 """The loss layer: vocab-parallel token statistics, objectives, global-token normalisation, statistics."""
 
-from psft_megatron.loss.compute import MicroBatchLoss, micro_batch_loss, snapshot_logp
+from psft_megatron.loss.compute import MicroBatchLoss, micro_batch_loss, output_token_stats, snapshot_logp
+from psft_megatron.loss.fused_head import OutputHead, fused_token_stats
 from psft_megatron.loss.normalize import (
     global_token_count,
     masked_loss_sum,
@@ -22,8 +23,10 @@ __all__ = [
     "LossStats",
     "MicroBatchLoss",
     "ObjectiveConfig",
+    "OutputHead",
     "TokenLosses",
     "TokenStats",
+    "fused_token_stats",
     "get_objective",
     "global_token_count",
     "masked_loss_sum",
@@ -31,6 +34,7 @@ __all__ = [
     "micro_batch_loss",
     "normalized_loss",
     "objective_names",
+    "output_token_stats",
     "reduce_stats",
     "register_objective",
     "snapshot_logp",

@@ -1,6 +1,9 @@
 """The loss of one micro-batch, end to end: what the trainer's ``loss_func`` calls.
 
 logits shard -> per-token logp and entropy -> objective -> global-mean term + statistics.
+With ``head`` (the fused output layer) the model output is the final-norm hidden states
+and logp / entropy come from :func:`~psft_megatron.loss.fused_head.fused_token_stats`
+instead: the same numbers, without the logits.
 """
 
 from __future__ import annotations
@@ -10,10 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from psft_megatron.loss.fused_head import OutputHead, fused_token_stats
 from psft_megatron.loss.normalize import normalized_loss
 from psft_megatron.loss.objectives import ObjectiveConfig, token_losses
 from psft_megatron.loss.stats import LossStats
-from psft_megatron.loss.token_stats import vocab_parallel_token_stats
+from psft_megatron.loss.token_stats import TokenStats, vocab_parallel_token_stats
 
 
 class _OwnLogp:
@@ -27,6 +31,37 @@ class _OwnLogp:
 # first mini-batch after a snapshot): its own detached log-probs are logp_old, ratio 1,
 # which saves the snapshot forward pass for that mini-batch.
 OWN_LOGP = _OwnLogp()
+
+
+def output_token_stats(
+    output: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    head: OutputHead | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+    chunk_size: int | None = None,
+    with_entropy: bool = True,
+    inplace: bool = False,
+    vocab_size: int | None = None,
+) -> TokenStats:
+    """Per-token logp (and entropy) from the model's last-stage output.
+
+    ``head`` None: ``output`` is the vocab-parallel logits ``[s, b, V/TP]``
+    (:func:`~psft_megatron.loss.token_stats.vocab_parallel_token_stats`). Otherwise ``output``
+    is the hidden states the output layer would read and ``head`` that layer's weight and
+    layout (:func:`psft_megatron.model.gpt.loss_head`); ``inplace`` does not apply there (no
+    logits to reuse), and ``chunk_size`` counts tokens per chunk of recomputed logits.
+    """
+    if head is None:
+        return vocab_parallel_token_stats(
+            output, labels, tp_group=tp_group, chunk_size=chunk_size, with_entropy=with_entropy,
+            inplace=inplace, vocab_size=vocab_size,
+        )  # fmt: skip
+    return fused_token_stats(
+        output, head.weight, labels, tp_group=head.tp_group if head.tp_group is not None else tp_group,
+        sequence_parallel=head.sequence_parallel, chunk_size=chunk_size, with_entropy=with_entropy,
+        vocab_size=vocab_size,
+    )  # fmt: skip
 
 
 @dataclass
@@ -53,8 +88,10 @@ def micro_batch_loss(
     chunk_size: int | None = None,
     inplace: bool = False,
     vocab_size: int | None = None,
+    head: OutputHead | None = None,
 ) -> MicroBatchLoss:
-    """Loss term and statistics of one micro-batch from vocab-parallel logits ``[s, b, V/TP]``.
+    """Loss term and statistics of one micro-batch from vocab-parallel logits ``[s, b, V/TP]``
+    (or, with ``head``, from the hidden states through the fused output layer, see :func:`output_token_stats`).
 
     ``labels``, ``loss_mask`` and ``logp_old`` are ``[s, b]``; ``logp_old`` (from the
     snapshot forward pass, see :func:`snapshot_logp`, or :data:`OWN_LOGP`) is required by ``psft``.
@@ -63,8 +100,8 @@ def micro_batch_loss(
     left out of the softmax (see :func:`~psft_megatron.loss.token_stats.vocab_parallel_token_stats`).
     ``inplace=True``: backward writes the logits gradient into the logits' storage.
     """
-    ts = vocab_parallel_token_stats(
-        logits, labels, tp_group=tp_group, chunk_size=chunk_size, inplace=inplace, vocab_size=vocab_size
+    ts = output_token_stats(
+        logits, labels, head=head, tp_group=tp_group, chunk_size=chunk_size, inplace=inplace, vocab_size=vocab_size
     )
     if isinstance(logp_old, _OwnLogp):
         logp_old = ts.logp.detach()
@@ -82,9 +119,11 @@ def snapshot_logp(
     tp_group: dist.ProcessGroup | None = None,
     chunk_size: int | None = None,
     vocab_size: int | None = None,
+    head: OutputHead | None = None,
 ) -> torch.Tensor:
-    """Per-token label log-probs (fp32, no entropy, no graph) from the snapshot model's logits
-    (``vocab_size``: the true vocabulary size, padded columns beyond it excluded)."""
-    return vocab_parallel_token_stats(
-        logits, labels, tp_group=tp_group, chunk_size=chunk_size, with_entropy=False, vocab_size=vocab_size
+    """Per-token label log-probs (fp32, no entropy, no graph) from the snapshot model's logits,
+    or with ``head`` its hidden states (``vocab_size``: the true vocabulary size, padded columns
+    beyond it excluded)."""
+    return output_token_stats(
+        logits, labels, head=head, tp_group=tp_group, chunk_size=chunk_size, with_entropy=False, vocab_size=vocab_size
     ).logp

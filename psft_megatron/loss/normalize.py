@@ -47,18 +47,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-
-def resolve_dp_cp_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """The explicit group, else megatron's DP x CP group if initialised, else None (one rank)."""
-    if group is not None:
-        return group
-    if not dist.is_initialized():
-        return None  # single process: nothing to reduce (and no need to import megatron)
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_data_parallel_group(with_context_parallel=True)
-    return None
+from psft_megatron.loss.groups import resolve_dp_cp_group
 
 
 def global_token_count(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from psft_megatron.loss.groups import resolve_dp_cp_group
 from psft_megatron.loss.objectives import TokenLosses
 
 # Order of the entries of LossStats.sums.
@@ -99,8 +100,6 @@ def reduce_stats(stats: LossStats, group: dist.ProcessGroup | None = None) -> Lo
     Sums with SUM, the ratio minimum with MIN and maximum with MAX. Returns a new object,
     identical on every rank of the group.
     """
-    from psft_megatron.loss.normalize import resolve_dp_cp_group
-
     sums, rmin, rmax = stats.sums.clone(), stats.ratio_min.clone(), stats.ratio_max.clone()
     group = resolve_dp_cp_group(group)
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:

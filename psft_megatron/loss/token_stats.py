@@ -16,16 +16,19 @@ Here everything is computed in fp32 from two all-reduces of per-token scalars (t
 then the label's logit, sum exp(z - max) and sum exp(z - max) * (z - max) packed into one),
 the vocabulary is never gathered, the fp32 working copy exists one token chunk at a time,
 and backward recomputes the softmax from the (saved, untouched) logits: no communication
-in backward.
+in backward. Backward forms log p as ``(z - max) - log_s`` with the max and the log-sum kept
+apart, so it is as exact as fp32 ``log_softmax`` even at logits of 1e4 and more (one fp32
+``max + log_s`` would put half an ulp of the max, ~1e-3 at 2.5e4, into every log p).
+To never hold the logits at all, see :mod:`psft_megatron.loss.fused_head`.
 
 Memory (one fp32 shard = tokens x V/TP x 4 bytes): kept from forward to backward are a
 reference to the logits themselves (0.5 shard for bf16 logits, which megatron's CE would
-replace by a 1-shard fp32 softmax) and five per-token vectors. Forward peaks at two fp32
+replace by a 1-shard fp32 softmax) and six per-token vectors. Forward peaks at two fp32
 chunk buffers; backward at the gradient (one shard in the logits' dtype, none with
 ``inplace=True``) plus at most two fp32 chunk buffers.
 
 Vocabulary padding: the embedding / output layer is padded to a multiple of
-``make_vocab_size_divisible_by`` (see :func:`psft_megatron.config.model.padded_vocab_size`),
+``make_vocab_size_divisible_by`` (see ``ModelConfig.padded_vocab_size`` in :mod:`psft_megatron.model.config`),
 and the output layer produces logits for the padded columns too (zeros for a model converted
 from HF, random for a fresh one). Pass ``vocab_size`` (the true vocabulary size) to exclude
 every column with global index >= ``vocab_size`` exactly, as if its logit were -inf: it gets
@@ -48,6 +51,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from psft_megatron.loss.groups import rank_and_size, resolve_tp_group
+
 # Auto chunking: bytes per fp32 working buffer (forward with entropy and backward with an
 # entropy gradient hold two). On CPU the passes over a chunk are cache-bound: chunks that stay
 # in L2 ran ~2x faster than whole shards (2-core box, V = 16k..128k). On GPU large chunks
@@ -63,29 +68,43 @@ class TokenStats:
     entropy: torch.Tensor | None
 
 
-def resolve_tp_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """The explicit group, else megatron's tensor-parallel group if initialised, else None (one rank)."""
-    if group is not None:
-        return group
-    if not dist.is_initialized():
-        return None  # single process: nothing to reduce (and no need to import megatron)
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        return parallel_state.get_tensor_model_parallel_group()
-    return None
-
-
-def _rank_and_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def auto_chunk_size(vocab_local: int, device: torch.device | str = "cpu") -> int:
     """Tokens per chunk so that one fp32 working buffer stays under :data:`AUTO_CHUNK_BYTES`."""
     budget = AUTO_CHUNK_BYTES.get(torch.device(device).type, AUTO_CHUNK_BYTES["cuda"])
     return max(1, budget // (4 * max(1, vocab_local)))
+
+
+def softmax_grad_(
+    out: torch.Tensor,
+    z: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    g_lp: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    g_h: torch.Tensor | None = None,
+    p_buf: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write into fp32 ``out`` ``[c, v]`` the gradient of ``sum_t g_lp_t logp_t + g_h_t H_t``
+    with respect to the logits ``z`` ``[c, v]`` of one chunk, except the label's one-hot term
+    ``+g_lp_t`` (the caller scatters it in: only the rank owning the label has it).
+
+    Per token: ``m`` the max over the whole vocabulary, ``log_s`` = log sum exp(z - m),
+    ``entropy`` H. d logp / dz_j = 1[j = label] - p_j and d H / dz_j = -p_j (log p_j + H).
+    ``log p_j`` is computed as ``(z_j - m) - log_s``: the first difference is exact near the
+    max whatever the logits' magnitude, whereas subtracting one fp32 ``m + log_s`` puts half
+    an ulp of ``m`` into every log p (~1e-3 at |z| ~ 2.5e4). ``out`` may be ``z`` itself
+    (fp32 logits overwritten in place); ``p_buf`` (fp32 ``[c, v]``) is needed with ``g_h``.
+    """
+    torch.sub(z, m.unsqueeze(1), out=out)  # bf16 - fp32 computes in fp32
+    out.sub_(log_s.unsqueeze(1))  # log p_j
+    if g_h is not None:
+        torch.exp(out, out=p_buf)
+        # -p * (g_lp + g_h * (log p + H)), with the signs folded into the factors
+        out.add_(entropy.unsqueeze(1)).mul_(-g_h.unsqueeze(1))
+        out.sub_(g_lp.unsqueeze(1)).mul_(p_buf)
+    else:
+        out.exp_().mul_(-g_lp.unsqueeze(1))  # -p * g_lp
+    return out
 
 
 class _VocabParallelTokenStats(torch.autograd.Function):
@@ -140,11 +159,11 @@ class _VocabParallelTokenStats(torch.autograd.Function):
 
         log_s = sums[1].log()
         logp = sums[0] - log_s
-        lse = m + log_s
         entropy = log_s - sums[2] / sums[1] if with_entropy else None
 
         ctx.chunk, ctx.inplace, ctx.v_valid = chunk, inplace, v_valid
-        ctx.save_for_backward(logits, local_idx, in_range, lse, entropy if with_entropy else lse)
+        # The max and the log-sum stay apart (see softmax_grad_): no fp32 lse = m + log_s.
+        ctx.save_for_backward(logits, local_idx, in_range, m, log_s, entropy if with_entropy else log_s)
         ctx.with_entropy = with_entropy
         ctx.set_materialize_grads(False)  # an unused output gives None: skip its term in backward
         shape = labels.shape
@@ -154,7 +173,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
-        logits, local_idx, in_range, lse, entropy = ctx.saved_tensors
+        logits, local_idx, in_range, m, log_s, entropy = ctx.saved_tensors
         if not ctx.with_entropy:
             g_ent = None
         if g_logp is None and g_ent is None:
@@ -162,9 +181,8 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         v_local, v_valid = logits.shape[-1], ctx.v_valid
         z = logits.reshape(-1, v_local)
         n = z.shape[0]
-        g_lp = g_logp.reshape(-1).float() if g_logp is not None else torch.zeros_like(lse)
+        g_lp = g_logp.reshape(-1).float() if g_logp is not None else torch.zeros_like(m)
         g_h = g_ent.reshape(-1).float() if g_ent is not None else None
-        # d logp / dz_j = 1[j = label] - p_j ;  d H / dz_j = -p_j (log p_j + H)
         onehot_val = torch.where(in_range, g_lp, torch.zeros_like(g_lp)).unsqueeze(1)
         chunk = ctx.chunk
         # inplace: the gradient goes into the logits' own storage (the caller opted in).
@@ -182,15 +200,12 @@ class _VocabParallelTokenStats(torch.autograd.Function):
         for c0 in range(0, n if v_valid else 0, chunk):
             c1 = min(n, c0 + chunk)
             out = gv[c0:c1] if buf is None else buf[: c1 - c0]
-            torch.sub(zv[c0:c1], lse[c0:c1].unsqueeze(1), out=out)  # log p_j (in place when inplace)
-            if g_h is not None:
-                p = p_buf[: c1 - c0]
-                torch.exp(out, out=p)
-                # -p * (g_lp + g_h * (log p + H)), with the signs folded into the factors
-                out.add_(entropy[c0:c1].unsqueeze(1)).mul_(-g_h[c0:c1].unsqueeze(1))
-                out.sub_(g_lp[c0:c1].unsqueeze(1)).mul_(p)
-            else:
-                out.exp_().mul_(-g_lp[c0:c1].unsqueeze(1))  # -p * g_lp
+            rs = slice(c0, c1)
+            softmax_grad_(
+                out, zv[rs], m[rs], log_s[rs], g_lp[rs],
+                entropy[rs] if g_h is not None else None, g_h[rs] if g_h is not None else None,
+                p_buf[: c1 - c0] if p_buf is not None else None,
+            )  # fmt: skip
             out.scatter_add_(1, local_idx[c0:c1].unsqueeze(1), onehot_val[c0:c1])
             if buf is not None:
                 gv[c0:c1].copy_(out)
@@ -235,7 +250,7 @@ def vocab_parallel_token_stats(
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
     group = resolve_tp_group(tp_group)
-    rank, world = _rank_and_size(group)
+    rank, world = rank_and_size(group)
     v_local = logits.shape[-1]
     chunk = auto_chunk_size(v_local, logits.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
