@@ -3,8 +3,16 @@
 
     torchrun --nproc-per-node N launch/pretrain_psft.py RECIPE.yaml [key.sub=value ...]
 
-Reads the recipe, applies overrides, validates it (before any weight is built), then
-trains or resumes. Without torchrun it runs as a single process.
+Reads the recipe, applies overrides, validates it and the files and folders it names
+(before any weight is built), then trains or resumes. Without torchrun it runs as a
+single process. Exit status:
+
+    0   finished (or stopped by training.exit_after_steps, after saving)
+    1   an internal error (a traceback follows: please report it)
+    2   bad usage, recipe, data, checkpoint or disk: one "error:" line says what to fix
+    3   training diverged: too many consecutive non-finite steps (training.max_skipped_steps)
+    75  stopped early by SIGTERM/SIGUSR1 or training.exit_duration_minutes, after saving:
+        relaunch the same command to resume
 """
 
 from __future__ import annotations
@@ -46,13 +54,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     # megatron-core logs its own set-up at INFO on every rank; keep its warnings only.
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # After the warning filters and logging set-up: importing the package imports megatron-core.
+    from psft_megatron.checkpoint.model_checkpoint import CheckpointError
     from psft_megatron.config.load import ConfigError
+    from psft_megatron.data.cache import CacheError
+    from psft_megatron.data.errors import DataError
+    from psft_megatron.preflight import preflight
     from psft_megatron.recipe import load_recipe
+    from psft_megatron.run import run
+    from psft_megatron.training.data_setup import DataSetupError
+    from psft_megatron.training.guards import TrainingDiverged
+    from psft_megatron.training.stopping import EXIT_PREEMPTED
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         recipe.validate(world)
+        preflight(recipe)
         if not args.validate_only:  # --validate-only may run on a login node without GPUs
             import torch
 
@@ -64,19 +82,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.recipe}: valid")
         return 0
 
-    # Imported here, not at the top: --validate-only must not pay for importing megatron-core.
-    from psft_megatron.checkpoint.model_checkpoint import CheckpointError
-    from psft_megatron.data.errors import DataError
-    from psft_megatron.run import run
-    from psft_megatron.training.data_setup import DataSetupError
-
     try:
         result = run(recipe)
-        logging.getLogger("psft").info("done: %d steps; last checkpoint %s", result.step, result.last_checkpoint)
-    except (DataError, DataSetupError, CheckpointError, ConfigError) as e:
-        # Problems with the user's inputs: one line naming what to fix, not a traceback.
+    except (DataError, DataSetupError, CacheError, CheckpointError, ConfigError) as e:
+        # Problems with the user's inputs, files or disk: one line naming what to fix, not a traceback.
         print(f"error [rank {rank}]: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except TrainingDiverged as e:
+        print(f"error [rank {rank}]: {e}", file=sys.stderr)
+        return 3
+    log = logging.getLogger("psft")
+    if result.preempted:
+        log.info("stopped at step %d (%s); checkpoint %s; relaunch to resume", result.step, result.stop_reason,
+                 result.last_checkpoint)
+        return EXIT_PREEMPTED
+    log.info("done: %d steps; last checkpoint %s", result.step, result.last_checkpoint)
     return 0
 
 

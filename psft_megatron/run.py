@@ -9,20 +9,26 @@ is written once.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
 
 import torch.distributed as dist
 import yaml
+from megatron.core import parallel_state as ps
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer
 from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.model.build import build_model
+from psft_megatron.model.init import init_layout_independent
+from psft_megatron.preflight import preflight, save_dir_of
 from psft_megatron.recipe import RecipeConfig
 from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
+from psft_megatron.training.batch_cursor import BatchCursor, RowLayout
 from psft_megatron.training.data_setup import TrainData, build_data
 from psft_megatron.training.evaluator import Evaluator
+from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard, TrainingDiverged
 from psft_megatron.training.loop import Trainer, TrainResult, train
 from psft_megatron.training.metrics import MetricsWriter
 from psft_megatron.training.optimizer import build_optimizer
@@ -50,6 +56,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     the latest checkpoint when there is one. Needs :func:`init_model_parallel` and :func:`set_seed`."""
     recipe.validate(env.world_size)
     recipe.validate_for_device(env.device.type == "cuda")
+    preflight(recipe)
     run_dir = Path(recipe.logging.run_dir)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +64,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
 
     model_cfg = recipe.model.resolve()  # reads model.hf_config once, if set
     data = build_data(recipe.data, recipe.training, recipe.parallel, env)
-    built = build_model(model_cfg, recipe.parallel)
+    built = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
     if built.transformer_impl == "local":
         for chunk in built.chunks:  # packed rows rely on the block-diagonal mask being applied
             check_model_honours_mask(chunk)
@@ -67,15 +74,22 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
 
     checkpointer = Checkpointer(
         recipe.checkpoint,
-        recipe.checkpoint.save_dir or run_dir / "checkpoints",
+        save_dir_of(recipe),
         model_cfg,
         meta={"tokenizer": recipe.data.tokenizer},
     )
     checkpointer.find_resume_point()
-    checkpointer.load_initial_weights(built.chunks)  # before the optimizer copies them to fp32 main params
+    # Before the optimizer copies the weights into its fp32 main params.
+    if not checkpointer.load_initial_weights(built.chunks):
+        init_layout_independent(built.chunks, recipe.training.seed)  # the same random model at every layout
     bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
     progress = TrainProgress()
-    states = {"progress": progress, "data": data.loader}
+    cursor = BatchCursor(
+        RowLayout(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), recipe.training.mini_batch_size,
+                  recipe.training.micro_batch_size),
+        holds_logp=ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0,
+    )
+    states = {"progress": progress, "data": data.loader, "batch": cursor}
     checkpointer.resume(bundle.model, bundle.optimizer, bundle.scheduler, states)
 
     setup = PassSetup(
@@ -97,8 +111,12 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
             recipe.training.eval_interval, lambda: data.eval_micro_batches(recipe.training.eval_rows), setup
         ),
         metrics=metrics,
-        stop=StopPolicy(progress.step, recipe.training.exit_after_steps),
+        stop=StopPolicy(progress.step, recipe.training.exit_after_steps, recipe.training.exit_duration_minutes,
+                        env.device),
         progress=progress,
+        cursor=cursor,
+        guard=NonFiniteGuard(recipe.training.max_skipped_steps),
+        spikes=LossSpikeDetector(recipe.training.loss_spike_factor, recipe.training.loss_spike_window),
         total_steps=steps,
         tokens_per_step=recipe.training.mini_batch_size * recipe.training.seq_length,
         is_logger=is_logger,
@@ -110,8 +128,11 @@ def run(recipe: RecipeConfig) -> TrainResult:
     """Train ``recipe`` in this process (one rank of a torchrun job, or alone): set up
     torch.distributed and megatron's parallel state, build, train or resume, tear down.
 
-    The default process group is destroyed at the end only if this call created it, so
-    a caller (a test) may run several recipes in one job.
+    Rank 0 records how the launch ended in ``<run_dir>/run_status.json`` (``finished``,
+    ``stopped``, ``preempted``, ``diverged`` or ``failed``, with the step and the last
+    checkpoint), which job scripts read to decide whether to requeue. The default process
+    group is destroyed at the end only if this call created it, so a caller (a test) may
+    run several recipes in one job.
     """
     owns_process_group = not dist.is_initialized()
     backend = None if recipe.distributed.backend == "auto" else recipe.distributed.backend
@@ -119,6 +140,30 @@ def run(recipe: RecipeConfig) -> TrainResult:
     try:
         init_model_parallel(recipe.parallel)
         set_seed(recipe.training.seed)
-        return train(build_trainer(recipe, env))
+        result = train(build_trainer(recipe, env))
+    except TrainingDiverged as e:
+        _write_status(recipe, env, "diverged", reason=str(e))
+        raise
+    except Exception as e:
+        _write_status(recipe, env, "failed", reason=f"{type(e).__name__}: {e}")
+        raise
     finally:
         teardown(destroy_process_group=owns_process_group)
+    status = "preempted" if result.preempted else ("stopped" if result.stop_reason else "finished")
+    _write_status(recipe, env, status, reason=result.stop_reason, step=result.step,
+                  checkpoint=str(result.last_checkpoint) if result.last_checkpoint else None,
+                  skipped_steps=result.skipped_steps)
+    return result
+
+
+def _write_status(recipe: RecipeConfig, env: DistEnv, status: str, **fields: object) -> None:
+    if env.rank != 0:
+        return
+    path = Path(recipe.logging.run_dir) / "run_status.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"status": status, **fields}, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as e:  # the status is a convenience: never mask the run's own outcome
+        log.warning("could not write %s: %s", path, e)

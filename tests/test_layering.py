@@ -8,6 +8,7 @@
     evaluation
     training
     recipe                       composes every section's config
+    preflight                    checks the files and folders a recipe names
     run                          initialise -> build -> train -> teardown
     testing                      helpers for tests and benchmarks (nothing imports it)
 
@@ -36,8 +37,9 @@ LAYERS = {
     "evaluation": 5,
     "training": 6,
     "recipe": 7,
-    "run": 8,
-    "testing": 9,
+    "preflight": 8,
+    "run": 9,
+    "testing": 10,
 }
 
 

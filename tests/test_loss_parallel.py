@@ -23,11 +23,18 @@ import torch.distributed as dist
 from psft_megatron.testing.multiproc import run_in_processes
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
+DTYPES = (torch.float32, torch.bfloat16)
+OBJECTIVES = ("sft", "dft", "psft")
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_GRAD_TOL = dict(atol=1e-5, rtol=2.0**-8)
 
 
 # ----------------------------------------------------------------------------- references
+
+
+def _chunks(n: int) -> tuple[int | None, ...]:
+    """Token chunkings checked: automatic, one chunk, uneven chunks, one token at a time."""
+    return (None, n, 4, 1)
 
 
 def _ref_token_stats(full: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,18 +87,18 @@ def _check_token_stats(tp_group, rank: int, tp: int) -> dict:
     u = torch.randn(s, b, generator=g)  # upstream weights on the entropies
     noise = (torch.rand(s, b, generator=g) - 0.5) * 1.2  # log-ratios in [-0.6, 0.6]
     n = s * b
-    checked = 0
+    checked: set[tuple] = set()
 
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in DTYPES:
         full = full32.to(dtype)
         z64 = full.double()
         lp_ref0, ent_ref0 = _ref_token_stats(z64, labels)
         lp_old = _away_from_clip_edges(lp_ref0 + noise.double(), lp_ref0).float()
         grad_tol = FP32_TOL if dtype == torch.float32 else BF16_GRAD_TOL
 
-        for name in ("sft", "dft", "psft"):
+        for name in OBJECTIVES:
             cfg = ObjectiveConfig(name=name, eps_low=EPS_LOW, eps_high=EPS_HIGH)
-            for chunk in (None, n, 4, 1):
+            for chunk in _chunks(n):
                 for entropy_grad in (False, True):
                     shard = _shard(full, rank, tp).clone().requires_grad_()
                     before = shard.detach().clone()
@@ -123,7 +130,7 @@ def _check_token_stats(tp_group, rank: int, tp: int) -> dict:
                     if name == "psft":
                         clipped_ref = (torch.exp(lp_ref.detach() - lp_old.double()) > 1 + EPS_HIGH) & mask
                         assert torch.equal(tl.clipped, clipped_ref)
-                    checked += 1
+                    checked.add((dtype, name, chunk, entropy_grad))
 
             # Chunked equals unchunked, tightly (rows are independent; only reduction shapes differ).
             outs = []
@@ -158,7 +165,7 @@ def _check_token_stats(tp_group, rank: int, tp: int) -> dict:
         )
 
     _check_psft_clip(tp_group, rank, tp)
-    return {"checked": checked}
+    return {"checked": len(checked), "expected": len(DTYPES) * len(OBJECTIVES) * len(_chunks(n)) * 2}
 
 
 def _check_psft_clip(tp_group, rank: int, tp: int) -> None:
@@ -220,7 +227,7 @@ def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
     mask = torch.rand(s, b, generator=g) < 0.75
     w = torch.randn(s, b, generator=g)
     u = torch.randn(s, b, generator=g)
-    checked = 0
+    checked: set[tuple] = set()
 
     for V in PADDED_VOCAB_SIZES:
         labels = torch.randint(0, V, (s, b), generator=g)
@@ -230,7 +237,7 @@ def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
         full32 = torch.where(cols < V, real, pad)
         start = rank * v_local
         valid_local = min(max(V - start, 0), v_local)  # valid leading columns of this shard
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in DTYPES:
             full = full32.to(dtype)
             zr = full[..., :V].double().requires_grad_()
             lp_ref, ent_ref = _ref_token_stats(zr, labels)
@@ -240,7 +247,7 @@ def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
 
             outs = []
             for inplace in (False, True):
-                for chunk in (None, n, 4, 1):
+                for chunk in _chunks(n):
                     shard = _shard(full, rank, tp).clone().requires_grad_()
                     before = shard.detach().clone()
                     ts = vocab_parallel_token_stats(
@@ -259,7 +266,7 @@ def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
                     assert torch.equal(padded, torch.zeros_like(padded)), "padded columns must get exactly 0"
                     if chunk is not None:
                         outs.append((ts.logp.detach(), ts.entropy.detach(), grad))
-                    checked += 1
+                    checked.add((V, dtype, inplace, chunk))
             # Chunked equals unchunked (and inplace equals not), tightly.
             for other in outs[1:]:
                 for a, c in zip(outs[0], other):
@@ -284,7 +291,7 @@ def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
             torch.testing.assert_close(shard.grad.double(), _shard(g_sft, rank, tp), **grad_tol)
 
     # vocab_size=None and vocab_size=V_pad: the old behaviour, bit for bit (padded columns count).
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in DTYPES:
         full = torch.where(torch.arange(V_pad) < 37, real, pad).to(dtype)
         labels = torch.randint(0, V_pad, (s, b), generator=g)
         res = []
@@ -301,8 +308,9 @@ def _check_padded_vocab(tp_group, rank: int, tp: int) -> dict:
         for other in res[1:]:
             for a, c in zip(res[0], other):
                 assert torch.equal(c, a)
-        checked += 1
-    return {"checked": checked}
+        checked.add(("unpadded", dtype))
+    expected = len(PADDED_VOCAB_SIZES) * len(DTYPES) * 2 * len(_chunks(n)) + len(DTYPES)
+    return {"checked": len(checked), "expected": expected}
 
 
 # ----------------------------------------------------------------------------- micro-batches x DP
@@ -464,18 +472,21 @@ def _same_loss_everywhere(per_rank: list[dict], key: str, reference: dict) -> No
             assert math.isclose(v, reference[k], rel_tol=1e-5, abs_tol=1e-6), (key, k, v, reference[k])
 
 
-PADDED_CHECKS = len(PADDED_VOCAB_SIZES) * 2 * 2 * 4 + 2  # V x dtype x inplace x chunk, + None/V_pad per dtype
+def _all_ran(result: dict) -> bool:
+    """Every combination the check loops over was checked (each is counted once, by its parameters)."""
+    return result["checked"] == result["expected"] > 0
+
 
 
 def test_tp1_dp1_in_process():
-    assert _check_token_stats(None, 0, 1)["checked"] == 2 * 3 * 4 * 2
-    assert _check_padded_vocab(None, 0, 1)["checked"] == PADDED_CHECKS
+    assert _all_ran(_check_token_stats(None, 0, 1))
+    assert _all_ran(_check_padded_vocab(None, 0, 1))
     _check_micro_batches(None, None, 0, 1, 0, 1)
 
 
 def test_two_processes_tp2_and_dp2():
     res = run_in_processes(_two_ranks, 2, timeout=120)
-    assert all(r["padded_tp2"]["checked"] == PADDED_CHECKS for r in res)
+    assert all(_all_ran(r["padded_tp2"]) for r in res)
     base = res[0]["mb_tp2_dp1"]
     _same_loss_everywhere(res, "mb_tp2_dp1", base)
     _same_loss_everywhere(res, "mb_tp1_dp2", base)
@@ -483,6 +494,6 @@ def test_two_processes_tp2_and_dp2():
 
 def test_four_processes_tp4_and_tp2_dp2():
     res = run_in_processes(_four_ranks, 4, timeout=180)
-    assert all(r["tokens_tp4"]["checked"] == 2 * 3 * 4 * 2 for r in res)
-    assert all(r["padded_tp4"]["checked"] == PADDED_CHECKS for r in res)
+    assert all(_all_ran(r["tokens_tp4"]) for r in res)
+    assert all(_all_ran(r["padded_tp4"]) for r in res)
     _same_loss_everywhere(res, "mb_tp2_dp2", res[0]["mb_tp2_dp2"])

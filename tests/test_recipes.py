@@ -4,6 +4,7 @@ before anything is built, with a message naming the file, line and field to chan
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,11 +119,42 @@ def test_cli_refuses_bad_recipe_before_building(tmp_path):
     )
     assert out.returncode == 2
     assert "bad recipe" in out.stderr and "mini_batch_size (5)" in out.stderr
-    ok = subprocess.run(
+    # --validate-only also checks what the recipe points at: here the 70B checkpoint is missing.
+    missing = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "pretrain_psft.py"), str(RECIPES / "70b_math.yaml"), "--validate-only"],
         capture_output=True, text=True, env=dict(os.environ, WORLD_SIZE="64", RANK="0"), timeout=120,
     )
+    assert missing.returncode == 2
+    assert re.search(r"70b_math.yaml:\d+: checkpoint.init_from: checkpoints/llama3.1-70b-instruct does not exist",
+                     missing.stderr), missing.stderr
+
+
+def test_validate_only_checks_files_and_folders(tiny_data, tmp_path):
+    """Up-front checks of what a recipe names: data files, init_from, writable folders (no files written)."""
+    base = [f"data.train[0].path={tiny_data / 'train.jsonl'}", f"data.eval[0].path={tiny_data / 'eval.jsonl'}",
+            f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"logging.run_dir={tmp_path / 'run'}"]
+
+    def validate(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain_psft.py"), str(RECIPES / "tiny_cpu.yaml"),
+                               *base, *overrides, "--validate-only"], capture_output=True, text=True,
+                              env=dict(os.environ, WORLD_SIZE="2", RANK="0"), timeout=120)
+
+    ok = validate()
     assert ok.returncode == 0, ok.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()  # checked, not created
+    (tmp_path / "blocker").write_text("a file where a folder should go")
+    cases = {
+        "data.train[0].path=missing.jsonl": r"data.train\[0\].path: no such file missing.jsonl",
+        f"checkpoint.init_from={tmp_path}": r"checkpoint.init_from: .* is not a psft_megatron model checkpoint",
+        f"logging.run_dir={tmp_path / 'blocker' / 'run'}": r"logging.run_dir: cannot write .*blocker is a file",
+    }
+    for override, message in cases.items():
+        bad = validate(override)
+        assert bad.returncode == 2, (override, bad.stderr)
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: bad recipe:"), bad.stderr
+        assert re.search(message, lines[0]), (override, lines[0])
 
 
 def test_cpu_refuses_what_needs_cuda():

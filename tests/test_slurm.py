@@ -254,12 +254,6 @@ class NotSavedOnSignal(AssertionError):
     """The interrupted launch kept no checkpoint of its last steps (the expected failure)."""
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=NotSavedOnSignal,
-    reason="needs the trainer's SIGTERM/SIGUSR1 handling (issue 11): a signalled worker must finish its "
-    "step and save before it exits; today it dies at once and, with save_interval 0, keeps nothing",
-)
 @pytest.mark.parametrize("interrupt", sorted(INTERRUPTS))
 def test_requeued_job_resumes_and_ends_like_an_uninterrupted_one(interrupt, data, good_job, tmp_path):
     fields, _, ref_dir = good_job

@@ -7,6 +7,8 @@
 - A run stopped (exit_after_steps) and relaunched equals an uninterrupted run; the
   checkpoint resumed at TP=2 gives the same next steps.
 - Every field of metrics.jsonl is there; the snapshot pass makes ratios move off 1.
+- The fused output layer + loss (``loss.fused_output_layer``) gives the same 16-step run at TP=1
+  and TP=2+SP as megatron's output layer and the separate loss.
 
 Each run is one launch, started the first time a test asks for it and shared by the
 module's tests after that: ``-k pp4`` pays for the TP=1 reference and PP=4 alone.
@@ -69,7 +71,8 @@ class Runs:
         self._init_saved = False
 
     def recipe(self, name: str, **sections: Any) -> dict:
-        r = with_sections(self.base, checkpoint=self.ckpt, **sections)
+        sections["checkpoint"] = {**self.ckpt, **sections.get("checkpoint", {})}
+        r = with_sections(self.base, **sections)
         r["logging"]["run_dir"] = str(self.tmp / name)
         return r
 
@@ -95,6 +98,12 @@ class Runs:
         if name in layouts:
             nprocs, parallel = layouts[name]
             return nprocs, _train, {"recipe_dict": self.recipe(name, parallel=parallel)}
+        if name in ("unfused_16", "fused_16", "fused_tp2_sp_16"):  # the fused output layer + loss, 16 steps
+            sixteen = {"train_steps": 16, "sft_warmup_steps": 4}
+            fused = {"fused_output_layer": name != "unfused_16"}
+            parallel = {"tensor_model_parallel_size": 2, "sequence_parallel": True} if "tp2" in name else {}
+            return (2 if parallel else 1), _train, {"recipe_dict": self.recipe(name, training=sixteen, loss=fused,
+                                                                               parallel=parallel)}
         if name == "psft_k1":  # one mini-batch per global batch: PSFT must equal SFT
             return 1, _train, {"recipe_dict": self.recipe(name, training=one)}
         if name == "sft_k1":
@@ -153,6 +162,16 @@ def test_layouts_match_tp1(runs, layout):
     assert [e["step"] for e in got["eval"]] == [e["step"] for e in ref["eval"]] == [4, 8]
     for g, r in zip(got["eval"], ref["eval"]):
         assert g["loss"] == pytest.approx(r["loss"], rel=2e-4)
+
+
+@pytest.mark.parametrize("name", ["fused_16", "fused_tp2_sp_16"])
+def test_fused_output_layer_gives_the_same_run(runs, name):
+    """loss.fused_output_layer: no logits tensor, same 16 steps (SFT warm-up, PSFT, evaluation)."""
+    ref, got = runs.get("unfused_16"), runs.get(name)
+    _assert_same_curve(got["records"], ref["records"], name)
+    assert [e["step"] for e in got["eval"]] == [e["step"] for e in ref["eval"]]
+    for g, r in zip(got["eval"], ref["eval"]):
+        assert g["loss"] == pytest.approx(r["loss"], rel=2e-4) and g["entropy"] == pytest.approx(r["entropy"], rel=2e-4)
 
 
 def test_psft_with_one_mini_batch_is_sft(runs):

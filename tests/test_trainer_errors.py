@@ -48,5 +48,5 @@ def test_bad_data_line_stops_all_ranks_with_its_location(tmp_path):
         for p in procs:
             p.kill()
     for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 1, err[-3000:]
+        assert p.returncode == 2, err[-3000:]
         assert "train.jsonl, line 7: malformed JSON" in err, err[-3000:]

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from psft_megatron.checkpoint.model_checkpoint import (
     CheckpointError,
@@ -48,7 +49,7 @@ from psft_megatron.checkpoint.model_checkpoint import (
     model_sharded_state_dict,
     write_model_checkpoint,
 )
-from psft_megatron.runtime.distributed import parallel_layout
+from psft_megatron.runtime.distributed import any_rank, parallel_layout
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,22 @@ _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def complete_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Every complete checkpoint in ``save_dir``, newest first (the ``latest`` pointer's first when valid)."""
+    save_dir = Path(save_dir)
+    steps = sorted(
+        ((int(m.group(1)), p) for p in save_dir.glob("step_*") if (m := _STEP_RE.match(p.name))
+         and (p / "train_state.json").is_file()),
+        reverse=True,
+    )
+    found = [p for _, p in steps]
+    latest = find_latest(save_dir)
+    if latest is not None and latest in found:
+        found.remove(latest)
+        found.insert(0, latest)
+    return found
 
 
 def find_latest(save_dir: str | Path) -> Path | None:
@@ -117,37 +134,102 @@ def save_training_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int = 0,
+    shards: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` (all ranks call this); returns its final path."""
+    """Write checkpoint ``step`` (all ranks call this); returns its final path.
+
+    ``shards``: this rank's own state (e.g. snapshot log-probs of its rows), written to
+    ``shards/rank_NNNNN.pt`` when non-empty; every rank can read every shard back.
+    A failed write (disk full, I/O error) on any rank raises :class:`CheckpointError` on
+    every rank, naming the path and the OS error; the previous checkpoint is untouched.
+    """
     from megatron.core import dist_checkpointing
 
     save_dir = Path(save_dir)
     final = save_dir / step_dir_name(step)
-    if global_rank() == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob("step_*.partial"):  # left by a crash mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+    try:
+        if global_rank() == 0:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            for stale in save_dir.glob("step_*.partial"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot write checkpoints to {save_dir}: {one_line(e)}") from None
     barrier()
     # A re-save of the same step (resumed, then saved again) swaps the old copy out atomically.
     with atomic_dir(final, overwrite=True) as tmp:
-        model_cfg = meta["model"]
-        write_model_checkpoint(model, tmp, model_cfg, {k: v for k, v in meta.items() if k != "model"})
-        if global_rank() == 0:
-            (tmp / "optimizer").mkdir()
-            (tmp / "rng").mkdir()
-        barrier()
-        model_sd = model_sharded_state_dict(model)
-        dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
-        if global_rank() == 0:
-            state = dict(train_state, format_version=FORMAT_VERSION, layout=parallel_layout(), scheduler=scheduler.state_dict())
-            _write_json(tmp / "train_state.json", state)
+        error: BaseException | None = None
+        try:
+            model_cfg = meta["model"]
+            write_model_checkpoint(model, tmp, model_cfg, {k: v for k, v in meta.items() if k != "model"})
+            if global_rank() == 0:
+                (tmp / "optimizer").mkdir()
+                (tmp / "rng").mkdir()
+                (tmp / "shards").mkdir()
+            barrier()
+            model_sd = model_sharded_state_dict(model)
+            dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
+            if shards and any(shards.values()):
+                torch.save(shards, tmp / "shards" / f"rank_{global_rank():05d}.pt")
+            if global_rank() == 0:
+                state = dict(train_state, format_version=FORMAT_VERSION, layout=parallel_layout(),
+                             scheduler=scheduler.state_dict())
+                _write_json(tmp / "train_state.json", state)
+        except (Exception, CheckpointException) as e:  # every rank must learn of it, or the others wait
+            error = e
+        if any_rank(error is not None):
+            written = 3 * sum(p.numel() * p.element_size() for chunk in model for p in chunk.parameters())
+            raise CheckpointError(
+                f"could not write checkpoint {final}: "
+                + (_describe_failure(error, save_dir, written) if error is not None
+                   else "another rank failed to write its part")
+                + "; the previous checkpoint is intact"
+            ) from None
     if global_rank() == 0:
         _write_text_atomic(save_dir / "latest", final.name)
         _prune(save_dir, step, keep_last)
         log.info("saved checkpoint %s", final)
     barrier()
     return final
+
+
+def read_shards(path: str | Path) -> list[dict[str, Any]]:
+    """Every rank's ``shards`` of the checkpoint at ``path`` (see :func:`save_training_checkpoint`)."""
+    return [torch.load(f, weights_only=False) for f in sorted((Path(path) / "shards").glob("rank_*.pt"))]
+
+
+def one_line(e: BaseException) -> str:
+    """The OS error behind ``e`` (torch and megatron wrap them), as ``[Errno 28] No space left ...: path``."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"
+
+
+def _describe_failure(e: BaseException, folder: Path, bytes_needed: int) -> str:
+    """One line for a failed save. A full disk often surfaces as a serialisation error from torch's
+    writer threads ("unexpected pos ..."), without the OS error: the free space tells."""
+    if any(isinstance(x, OSError) for x in _chain(e)):
+        return one_line(e)
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < bytes_needed:
+        return (f"No space left on device: {free / 2**20:.1f} MiB free on the disk holding {folder}, this rank's "
+                f"part of a checkpoint takes about {bytes_needed / 2**20:.1f} MiB ({one_line(e)})")
+    return one_line(e)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    out, seen = [], e
+    while seen is not None and len(out) < 20:
+        out.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return out
 
 
 def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, scheduler: Any) -> dict[str, Any]:

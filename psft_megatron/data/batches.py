@@ -108,7 +108,7 @@ class MicroBatch:
                 "attention_mask": None,
                 "packed_seq_params": self.packed_seq_params(),
             }
-        raise ValueError(f"backend must be 'local' or 'te', got {backend!r}")
+        raise ValueError(f"backend must be 'local' or 'transformer_engine', got {backend!r}")
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
         """Copy the tensors to ``device`` (cu_seqlens included: TE wants it on the GPU)."""

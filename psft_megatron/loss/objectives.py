@@ -63,6 +63,9 @@ class ObjectiveConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     log_ratio_clamp: float = 20.0
+    # Run the output layer and the token statistics together, chunk by chunk, so the
+    # [tokens, vocab/TP] logits never exist (psft_megatron.loss.fused_head).
+    fused_output_layer: bool = False
 
     def __post_init__(self) -> None:
         get_objective(self.name)  # fail at config time on a typo

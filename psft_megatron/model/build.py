@@ -193,7 +193,8 @@ def _set_rope_scaling(chunk: Any, model: ModelConfig) -> None:
 
 
 def _gpt_chunk(
-    model: ModelConfig, config: Any, spec: Any, vocab: int, pre: bool, post: bool, vp_stage: int | None
+    model: ModelConfig, config: Any, spec: Any, vocab: int, pre: bool, post: bool, vp_stage: int | None,
+    fused_output_layer: bool = False,
 ) -> Any:
     chunk = PSFTGPTModel(
         config=config,
@@ -207,6 +208,7 @@ def _gpt_chunk(
         position_embedding_type="rope",
         rotary_base=int(model.rope_theta) if float(model.rope_theta).is_integer() else model.rope_theta,
         vp_stage=vp_stage,
+        fused_output_layer=fused_output_layer,
     )
     _set_rope_scaling(chunk, model)
     return chunk
@@ -222,8 +224,12 @@ def build_model(
     parallel: ParallelConfig | None = None,
     *,
     config_overrides: dict[str, Any] | None = None,
+    fused_output_layer: bool = False,
 ) -> BuiltModel:
     """Build this rank's model chunks (one per virtual pipeline stage).
+
+    ``fused_output_layer``: the last stage, called with labels, returns the hidden states
+    for the fused output layer + loss (see :mod:`psft_megatron.model.gpt`) instead of logits.
 
     Needs megatron's parallel state (``init_model_parallel``) and, for reproducible
     init, ``set_seed``. Resolves ``model.hf_config`` and validates first. The
@@ -252,7 +258,7 @@ def build_model(
     for vp_stage in stages:
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage)
-        chunk = _gpt_chunk(model, config, spec, vocab, pre, post, vp_stage)
+        chunk = _gpt_chunk(model, config, spec, vocab, pre, post, vp_stage, fused_output_layer)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

@@ -93,6 +93,16 @@ class ModelConfig:
         d = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // d) * d
 
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (embedding and output rows padded; the output counted once
+        when tied), from the architecture alone."""
+        h, kv, heads, groups = self.hidden_size, self.kv_channels, self.num_attention_heads, self.query_groups
+        attention = h * kv * (heads + 2 * groups) + heads * kv * h + (kv * (heads + 2 * groups) if self.qkv_bias else 0)
+        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down (SwiGLU)
+        layer = attention + mlp + 2 * h  # two RMSNorm weights
+        embeddings = self.padded_vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embeddings + h  # + the final norm
+
     @classmethod
     def from_hf(cls, config_json: str | Path | dict[str, Any]) -> "ModelConfig":
         """The architecture of an HF config (dict, config.json path, or model folder).

@@ -117,6 +117,15 @@ def set_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all-reduce; no-op alone)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def parallel_layout() -> dict[str, int | None]:
     """This job's layout as checkpoints record it: world size, TP, PP, VP, CP and DP
     (a single-process layout when megatron's parallel state is not initialised)."""

@@ -32,10 +32,20 @@ class TrainingConfig:
     # Save a checkpoint and stop after this many optimizer steps *of this launch* (e.g. to fit
     # a SLURM time limit); the next launch of the same recipe resumes. None = run to the end.
     exit_after_steps: int | None = None
+    # Stop, saving a checkpoint, once this launch has run this long (a SLURM time limit minus
+    # the time a save takes); the next launch resumes. None = no budget.
+    exit_duration_minutes: float | None = None
     # Validation: score the held-out split every N optimizer steps (0 = never), on its first
     # eval_rows packed rows (the same rows at every layout; None = the whole split).
     eval_interval: int = 0
     eval_rows: int | None = None
+    # A step whose loss or gradient norm is non-finite is skipped (no update); this many in a
+    # row stop the run with an error.
+    max_skipped_steps: int = 3
+    # Warn when a step's response NLL exceeds this multiple of its mean over the last
+    # loss_spike_window steps (0 = off).
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 20
 
     def validate(self) -> None:
         """Checks within this section; raises :class:`FieldError`."""
@@ -54,6 +64,14 @@ class TrainingConfig:
             raise FieldError("training.eval_interval", f"must be >= 0, got {self.eval_interval}")
         if self.eval_rows is not None and self.eval_rows < 1:
             raise FieldError("training.eval_rows", f"must be >= 1 or null (the whole held-out split), got {self.eval_rows}")
+        if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
+            raise FieldError("training.exit_duration_minutes", f"must be > 0 or null, got {self.exit_duration_minutes}")
+        if self.max_skipped_steps < 1:
+            raise FieldError("training.max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
+        if self.loss_spike_factor < 0 or (0 < self.loss_spike_factor <= 1):
+            raise FieldError("training.loss_spike_factor", f"must be 0 (off) or > 1, got {self.loss_spike_factor}")
+        if self.loss_spike_window < 1:
+            raise FieldError("training.loss_spike_window", f"must be >= 1, got {self.loss_spike_window}")
         if self.sft_warmup_steps < 0:
             raise FieldError("training.sft_warmup_steps", f"must be >= 0, got {self.sft_warmup_steps}")
         k = self.mini_batches_per_global_batch

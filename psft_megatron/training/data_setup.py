@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,10 @@ import torch.distributed as dist
 from psft_megatron.data.batches import MicroBatch
 from psft_megatron.data.cache import CachedSamples
 from psft_megatron.data.config import DataConfig
+from psft_megatron.data.errors import SOURCE, DataError
 from psft_megatron.data.loader import LoaderConfig, PackedLoader
 from psft_megatron.data.prepare import prepare_dataset
+from psft_megatron.data.types import SkipReport
 from psft_megatron.runtime.config import ParallelConfig
 from psft_megatron.runtime.distributed import DistEnv
 from psft_megatron.training.config import TrainingConfig
@@ -68,8 +70,11 @@ class TrainData:
         return out
 
 
-def _cache(data: DataConfig, env: DistEnv, split: str) -> CachedSamples:
-    sources = data.train if split == "train" else data.eval
+def _cache(data: DataConfig, env: DistEnv, split: str, seq_length: int) -> CachedSamples:
+    # A source without max_length is limited to the row length: longer samples go through the
+    # source's long_sample policy (dropped or cut, and counted) instead of failing the packer.
+    sources = [s if s.max_length else replace(s, max_length=seq_length)
+               for s in (data.train if split == "train" else data.eval)]
     # Rank 0 tokenises once into a shared cache (cache_dir must be on a filesystem every
     # node sees), then tells the others whether it worked: a bad data file then stops every
     # rank at once with rank 0's message, instead of leaving them polling for a cache.
@@ -95,7 +100,16 @@ def _cache(data: DataConfig, env: DistEnv, split: str) -> CachedSamples:
     if env.rank == 0:
         m = cached.manifest
         log.info("%s data: %d samples, %d tokens (cache %s)", split, m.n_samples, m.n_tokens, cached.path)
+        skipped = SkipReport(counts=dict(m.skip_report.get("counts", {})),
+                             examples=dict(m.skip_report.get("examples", {})))
+        if skipped.total:  # on every run, also when the cache was built by an earlier one
+            log.warning("%s data: %s", split, skipped.summary())
     return cached
+
+
+def _data_error(split: str, data: DataConfig, e: ValueError) -> DataError:
+    paths = ", ".join(s.path for s in (data.train if split == "train" else data.eval))
+    return DataError(paths, None, None, SOURCE, f"{split} data: {e}")
 
 
 def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, env: DistEnv) -> TrainData:
@@ -115,11 +129,14 @@ def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, en
             pack=data.pack,
             pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]),
         )
-        if one_row:  # eval: TrainData splits the rows over DP itself
-            return PackedLoader(cached, cfg)
-        return PackedLoader(cached, cfg, dp_rank=dp_rank, dp_size=dp_size)
+        try:
+            if one_row:  # eval: TrainData splits the rows over DP itself
+                return PackedLoader(cached, cfg)
+            return PackedLoader(cached, cfg, dp_rank=dp_rank, dp_size=dp_size)
+        except ValueError as e:  # e.g. no rows at all: every rank raises the same, one line
+            raise _data_error("eval" if one_row else "train", data, e) from None
 
-    train = loader(_cache(data, env, "train"), t.seed)
-    held_out = loader(_cache(data, env, "eval"), t.seed, one_row=True) if data.eval else None
+    train = loader(_cache(data, env, "train", t.seq_length), t.seed)
+    held_out = loader(_cache(data, env, "eval", t.seq_length), t.seed, one_row=True) if data.eval else None
     multiple = parallel.pipeline_model_parallel_size if parallel.virtual_pipeline_model_parallel_size else 1
     return TrainData(train, held_out, t.micro_batch_size, dp_rank, dp_size, multiple)

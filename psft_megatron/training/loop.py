@@ -4,11 +4,12 @@ For each global batch (this DP rank's share, already split by the loader into k
 mini-batches of micro-batches):
 
 1. the :class:`~psft_megatron.training.phases.PhaseSchedule` picks the objective
-   (``sft`` during warm-up);
-2. :func:`~psft_megatron.training.step.train_global_batch` runs the snapshot pass the
-   objective needs, then each mini-batch's forward+backward and optimizer step;
-3. between global batches the evaluator, the checkpointer and the stop policy each
-   decide for themselves whether to act.
+   (``sft`` during warm-up) and the snapshot pass records logp_old if it needs one;
+2. each mini-batch runs forward+backward and one optimizer step, unless the
+   non-finite guard skips it;
+3. after every step the stop policy may end the launch (a signal: the checkpoint then
+   holds the position inside the global batch); between global batches the evaluator
+   and the checkpointer decide for themselves whether to act.
 
 The loop only orchestrates; the components are built by :func:`psft_megatron.run.build_trainer`.
 """
@@ -22,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer, Stateful
+from psft_megatron.training.batch_cursor import BatchCursor
 from psft_megatron.training.data_setup import TrainData
 from psft_megatron.training.evaluator import Evaluator
+from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard
 from psft_megatron.training.metrics import MetricsWriter, train_record
 from psft_megatron.training.optimizer import OptimizerBundle
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
-from psft_megatron.training.step import PassSetup, train_global_batch
+from psft_megatron.training.step import PassSetup, prepare_global_batch, snapshot_logp_old, train_step
 from psft_megatron.training.stopping import StopPolicy
 
 log = logging.getLogger("psft")
@@ -42,6 +45,9 @@ class TrainResult:
     records: list[dict[str, Any]]
     eval_records: list[dict[str, Any]]
     last_checkpoint: Path | None
+    stop_reason: str | None = None  # why the launch ended before the last step (None: it finished)
+    preempted: bool = False  # a signal or the time budget: relaunch to resume
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -57,6 +63,9 @@ class Trainer:
     metrics: MetricsWriter
     stop: StopPolicy
     progress: TrainProgress
+    cursor: BatchCursor
+    guard: NonFiniteGuard
+    spikes: LossSpikeDetector
     total_steps: int
     tokens_per_step: int  # positions per optimizer step: mini_batch_size x seq_length
     is_logger: bool
@@ -67,28 +76,53 @@ class Trainer:
         return self.checkpointer.save(self.progress.step, b.model, b.optimizer, b.scheduler, self.states)
 
 
+def _enter_global_batch(t: Trainer) -> None:
+    """Draw the next global batch (or re-draw the interrupted one) and run its snapshot pass."""
+    loader = t.data.loader
+    pending = t.cursor.pending()
+    if pending is not None:  # resumed inside a global batch: draw it again, reuse its saved logp_old
+        loader.load_state_dict(pending["loader_before"])
+        minis = prepare_global_batch(next(loader), t.setup)
+        t.cursor.resume(minis, t.setup.device)
+        return
+    before = loader.state_dict()
+    minis = prepare_global_batch(next(loader), t.setup)
+    objective = t.phases.objective_at(t.progress.step)
+    logp_old = snapshot_logp_old(t.bundle.model, minis, objective, t.setup)
+    t.cursor.begin(minis, logp_old, t.progress.step, before)
+
+
 def train(t: Trainer) -> TrainResult:
     """Run the built (and possibly resumed) trainer to its last step or until its stop policy says so."""
     records: list[dict[str, Any]] = []
     eval_records: list[dict[str, Any]] = []
-    progress = t.progress
+    progress, cursor = t.progress, t.cursor
+    t.stop.install_signal_handlers()
     try:
         while progress.step < t.total_steps:
-            gb = next(t.data.loader)
-            objective = t.phases.objective_at(progress.step)
-            steps_before = progress.step
             t0 = time.monotonic()
-            for result in train_global_batch(t.bundle, gb, objective, t.setup):
-                progress.advance(t.tokens_per_step)
-                seconds, t0 = time.monotonic() - t0, time.monotonic()
-                if result.stats is not None:
-                    rec = train_record(progress.step, objective.name, result.stats, result.grad_norm,
-                                       result.lr, t.tokens_per_step, seconds)
-                    records.append(rec)
-                    t.metrics.write(rec)
-                    t.metrics.progress(rec)
+            if not cursor.active:
+                _enter_global_batch(t)
+            objective = t.phases.objective_at(cursor.start_step)
+            j = cursor.next_mini
+            result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j])
+            cursor.advance()
+            progress.advance(t.tokens_per_step)
             step = progress.step
-            if t.evaluator.should_evaluate(step, step - steps_before):
+            loss = result.stats["loss"] if result.stats is not None else None
+            t.guard.record(step, result.skipped, loss, result.grad_norm)
+            if result.stats is not None:
+                rec = train_record(step, objective.name, result.stats, result.grad_norm, result.lr,
+                                   t.tokens_per_step, time.monotonic() - t0)
+                if result.skipped:
+                    rec["skipped"] = True
+                else:
+                    t.spikes.check(step, -result.stats["mean_logp"])
+                records.append(rec)
+                t.metrics.write(rec)
+                t.metrics.progress(rec)
+            boundary = not cursor.active
+            if boundary and t.evaluator.should_evaluate(step, step - cursor.start_step):
                 ev = t.evaluator.evaluate(t.bundle.model, step)
                 if ev is not None:
                     eval_records.append(ev)
@@ -96,13 +130,15 @@ def train(t: Trainer) -> TrainResult:
                     if t.is_logger:
                         log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
             last_step = step >= t.total_steps
-            stopping = not last_step and t.stop.should_stop(step)
-            if t.checkpointer.should_save(step, last_step=last_step, stopping=stopping):
+            stopping = not last_step and t.stop.should_stop(step, boundary)
+            if t.checkpointer.should_save(step, at_boundary=boundary, last_step=last_step, stopping=stopping):
                 t.save()
             if stopping:
-                log.info("stopping after step %d (%s); relaunch to resume", step, t.stop.reason())
+                log.info("stopping after step %d (%s); relaunch the same command to resume", step, t.stop.reason)
                 break
     finally:
+        t.stop.restore_signal_handlers()
         t.metrics.close()
     return TrainResult(step=progress.step, records=records, eval_records=eval_records,
-                       last_checkpoint=t.checkpointer.last)
+                       last_checkpoint=t.checkpointer.last, stop_reason=t.stop.reason,
+                       preempted=t.stop.preempted, skipped_steps=t.guard.total)

@@ -11,6 +11,7 @@ return ``None`` elsewhere.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Sequence
 
@@ -21,6 +22,8 @@ from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, snapshot_logp
 from psft_megatron.loss.normalize import megatron_loss_scale
 from psft_megatron.loss.objectives import ObjectiveConfig
 from psft_megatron.loss.stats import LossStats, reduce_stats
+from psft_megatron.model.gpt import loss_head
+from psft_megatron.runtime.distributed import any_rank
 from psft_megatron.training.schedule import prepare_micro_batches, run_schedule
 
 
@@ -45,6 +48,9 @@ class StepResult:
     update_successful: bool
     num_loss_tokens: int
     lr: float  # the learning rate this step used
+    # The loss or gradient norm was non-finite on some rank: every rank skipped the update
+    # (weights, optimizer state and LR schedule untouched).
+    skipped: bool = False
 
 
 def _model_output(chunk: Any, mb: MicroBatch, backend: AttentionBackend) -> torch.Tensor:
@@ -72,12 +78,13 @@ def snapshot(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
     def forward_step(data_iterator: Any, chunk: Any):
         idx, mb = next(data_iterator)
         output = _model_output(chunk, mb, setup.backend)
+        head = loss_head(chunk)  # the fused output layer's weight on a fused last stage, else None
 
-        def loss_func(logits: torch.Tensor):
+        def loss_func(output: torch.Tensor):
             out[idx] = snapshot_logp(
-                logits, _seq_first(mb.labels), chunk_size=setup.chunk_size, vocab_size=setup.vocab_size
+                output, _seq_first(mb.labels), chunk_size=setup.chunk_size, vocab_size=setup.vocab_size, head=head
             )
-            return logits.new_zeros(()), {}
+            return output.new_zeros(()), {}
 
         return output, loss_func
 
@@ -113,11 +120,12 @@ def train_step(
     def forward_step(data_iterator: Any, chunk: Any):
         idx, mb = next(data_iterator)
         output = _model_output(chunk, mb, setup.backend)
+        head = loss_head(chunk)  # the fused output layer's weight on a fused last stage, else None
 
-        def loss_func(logits: torch.Tensor):
+        def loss_func(output: torch.Tensor):
             old = OWN_LOGP if logp_old is None else logp_old[idx]
             res = micro_batch_loss(
-                logits,
+                output,
                 _seq_first(mb.labels),
                 _seq_first(mb.loss_mask),
                 global_count,
@@ -128,6 +136,7 @@ def train_step(
                 # The logits are not used after the loss: backward writes their gradient
                 # into their own storage (one logits-sized allocation less, and faster).
                 inplace=True,
+                head=head,
             )
             stats.append(res.stats)
             # megatron divides the returned product in place, not res.loss: the report stays intact.
@@ -139,44 +148,68 @@ def train_step(
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     run_schedule(model, mbs, forward_step, forward_only=False)
+    reduced = _reduce(stats, setup.device)
+    # The non-finite guard: the gradient norm (megatron's, over the model-parallel group; DP
+    # ranks hold the same reduced gradients) and the loss (last stage) decide, on every rank
+    # alike, whether this update is applied. megatron's step recomputes the norm: one extra
+    # pass over the gradients, small beside forward and backward.
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    loss_bad = reduced is not None and not math.isfinite(reduced["loss"])
+    if any_rank(loss_bad or not math.isfinite(grad_norm), setup.device):
+        optimizer.zero_grad()
+        return StepResult(stats=reduced, grad_norm=grad_norm, update_successful=False,
+                          num_loss_tokens=mini.num_loss_tokens, lr=float(optimizer.param_groups[0]["lr"]),
+                          skipped=True)
     # Advance the schedule first, so optimizer step i (1-based) uses lr(i): the first
     # warm-up step is not wasted at lr 0 and the last one reaches min_lr.
     scheduler.step(increment=1)
     lr = float(optimizer.param_groups[0]["lr"])
-    ok, grad_norm, _ = optimizer.step()
-    reduced = _reduce(stats, setup.device)
+    ok, _, _ = optimizer.step()
     return StepResult(
         stats=reduced,
-        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        grad_norm=grad_norm,
         update_successful=bool(ok),
         num_loss_tokens=mini.num_loss_tokens,
         lr=lr,
     )
 
 
-def train_global_batch(
-    bundle: Any, gb: GlobalBatch, objective: ObjectiveConfig, setup: PassSetup
-) -> Iterator[StepResult]:
-    """All k optimizer steps of one global batch, yielded one by one (for per-step logging).
-
-    For ``psft`` with k > 1 the snapshot pass over mini-batches 2..k runs first (one
-    schedule call, so the pipeline fills once); mini-batch 1 runs on the snapshot
-    weights and uses its own detached log-probs. ``sft``/``dft`` need no snapshot.
-    """
-    # Once per global batch: the snapshot and the train steps then reuse the device copies
-    # (preparing a prepared micro-batch is free: thd() of one row and .to() its own device).
-    minis = [
+def prepare_global_batch(gb: GlobalBatch, setup: PassSetup) -> list[MiniBatch]:
+    """The global batch's mini-batches with device copies of their micro-batches, made once:
+    the snapshot and the train steps then share them."""
+    return [
         replace(mini, micro_batches=prepare_micro_batches(mini.micro_batches, setup.backend, setup.device))
         for mini in gb.mini_batches
     ]
+
+
+def snapshot_logp_old(model: list, minis: Sequence[MiniBatch], objective: ObjectiveConfig,
+                      setup: PassSetup) -> list[Sequence[torch.Tensor | None] | None]:
+    """Each mini-batch's logp_old (see :func:`train_step`), from one forward-only snapshot pass.
+
+    For ``psft`` with k > 1 the pass covers mini-batches 2..k in one schedule call (the
+    pipeline fills once); mini-batch 1 runs on the snapshot weights and uses its own
+    detached log-probs. ``sft``/``dft`` need no snapshot: all None.
+    """
     k = len(minis)
     logp_old: list[Sequence[torch.Tensor | None] | None] = [None] * k
     if objective.name == "psft" and k > 1:
         rest = [mb for mini in minis[1:] for mb in mini.micro_batches]
-        flat = snapshot(bundle.model, rest, setup)
+        flat = snapshot(model, rest, setup)
         m = len(minis[0].micro_batches)
         for j in range(1, k):
             logp_old[j] = flat[(j - 1) * m : j * m]
+    return logp_old
+
+
+def train_global_batch(
+    bundle: Any, gb: GlobalBatch, objective: ObjectiveConfig, setup: PassSetup
+) -> Iterator[StepResult]:
+    """All k optimizer steps of one global batch, yielded one by one (benchmarks; the loop
+    drives the same pieces step by step so it can stop and save between any two)."""
+    minis = prepare_global_batch(gb, setup)
+    logp_old = snapshot_logp_old(bundle.model, minis, objective, setup)
     for j, mini in enumerate(minis):
         yield train_step(bundle, mini, objective, setup, logp_old[j])
 
@@ -191,16 +224,18 @@ def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
     def forward_step(data_iterator: Any, chunk: Any):
         idx, mb = next(data_iterator)
         output = _model_output(chunk, mb, setup.backend)
+        head = loss_head(chunk)  # the fused output layer's weight on a fused last stage, else None
 
-        def loss_func(logits: torch.Tensor):
+        def loss_func(output: torch.Tensor):
             res = micro_batch_loss(
-                logits,
+                output,
                 _seq_first(mb.labels),
                 _seq_first(mb.loss_mask),
                 count,
                 sft,
                 chunk_size=setup.chunk_size,
                 vocab_size=setup.vocab_size,
+                head=head,
             )
             stats.append(res.stats)
             return res.loss.detach(), {}

@@ -1,0 +1,89 @@
+"""Checks of the machine and files a recipe names, run before anything is built.
+
+:meth:`RecipeConfig.validate <psft_megatron.recipe.RecipeConfig.validate>` checks the recipe
+itself; this checks what it points at: the starting checkpoint exists and is one, local
+data files exist, the run and checkpoint folders can be written, and the checkpoint disk
+has room for one checkpoint. ``launch/pretrain_psft.py --validate-only`` runs both, so a
+job that would fail on these fails in a second on a login node, not after queueing.
+Nothing here writes to disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from psft_megatron.checkpoint.model_checkpoint import CheckpointError, read_meta
+from psft_megatron.checkpoint.train_checkpoint import complete_checkpoints
+from psft_megatron.config.load import ConfigError
+from psft_megatron.data.sources import resolve_format
+from psft_megatron.recipe import RecipeConfig
+
+__all__ = ["checkpoint_bytes", "preflight", "save_dir_of"]
+
+
+def save_dir_of(recipe: RecipeConfig) -> Path:
+    """Where the run's checkpoints go."""
+    return Path(recipe.checkpoint.save_dir or Path(recipe.logging.run_dir) / "checkpoints")
+
+
+def checkpoint_bytes(recipe: RecipeConfig) -> int:
+    """Bytes of one training checkpoint: weights in their dtype, Adam's two fp32 moments, and
+    the fp32 main copy of bf16 weights (RNG states and JSON are negligible)."""
+    model = recipe.model.resolve()
+    per_param = (2 + 4 if model.params_dtype == "bf16" else 4) + 8
+    return model.num_parameters() * per_param
+
+
+def _writable(path: Path) -> str | None:
+    """Why ``path`` (a folder that may not exist yet) cannot be created and written, or None."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return f"{path}: no existing parent folder"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def preflight(recipe: RecipeConfig) -> None:
+    """Raise :class:`ConfigError` (file:line of the field, what to change) for the first problem found."""
+    where = recipe.origin.where
+    save_dir = save_dir_of(recipe)
+    resuming = save_dir.is_dir() and bool(complete_checkpoints(save_dir))
+    init = recipe.checkpoint.init_from
+    if init and not resuming:
+        if not Path(init).exists():
+            raise ConfigError(f"{where('checkpoint.init_from')}checkpoint.init_from: {init} does not exist")
+        try:
+            read_meta(init)
+        except CheckpointError as e:
+            raise ConfigError(f"{where('checkpoint.init_from')}checkpoint.init_from: {e}") from None
+    for split in ("train", "eval"):
+        for i, src in enumerate(getattr(recipe.data, split)):
+            if resolve_format(src) in ("jsonl", "json", "parquet") and not Path(src.path).is_file():
+                raise ConfigError(f"{where(f'data.{split}[{i}].path')}data.{split}[{i}].path: no such file {src.path}")
+    for field, folder in (("logging.run_dir", Path(recipe.logging.run_dir)), ("checkpoint.save_dir", save_dir),
+                          ("data.cache_dir", Path(recipe.data.cache_dir))):
+        problem = _writable(folder)
+        if problem:
+            raise ConfigError(f"{where(field)}{field}: cannot write {folder}: {problem}")
+    need = checkpoint_bytes(recipe)
+    free = shutil.disk_usage(_existing_parent(save_dir)).free
+    if free < need:
+        raise ConfigError(
+            f"{where('checkpoint.save_dir')}checkpoint.save_dir: {save_dir} has {free / 2**30:.1f} GiB free, but one "
+            f"checkpoint of this model takes about {need / 2**30:.1f} GiB (weights, Adam moments"
+            f"{', fp32 main weights' if recipe.model.resolve().params_dtype == 'bf16' else ''}); free space or "
+            "point checkpoint.save_dir at a larger disk"
+        )

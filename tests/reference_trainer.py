@@ -1,0 +1,138 @@
+"""An independent PSFT/SFT/DFT trainer in plain PyTorch float64, for checking the real one.
+
+Written from the method's definition, not from the project's trainer: a transformers
+``LlamaForCausalLM`` in float64, each packed sample run on its own (so packing isolation
+is not assumed but reproduced), per-token log-probs and entropies from a float64
+``log_softmax``, the objectives' formulas written out, one token mean per mini-batch,
+a snapshot of log-probs per global batch, ``torch.optim.AdamW`` with megatron's decay
+exclusions (1-D tensors and biases), clipping by the global gradient norm, and the
+warm-up + cosine learning rate from its formula. Nothing here imports megatron or the
+project's loss, optimizer or training code; only the rows come from the project's loader
+(the tests' common input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class RefConfig:
+    lr: float
+    min_lr: float
+    warmup: int
+    total_steps: int
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    clip_grad: float
+    sft_warmup_steps: int
+    objective: str  # psft | sft | dft
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    log_ratio_clamp: float = 20.0
+
+
+def lr_at(step: int, cfg: RefConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up from 0, then cosine to min_lr."""
+    if cfg.warmup and step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    progress = (step - cfg.warmup) / (cfg.total_steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def segments(row: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) of each sample in a packed row (consecutive equal segment ids)."""
+    seg = row["segment_ids"].tolist()
+    out, start = [], 0
+    for i in range(1, len(seg) + 1):
+        if i == len(seg) or seg[i] != seg[start]:
+            out.append((start, i))
+            start = i
+    return out
+
+
+def token_terms(model: Any, rows: list[dict[str, torch.Tensor]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, entropy) of every response token of ``rows``, in row order, float64, differentiable.
+
+    Each sample is run alone, positions from 0: the packed row's other samples cannot leak in.
+    """
+    lps, ents = [], []
+    for row in rows:
+        for a, b in segments(row):
+            mask = row["loss_mask"][a:b] > 0
+            if not mask.any():
+                continue
+            logits = model(input_ids=row["tokens"][a:b].unsqueeze(0)).logits[0, :, :vocab]
+            logq = torch.log_softmax(logits.double(), dim=-1)
+            labels = row["labels"][a:b]
+            lp = logq.gather(-1, labels.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
+            ent = -(logq.exp() * logq).sum(-1)
+            lps.append(lp[mask])
+            ents.append(ent[mask])
+    return torch.cat(lps), torch.cat(ents)
+
+
+def objective_terms(name: str, lp: torch.Tensor, lp_old: torch.Tensor | None, cfg: RefConfig):
+    """(per-token loss, ratio, clipped) from the formulas."""
+    if name == "sft":
+        return -lp, torch.ones_like(lp), torch.zeros_like(lp, dtype=torch.bool)
+    if name == "dft":
+        return -lp.detach().exp() * lp, torch.ones_like(lp), torch.zeros_like(lp, dtype=torch.bool)
+    assert name == "psft" and lp_old is not None
+    r = torch.exp(torch.clamp(lp - lp_old, -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
+    loss = -torch.minimum(r, torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high))
+    # Advantage +1: only ratios above 1 + eps_high have their gradient cut.
+    return loss, r.detach(), r.detach() > 1 + cfg.eps_high
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RefConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    )
+
+
+def train(model: Any, global_batches: list[list[list[dict[str, torch.Tensor]]]], vocab: int,
+          cfg: RefConfig) -> list[dict[str, float]]:
+    """Train ``model`` (float64) on global batches of mini-batches of rows; one record per optimizer step."""
+    opt = make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    records, step = [], 0
+    for minis in global_batches:
+        phase = "sft" if step < cfg.sft_warmup_steps else cfg.objective
+        old = None
+        if phase == "psft":  # the snapshot: every mini-batch's log-probs under the current weights
+            with torch.no_grad():
+                old = [token_terms(model, rows, vocab)[0] for rows in minis]
+        for j, rows in enumerate(minis):
+            step += 1
+            lp, ent = token_terms(model, rows, vocab)
+            loss_t, ratio, clipped = objective_terms(phase, lp, old[j] if old else None, cfg)
+            loss = loss_t.sum() / lp.numel()  # one token mean over the whole mini-batch
+            opt.zero_grad()
+            loss.backward()
+            norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+            coeff = cfg.clip_grad / (float(norm) + 1e-6)
+            if cfg.clip_grad > 0 and coeff < 1.0:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(coeff)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.step()
+            records.append({
+                "step": step, "phase": phase, "loss": float(loss.detach()), "entropy": float(ent.detach().mean()),
+                "mean_logp": float(lp.detach().mean()), "clip_frac": float(clipped.double().mean()),
+                "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+                "grad_norm": float(norm), "lr": lr, "tokens": int(lp.numel()), "clipped_grad": coeff < 1.0,
+            })
+    return records
