@@ -56,7 +56,8 @@ def _recipe(data: Path, run: Path, args: argparse.Namespace, gpu: bool) -> dict:
 def _flops_per_token(m: dict, seq: int) -> float:
     """Training FLOPs per token (fwd+bwd = 3x forward) of a Llama-style decoder (padded vocabulary)."""
     h, L, f = m["hidden_size"], m["num_layers"], m["ffn_hidden_size"]
-    v = -(-m["vocab_size"] // 128) * 128
+    divisible_by = m.get("make_vocab_size_divisible_by", 128)  # ModelConfig's padding rule and default
+    v = -(-m["vocab_size"] // divisible_by) * divisible_by
     heads, groups = m["num_attention_heads"], m["num_query_groups"]
     kv = h * groups // heads
     per_layer = 2 * (h * h + 2 * h * kv + h * h) + 2 * 3 * h * f + 2 * 2 * seq * h  # qkvo, swiglu, attention

@@ -33,6 +33,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from psft_megatron.model.config import ModelConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 FETCH = ROOT / "benchmarks" / "fetch_gpu_wheels.sh"
@@ -158,12 +160,15 @@ def test_profile_step_counts_model_flops_as_bench_trainer_does():
     import gpu_profile_step
 
     args = SimpleNamespace(layers=24, hidden=2048, seq=4096, ffn=None, heads=None, kv_groups=None, vocab=384, impl="local",
-                           mini=4, micro=1, tp=1, k=4)
+                           mini=4, micro=1, tp=1, k=4, with_kl=False)
     ours = gpu_profile_step._recipe(Path("d"), Path("r"), args, gpu=True)["model"]
     theirs = bench_trainer._recipe(Path("d"), Path("r"), args, gpu=True)["model"]
     assert {k: ours[k] for k in theirs if k != "transformer_impl"} == {k: v for k, v in theirs.items() if k != "transformer_impl"}
-    # bench_trainer.py counts the output layer at 512 rows (384 padded up); the same count here:
-    assert gpu_profile_step.flops_per_token(ours, 4096, 512) == bench_trainer._flops_per_token(theirs, 4096)
+    # Both count the output layer at the model's own padded rows (ModelConfig.padded_vocab_size):
+    padded = ModelConfig(**{k: v for k, v in ours.items() if k in ModelConfig.__dataclass_fields__}).padded_vocab_size
+    assert gpu_profile_step.flops_per_token(ours, 4096, padded) == bench_trainer._flops_per_token(theirs, 4096)
+    wider = dict(theirs, vocab_size=385)  # one row over a multiple of 128 pads to the next one
+    assert bench_trainer._flops_per_token(wider, 4096) == gpu_profile_step.flops_per_token(ours, 4096, 512)
 
 
 @pytest.mark.slow  # starts Python
