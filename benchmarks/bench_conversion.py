@@ -80,19 +80,9 @@ def prepare_smollm2(work: Path) -> Path:
     folder = work / "smollm2_hf"
     if (folder / "config.json").is_file():
         return folder
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from psft_megatron.conversion.gguf import gguf_to_hf
 
-    cfg = LlamaConfig(**load_gguf_checkpoint(str(GGUF), return_tensors=False)["config"])
-    model = LlamaForCausalLM(cfg)
-    tensors = load_gguf_checkpoint(str(GGUF), return_tensors=True, model_to_load=model)["tensors"]
-    model.load_state_dict(tensors, strict=False)
-    model.tie_weights()
-    model.to(torch.float32).save_pretrained(folder)
-    for f in (SHARED / "tokenizers" / "smollm2").iterdir():
-        shutil.copy2(f, folder / f.name)
-    return folder
+    return gguf_to_hf(GGUF, folder, SHARED / "tokenizers" / "smollm2")
 
 
 def predicted_peak_bytes(shapes: dict[str, Any], direction: str) -> int:

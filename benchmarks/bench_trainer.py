@@ -43,7 +43,8 @@ def _recipe(data: Path, run: Path, args: argparse.Namespace, gpu: bool) -> dict:
             "micro_batch_size": args.micro, "train_steps": args.k * 1000, "seed": 1,  # a long, flat lr schedule
         },
         "optimizer": {"lr": 1e-4, "min_lr": 1e-5},
-        "loss": {"name": "psft"},
+        # sft_kl makes the run build the frozen reference model, so its cost is measured too.
+        "loss": {"name": "sft_kl" if args.with_kl else "psft"},
         "data": {
             "train": [{"path": str(data / "train.jsonl"), "adapter": "generic", "max_length": args.seq}],
             "tokenizer": str(data / "tokenizer"), "chat_template": "plain", "cache_dir": str(data / "cache"),
@@ -65,7 +66,8 @@ def _flops_per_token(m: dict, seq: int) -> float:
 
 
 def measure(recipe_dict: dict, repeats: int) -> dict:
-    """Runs inside each rank: alternates SFT and PSFT global batches, times each pass."""
+    """Runs inside each rank: alternates SFT and PSFT (and, with a reference model, SFT-KL)
+    global batches, times each pass."""
     import copy
 
     import torch
@@ -84,13 +86,14 @@ def measure(recipe_dict: dict, repeats: int) -> dict:
     data, bundle, setup = trainer.data, trainer.bundle, trainer.setup
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     k = recipe.training.mini_batches_per_global_batch
-    sft, psft = ObjectiveConfig(name="sft"), recipe.loss
+    sft, psft = ObjectiveConfig(name="sft"), ObjectiveConfig(name="psft")
+    sft_kl = ObjectiveConfig(name="sft_kl") if trainer.reference is not None else None
 
     def global_batch(objective: ObjectiveConfig) -> float:
         gb = next(data.loader)
         sync()
         t0 = time.perf_counter()
-        for _ in train_global_batch(bundle, gb, objective, setup):
+        for _ in train_global_batch(bundle, gb, objective, setup, trainer.reference):
             pass
         sync()
         return time.perf_counter() - t0
@@ -108,13 +111,20 @@ def measure(recipe_dict: dict, repeats: int) -> dict:
 
     global_batch(sft), global_batch(psft)  # warm-up
     times: dict[str, list[float]] = {"sft": [], "psft": [], "fwd": [], "step": []}
+    if sft_kl is not None:
+        times["sft_kl"] = []
+        global_batch(sft_kl)
     for _ in range(repeats):
         times["sft"].append(global_batch(sft))
         times["psft"].append(global_batch(psft))
+        if sft_kl is not None:
+            times["sft_kl"].append(global_batch(sft_kl))
         f, s = forward_share()
         times["fwd"].append(f)
         times["step"].append(s)
-    return {name: statistics.median(v) for name, v in times.items()} | {"k": k, "device": str(env.device)}
+    ref_bytes = sum(p.numel() * p.element_size() for c in trainer.reference or [] for p in c.parameters())
+    return {name: statistics.median(v) for name, v in times.items()} | {"k": k, "device": str(env.device),
+                                                                       "reference_bytes": ref_bytes}
 
 
 def main() -> None:
@@ -135,6 +145,7 @@ def main() -> None:
     p.add_argument("--impl", choices=["auto", "local", "transformer_engine"], default=None,
                    help="layer spec (default: auto on GPU, local on CPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--with-kl", action="store_true", help="also time SFT-KL (builds the frozen reference model)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU dense bf16 peak for MFU")
     args = p.parse_args()
 
@@ -161,6 +172,10 @@ def main() -> None:
           f"seq={args.seq}, k={k} mini-batches of {args.mini} sequences")
     print(f"SFT  {res['sft']:.3f} s/global batch  {tokens / res['sft']:.0f} tok/s")
     print(f"PSFT {res['psft']:.3f} s/global batch  {tokens / res['psft']:.0f} tok/s")
+    if "sft_kl" in res:
+        print(f"SFT-KL {res['sft_kl']:.3f} s/global batch  {tokens / res['sft_kl']:.0f} tok/s  "
+              f"SFT-KL/SFT {res['sft_kl'] / res['sft']:.3f} (floor {1 + share:.3f}: one reference forward per "
+              f"mini-batch); reference weights {res['reference_bytes'] / 2**20:.1f} MiB per rank")
     print(f"PSFT/SFT {res['psft'] / res['sft']:.3f}   floor {floor:.3f}  "
           f"(forward-only {res['fwd']:.3f} s / training step {res['step']:.3f} s = {share:.3f} per mini-batch)")
     # The keys benchmarks/gpu_check_report.py reads (parse_trainer_output's).

@@ -19,8 +19,10 @@ import yaml
 from megatron.core import parallel_state as ps
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer
+from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
 from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.model.build import build_model
+from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.init import init_layout_independent
 from psft_megatron.preflight import preflight, save_dir_of
 from psft_megatron.recipe import RecipeConfig
@@ -82,6 +84,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     # Before the optimizer copies the weights into its fp32 main params.
     if not checkpointer.load_initial_weights(built.chunks):
         init_layout_independent(built.chunks, recipe.training.seed)  # the same random model at every layout
+    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference else None
     bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
     progress = TrainProgress()
     cursor = BatchCursor(
@@ -121,7 +124,24 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         tokens_per_step=recipe.training.mini_batch_size * recipe.training.seq_length,
         is_logger=is_logger,
         states=states,
+        reference=reference,
     )
+
+
+def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig) -> list:
+    """The frozen reference model (the run's starting weights) for objectives that need one:
+    the same layout, forward-only, never in the optimizer. Costs one more copy of the weights
+    per rank (no gradients, no optimizer state) and a forward pass per global batch."""
+    ref = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
+    if recipe.checkpoint.init_from:
+        load_model_checkpoint(ref.chunks, recipe.checkpoint.init_from)
+    else:  # a random start is reproducible: the same draws as the trained model's first weights
+        init_layout_independent(ref.chunks, recipe.training.seed)
+    for chunk in ref.chunks:
+        chunk.eval()
+        chunk.requires_grad_(False)
+    log.info("reference model for %s: %s", recipe.loss.name, ref.description)
+    return ref.chunks
 
 
 def run(recipe: RecipeConfig) -> TrainResult:

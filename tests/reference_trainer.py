@@ -13,6 +13,7 @@ project's loss, optimizer or training code; only the rows come from the project'
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +32,11 @@ class RefConfig:
     eps: float
     clip_grad: float
     sft_warmup_steps: int
-    objective: str  # psft | sft | dft
+    objective: str  # psft | sft | dft | sft_kl
     eps_low: float = 0.2
     eps_high: float = 0.28
     log_ratio_clamp: float = 20.0
+    kl_beta: float = 0.1
 
 
 def lr_at(step: int, cfg: RefConfig) -> float:
@@ -83,6 +85,10 @@ def objective_terms(name: str, lp: torch.Tensor, lp_old: torch.Tensor | None, cf
         return -lp, torch.ones_like(lp), torch.zeros_like(lp, dtype=torch.bool)
     if name == "dft":
         return -lp.detach().exp() * lp, torch.ones_like(lp), torch.zeros_like(lp, dtype=torch.bool)
+    if name == "sft_kl":  # lp_old is the frozen reference's log-prob; k3 = exp(d) - d - 1, d = ref - lp
+        d = lp_old - lp
+        kl = torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
+        return -lp + cfg.kl_beta * kl, torch.ones_like(lp), torch.zeros_like(lp, dtype=torch.bool)
     assert name == "psft" and lp_old is not None
     r = torch.exp(torch.clamp(lp - lp_old, -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
     loss = -torch.minimum(r, torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high))
@@ -105,13 +111,15 @@ def train(model: Any, global_batches: list[list[list[dict[str, torch.Tensor]]]],
     """Train ``model`` (float64) on global batches of mini-batches of rows; one record per optimizer step."""
     opt = make_optimizer(model, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
+    # sft_kl's reference: a frozen copy of the starting weights.
+    frozen = copy.deepcopy(model).requires_grad_(False) if cfg.objective == "sft_kl" else None
     records, step = [], 0
     for minis in global_batches:
         phase = "sft" if step < cfg.sft_warmup_steps else cfg.objective
         old = None
-        if phase == "psft":  # the snapshot: every mini-batch's log-probs under the current weights
+        if phase in ("psft", "sft_kl"):  # the snapshot (current weights) or the reference (frozen copy)
             with torch.no_grad():
-                old = [token_terms(model, rows, vocab)[0] for rows in minis]
+                old = [token_terms(frozen if phase == "sft_kl" else model, rows, vocab)[0] for rows in minis]
         for j, rows in enumerate(minis):
             step += 1
             lp, ent = token_terms(model, rows, vocab)

@@ -105,18 +105,10 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _load_smollm2(cache_dir: Path) -> Any:
-    """SmolLM2 from GGUF without accelerate (transformers' from_pretrained(gguf_file=) requires it)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    """SmolLM2 from GGUF, dequantised (the project's own GGUF reader)."""
+    from psft_megatron.conversion.gguf import load_gguf_llama
 
-    path = str(GGUF_DIR / GGUF_NAME)
-    cfg = LlamaConfig(**load_gguf_checkpoint(path, return_tensors=False)["config"])
-    model = LlamaForCausalLM(cfg)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    model.tie_weights()
-    return model.float().eval()
+    return load_gguf_llama(GGUF_DIR / GGUF_NAME)
 
 
 @pytest.fixture(scope="module")

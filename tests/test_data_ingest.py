@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from psft_megatron.data.adapters import AdapterConfig, get_adapter
+from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.encode import encode_conversation, iter_conversations, iter_tokenized
 from psft_megatron.data.errors import DataError, ErrorPolicy
-from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.templates import load_template
 from psft_megatron.data.tokenizer import load_tokenizer
 from psft_megatron.data.types import Conversation, SkipReport, TokenizedSample

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.encode import iter_tokenized
 from psft_megatron.data.errors import DataError, ErrorPolicy, TemplateError
-from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.sources import iter_records
 from psft_megatron.data.templates import load_template
 from psft_megatron.data.tokenizer import load_tokenizer

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from psft_megatron.data.config import AdapterConfig
+from psft_megatron.data.config import AdapterConfig, DataSourceConfig
 from psft_megatron.data.errors import DataError, ErrorPolicy
-from psft_megatron.data.config import DataSourceConfig
 from psft_megatron.data.sources import iter_records, resolve_format
 
 DATA = Path(__file__).parent / "data"

@@ -182,9 +182,9 @@ SMOLLM2 = REPO.parent / "shared" / "tokenizers" / "smollm2"
 
 @pytest.mark.skipif(not SMOLLM2.is_dir(), reason="needs ../shared/tokenizers/smollm2")
 def test_prepare_data_tool_matches_ingest_and_refuses_stale(tmp_path, capsys):
+    from psft_megatron.data.config import DataSourceConfig
     from psft_megatron.data.encode import iter_tokenized
     from psft_megatron.data.prepare import prepare_dataset
-    from psft_megatron.data.config import DataSourceConfig
     from psft_megatron.data.templates import load_template
     from psft_megatron.data.tokenizer import load_tokenizer
 

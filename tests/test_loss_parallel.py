@@ -24,7 +24,8 @@ from psft_megatron.testing.multiproc import run_in_processes
 
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 DTYPES = (torch.float32, torch.bfloat16)
-OBJECTIVES = ("sft", "dft", "psft")
+OBJECTIVES = ("sft", "dft", "psft", "sft_kl")
+KL_BETA = 0.3
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_GRAD_TOL = dict(atol=1e-5, rtol=2.0**-8)
 
@@ -46,9 +47,13 @@ def _ref_token_stats(full: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def _ref_objective(name: str, lp: torch.Tensor, lp_old: torch.Tensor) -> torch.Tensor:
-    """float64 per-token losses, written from the papers' formulas."""
+    """float64 per-token losses, written from the papers' formulas (``lp_old`` is the reference's
+    log-prob for sft_kl: SFT + beta x Schulman's k3 = exp(d) - d - 1, d = lp_ref - lp, in [-10, 10])."""
     if name == "sft":
         return -lp
+    if name == "sft_kl":
+        d = lp_old - lp
+        return -lp + KL_BETA * torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
     if name == "dft":
         return -lp.detach().exp() * lp
     if name == "psft":
@@ -97,13 +102,13 @@ def _check_token_stats(tp_group, rank: int, tp: int) -> dict:
         grad_tol = FP32_TOL if dtype == torch.float32 else BF16_GRAD_TOL
 
         for name in OBJECTIVES:
-            cfg = ObjectiveConfig(name=name, eps_low=EPS_LOW, eps_high=EPS_HIGH)
+            cfg = ObjectiveConfig(name=name, eps_low=EPS_LOW, eps_high=EPS_HIGH, kl_beta=KL_BETA)
             for chunk in _chunks(n):
                 for entropy_grad in (False, True):
                     shard = _shard(full, rank, tp).clone().requires_grad_()
                     before = shard.detach().clone()
                     ts = vocab_parallel_token_stats(shard, labels, tp_group=tp_group, chunk_size=chunk)
-                    tl = token_losses(cfg, ts.logp, mask, lp_old)
+                    tl = token_losses(cfg, ts.logp, mask, lp_old, logp_ref=lp_old)
                     total = (tl.loss * w).sum()
                     if entropy_grad:
                         total = total + torch.where(mask, ts.entropy * u, 0.0).sum()

@@ -14,8 +14,8 @@ from psft_megatron.loss import (
     megatron_loss_scale,
     normalized_loss,
     objective_names,
-    register_objective,
     reduce_stats,
+    register_objective,
     token_losses,
     vocab_parallel_token_stats,
 )
@@ -35,7 +35,7 @@ def test_config_defaults_and_validation():
 
 def test_adding_an_objective_is_one_function():
     @register_objective("unit_test_half_sft")
-    def half_sft(logp, logp_old, cfg):
+    def half_sft(logp, aux, cfg):
         return -0.5 * logp, None
 
     logp = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
@@ -43,6 +43,33 @@ def test_adding_an_objective_is_one_function():
     assert tl.loss.tolist() == [0.5, 0.0, 1.5]
     tl.loss.sum().backward()
     assert logp.grad.tolist() == [-0.5, 0.0, -0.5]
+
+
+def test_objectives_declare_their_passes():
+    assert [ObjectiveConfig(name=n).needs_snapshot for n in ("sft", "dft", "psft", "sft_kl")] == [False, False, True, False]
+    assert [ObjectiveConfig(name=n).needs_reference for n in ("sft", "dft", "psft", "sft_kl")] == [False, False, False, True]
+    with pytest.raises(ValueError, match="declares unknown inputs"):
+        register_objective("unit_test_bad", needs=("oracle",))
+    with pytest.raises(ValueError, match="sft_kl needs logp_ref"):
+        token_losses(ObjectiveConfig(name="sft_kl"), torch.zeros(2), torch.ones(2))
+
+
+def test_sft_kl_has_sfts_gradient_where_policy_equals_reference():
+    """At the reference (the start of a run) the KL term is 0 with zero gradient: SFT exactly."""
+    g = torch.Generator().manual_seed(0)
+    logp = (-torch.rand(16, generator=g) * 3).requires_grad_()
+    mask = torch.rand(16, generator=g) < 0.7
+    kl = token_losses(ObjectiveConfig(name="sft_kl", kl_beta=0.5), logp, mask, logp_ref=logp.detach().clone())
+    (g_kl,) = torch.autograd.grad(kl.loss.sum(), logp)
+    sft = token_losses(ObjectiveConfig(name="sft"), logp, mask)
+    (g_sft,) = torch.autograd.grad(sft.loss.sum(), logp)
+    assert torch.equal(kl.loss, sft.loss) and torch.equal(g_kl, g_sft)
+    # Away from the reference the penalty is positive and pulls logp back towards it.
+    ref = logp.detach() + 0.5
+    kl = token_losses(ObjectiveConfig(name="sft_kl", kl_beta=0.5), logp, mask, logp_ref=ref)
+    assert (kl.loss[mask] > sft.loss[mask]).all()
+    (g_kl,) = torch.autograd.grad(kl.loss.sum(), logp)
+    assert (g_kl[mask] < g_sft[mask]).all()  # d/dlogp of exp(d)-d-1 = 1 - exp(d) < 0 for d > 0
 
 
 def test_log_ratio_clamp_keeps_ratio_finite():

@@ -21,7 +21,6 @@ bug of issue #16 (tests/mutation_check.py) moves a compared value by far more.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +124,11 @@ def _reference_rows(recipe: dict) -> list[list[list[dict[str, torch.Tensor]]]]:
 
 @pytest.fixture(scope="module")
 def results(tiny_data, tmp_path_factory) -> dict[str, Any]:
-    from psft_megatron.data.synthetic import write_tiny_dataset
-    from reference_trainer import RefConfig, train
     from transformers import LlamaForCausalLM
+
+    from psft_megatron.data.synthetic import write_tiny_dataset
+
+    from reference_trainer import RefConfig, train
 
     tmp = tmp_path_factory.mktemp("reference")
     data = write_tiny_dataset(tmp / "data", train=480, eval=8, vocab_size=VOCAB)

@@ -84,6 +84,7 @@ def micro_batch_loss(
     objective: ObjectiveConfig,
     logp_old: torch.Tensor | _OwnLogp | None = None,
     *,
+    logp_ref: torch.Tensor | None = None,
     tp_group: dist.ProcessGroup | None = None,
     chunk_size: int | None = None,
     inplace: bool = False,
@@ -94,7 +95,8 @@ def micro_batch_loss(
     (or, with ``head``, from the hidden states through the fused output layer, see :func:`output_token_stats`).
 
     ``labels``, ``loss_mask`` and ``logp_old`` are ``[s, b]``; ``logp_old`` (from the
-    snapshot forward pass, see :func:`snapshot_logp`, or :data:`OWN_LOGP`) is required by ``psft``.
+    snapshot forward pass, see :func:`snapshot_logp`, or :data:`OWN_LOGP`) is required by objectives that
+    need a snapshot (psft); ``logp_ref`` ``[s, b]`` (the frozen reference's) by those that need a reference (sft_kl).
     ``global_count`` comes from :func:`~psft_megatron.loss.normalize.global_token_count`.
     ``vocab_size``: the true vocabulary size; the output layer's padded columns beyond it are
     left out of the softmax (see :func:`~psft_megatron.loss.token_stats.vocab_parallel_token_stats`).
@@ -105,7 +107,7 @@ def micro_batch_loss(
     )
     if isinstance(logp_old, _OwnLogp):
         logp_old = ts.logp.detach()
-    losses = token_losses(objective, ts.logp, loss_mask, logp_old)
+    losses = token_losses(objective, ts.logp, loss_mask, logp_old, logp_ref)
     loss = normalized_loss(losses.loss, loss_mask, global_count)
     stats = LossStats.from_tokens(losses, ts.logp, ts.entropy, loss_mask)
     return MicroBatchLoss(loss=loss, logp=ts.logp.detach(), stats=stats)

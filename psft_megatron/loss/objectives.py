@@ -1,15 +1,24 @@
-"""Per-token training objectives, chosen by name from a small registry.
+"""Per-token training objectives, chosen by name from a small registry, each declaring its inputs.
 
-Every objective maps per-token log-probs (differentiable) and, where it needs them, the
-snapshot log-probs ``logp_old`` (detached) to an unnormalised per-token loss. Masking and
-normalisation happen outside (:mod:`psft_megatron.loss.normalize`); the statistics
-(ratio, clip) come with the losses for :mod:`psft_megatron.loss.stats`.
+Every objective maps per-token log-probs (differentiable) and the auxiliary log-probs it
+declares (detached) to an unnormalised per-token loss:
 
-Adding an objective is one function::
+* ``snapshot``: ``logp_old`` from a forward-only pass per global batch with the weights
+  of that moment (the trust region's anchor; psft);
+* ``reference``: ``logp_ref`` from a frozen reference model, the run's starting weights
+  (sft_kl).
 
-    @register_objective("my_obj")
-    def my_obj(logp, logp_old, cfg):
-        return -logp, None   # (per-token loss, bool "gradient clipped" mask or None)
+The trainer reads the declaration and runs the snapshot or reference pass only for
+objectives that need it. Masking and normalisation happen outside
+(:mod:`psft_megatron.loss.normalize`); the statistics (ratio, clip) come with the losses
+for :mod:`psft_megatron.loss.stats`.
+
+Adding an objective is one function and its declaration::
+
+    @register_objective("my_obj", needs=("snapshot",))
+    def my_obj(logp, aux, cfg):
+        r = (logp - aux.logp_old).exp()
+        return -r, r.detach() > 2.0   # (per-token loss, bool "gradient clipped" mask or None)
 """
 
 from __future__ import annotations
@@ -19,26 +28,50 @@ from typing import Callable
 
 import torch
 
-# (logp, logp_old or None, config) -> (per-token loss, per-token bool clipped mask or None)
-ObjectiveFn = Callable[[torch.Tensor, "torch.Tensor | None", "ObjectiveConfig"], tuple[torch.Tensor, "torch.Tensor | None"]]
-
-_OBJECTIVES: dict[str, ObjectiveFn] = {}
+NEEDS = ("snapshot", "reference")
 
 
-def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator registering ``fn`` under ``name`` for :class:`ObjectiveConfig`."""
+@dataclass(frozen=True)
+class AuxLogp:
+    """The detached per-token log-probs an objective declared (None where not declared)."""
+
+    logp_old: torch.Tensor | None = None
+    logp_ref: torch.Tensor | None = None
+
+
+# (logp, aux, config) -> (per-token loss, per-token bool clipped mask or None)
+ObjectiveFn = Callable[[torch.Tensor, AuxLogp, "ObjectiveConfig"], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A registered objective: its function and the auxiliary passes it needs."""
+
+    fn: ObjectiveFn
+    needs: frozenset[str]
+
+
+_OBJECTIVES: dict[str, ObjectiveSpec] = {}
+
+
+def register_objective(name: str, needs: tuple[str, ...] = ()) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator registering ``fn`` under ``name``; ``needs`` lists the passes it consumes
+    (a subset of :data:`NEEDS`)."""
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"objective {name!r} declares unknown inputs {sorted(unknown)}; known: {list(NEEDS)}")
 
     def deco(fn: ObjectiveFn) -> ObjectiveFn:
         if name in _OBJECTIVES:
             raise ValueError(f"objective {name!r} is already registered")
-        _OBJECTIVES[name] = fn
+        _OBJECTIVES[name] = ObjectiveSpec(fn, frozenset(needs))
         return fn
 
     return deco
 
 
-def get_objective(name: str) -> ObjectiveFn:
-    """The registered objective function called ``name``."""
+def get_objective(name: str) -> ObjectiveSpec:
+    """The registered objective called ``name``."""
     try:
         return _OBJECTIVES[name]
     except KeyError:
@@ -63,6 +96,8 @@ class ObjectiveConfig:
     eps_low: float = 0.2
     eps_high: float = 0.28
     log_ratio_clamp: float = 20.0
+    # sft_kl: weight of the per-token KL penalty towards the reference (the starting weights).
+    kl_beta: float = 0.1
     # Run the output layer and the token statistics together, chunk by chunk, so the
     # [tokens, vocab/TP] logits never exist (psft_megatron.loss.fused_head).
     fused_output_layer: bool = False
@@ -75,6 +110,18 @@ class ObjectiveConfig:
             raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
         if self.log_ratio_clamp <= 0.0:
             raise ValueError(f"log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+        if self.kl_beta < 0.0:
+            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+
+    @property
+    def needs_snapshot(self) -> bool:
+        """The objective consumes logp_old from a snapshot pass per global batch."""
+        return "snapshot" in get_objective(self.name).needs
+
+    @property
+    def needs_reference(self) -> bool:
+        """The objective consumes logp_ref from the frozen reference model."""
+        return "reference" in get_objective(self.name).needs
 
 
 @dataclass
@@ -98,19 +145,45 @@ def log_ratio(logp: torch.Tensor, logp_old: torch.Tensor, cfg: ObjectiveConfig) 
 
 
 @register_objective("sft")
-def sft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig):
+def sft(logp: torch.Tensor, aux: AuxLogp, cfg: ObjectiveConfig):
     """Negative log-likelihood."""
     return -logp, None
 
 
 @register_objective("dft")
-def dft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig):
+def dft(logp: torch.Tensor, aux: AuxLogp, cfg: ObjectiveConfig):
     """Dynamic fine-tuning: ``-stopgrad(p) * logp`` (each token's NLL weighted by its probability)."""
     return -logp.detach().exp() * logp, None
 
 
-@register_objective("psft")
-def psft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig):
+# Bounds of the KL estimate per token, as verl's kl_penalty("low_var_kl") uses, so one token
+# whose reference probability collapsed cannot dominate a mini-batch.
+KL_CLAMP = 10.0
+
+
+def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(policy || reference) at a token: ``exp(d) - d - 1`` with
+    ``d = logp_ref - logp``, clamped to ``[-10, 10]``.
+
+    Non-negative, 0 with zero gradient where the policy equals the reference, and low-variance.
+    Evaluated on the demonstration's tokens (teacher forcing), as verl's ``kl_loss`` is for SFT
+    with a KL term; it is then a penalty on drift at the data's tokens, not an unbiased estimate
+    of the full-vocabulary KL (that is what evaluation's drift metric measures).
+    """
+    d = logp_ref.detach() - logp
+    return (d.exp() - d - 1.0).clamp(-KL_CLAMP, KL_CLAMP)
+
+
+@register_objective("sft_kl", needs=("reference",))
+def sft_kl(logp: torch.Tensor, aux: AuxLogp, cfg: ObjectiveConfig):
+    """SFT plus ``kl_beta`` x the per-token KL estimate towards the frozen reference (:func:`kl_k3`)."""
+    if aux.logp_ref is None:
+        raise ValueError("sft_kl needs logp_ref (log-probs of the frozen reference model)")
+    return -logp + cfg.kl_beta * kl_k3(logp, aux.logp_ref), None
+
+
+@register_objective("psft", needs=("snapshot",))
+def psft(logp: torch.Tensor, aux: AuxLogp, cfg: ObjectiveConfig):
     """PPO's clipped surrogate with advantage +1: ``-min(r, clip(r, 1-eps_low, 1+eps_high))``.
 
     With A = +1 the min picks the clipped (constant) branch only when r > 1+eps_high;
@@ -118,9 +191,9 @@ def psft(logp: torch.Tensor, logp_old: torch.Tensor | None, cfg: ObjectiveConfig
     ``where`` so the unclipped branch's gradient is exactly ``-r * dlogp`` (for r == 1,
     i.e. ``logp_old == logp``, exactly SFT's gradient) with no tie-splitting of ``min``.
     """
-    if logp_old is None:
+    if aux.logp_old is None:
         raise ValueError("psft needs logp_old (log-probs from the snapshot forward pass)")
-    r = log_ratio(logp, logp_old, cfg).exp()
+    r = log_ratio(logp, aux.logp_old, cfg).exp()
     clipped = r.detach() > 1.0 + cfg.eps_high
     loss = -torch.where(clipped, torch.full_like(r, 1.0 + cfg.eps_high), r)
     return loss, clipped
@@ -131,6 +204,7 @@ def token_losses(
     logp: torch.Tensor,
     loss_mask: torch.Tensor,
     logp_old: torch.Tensor | None = None,
+    logp_ref: torch.Tensor | None = None,
 ) -> TokenLosses:
     """Run the configured objective and zero masked tokens (value and gradient).
 
@@ -138,7 +212,7 @@ def token_losses(
     (label -100) can never turn into NaN.
     """
     mask = loss_mask.bool()
-    loss, clipped = get_objective(cfg.name)(logp, logp_old, cfg)
+    loss, clipped = get_objective(cfg.name).fn(logp, AuxLogp(logp_old, logp_ref), cfg)
     loss = torch.where(mask, loss, torch.zeros_like(loss))
     with torch.no_grad():
         ratio = log_ratio(logp, logp_old, cfg).exp() if logp_old is not None else torch.ones_like(logp)

@@ -38,6 +38,12 @@ def _tail(path: Path, limit: int = 6000) -> str:
     return text[-limit:]
 
 
+# The rendezvous port is picked free a moment before the ranks bind it; on a busy machine
+# another process can take it in between. Such a launch is retried on a new port.
+_PORT_TAKEN = "EADDRINUSE"
+_LAUNCH_ATTEMPTS = 3
+
+
 def run_in_processes(
     fn: Callable[..., Any],
     nprocs: int,
@@ -56,8 +62,27 @@ def run_in_processes(
 
     Raises :class:`MultiProcessError` with the failing rank's stderr tail when a
     rank exits non-zero, or with every rank's tail after ``timeout`` seconds.
-    Return values must be picklable (tensors are fine).
+    Return values must be picklable (tensors are fine). A launch whose rendezvous
+    port was taken by another process is retried on a fresh port.
     """
+    for attempt in range(_LAUNCH_ATTEMPTS):
+        try:
+            return _launch(fn, nprocs, timeout=timeout, kwargs=kwargs, env=env, init_process_group=init_process_group)
+        except MultiProcessError as e:
+            if _PORT_TAKEN not in str(e) or attempt == _LAUNCH_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch(
+    fn: Callable[..., Any],
+    nprocs: int,
+    *,
+    timeout: float,
+    kwargs: dict[str, Any] | None,
+    env: dict[str, str] | None,
+    init_process_group: bool,
+) -> list[Any]:
     module = fn.__module__
     if module == "__main__":
         main_file = getattr(sys.modules["__main__"], "__file__", None)

@@ -4,7 +4,8 @@ For each global batch (this DP rank's share, already split by the loader into k
 mini-batches of micro-batches):
 
 1. the :class:`~psft_megatron.training.phases.PhaseSchedule` picks the objective
-   (``sft`` during warm-up) and the snapshot pass records logp_old if it needs one;
+   (``sft`` during warm-up); the snapshot pass records logp_old and the frozen reference
+   model logp_ref, each only if the objective declares it needs them;
 2. each mini-batch runs forward+backward and one optimizer step, unless the
    non-finite guard skips it;
 3. after every step the stop policy may end the launch (a signal: the checkpoint then
@@ -31,7 +32,13 @@ from psft_megatron.training.metrics import MetricsWriter, train_record
 from psft_megatron.training.optimizer import OptimizerBundle
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
-from psft_megatron.training.step import PassSetup, prepare_global_batch, snapshot_logp_old, train_step
+from psft_megatron.training.step import (
+    PassSetup,
+    prepare_global_batch,
+    reference_logp,
+    snapshot_logp_old,
+    train_step,
+)
 from psft_megatron.training.stopping import StopPolicy
 
 log = logging.getLogger("psft")
@@ -70,6 +77,10 @@ class Trainer:
     tokens_per_step: int  # positions per optimizer step: mini_batch_size x seq_length
     is_logger: bool
     states: dict[str, Stateful] = field(default_factory=dict)  # what a checkpoint saves besides the model
+    # The frozen reference model's chunks (objectives that need one: sft_kl), and the current
+    # global batch's reference log-probs (recomputed on resume: the reference never changes).
+    reference: list | None = None
+    logp_ref: list = field(default_factory=list)
 
     def save(self) -> Path:
         b = self.bundle
@@ -84,12 +95,14 @@ def _enter_global_batch(t: Trainer) -> None:
         loader.load_state_dict(pending["loader_before"])
         minis = prepare_global_batch(next(loader), t.setup)
         t.cursor.resume(minis, t.setup.device)
-        return
-    before = loader.state_dict()
-    minis = prepare_global_batch(next(loader), t.setup)
-    objective = t.phases.objective_at(t.progress.step)
-    logp_old = snapshot_logp_old(t.bundle.model, minis, objective, t.setup)
-    t.cursor.begin(minis, logp_old, t.progress.step, before)
+    else:
+        before = loader.state_dict()
+        minis = prepare_global_batch(next(loader), t.setup)
+        objective = t.phases.objective_at(t.progress.step)
+        logp_old = snapshot_logp_old(t.bundle.model, minis, objective, t.setup)
+        t.cursor.begin(minis, logp_old, t.progress.step, before)
+    objective = t.phases.objective_at(t.cursor.start_step)
+    t.logp_ref = reference_logp(t.reference, minis, objective, t.setup)
 
 
 def train(t: Trainer) -> TrainResult:
@@ -105,7 +118,7 @@ def train(t: Trainer) -> TrainResult:
                 _enter_global_batch(t)
             objective = t.phases.objective_at(cursor.start_step)
             j = cursor.next_mini
-            result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j])
+            result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
             cursor.advance()
             progress.advance(t.tokens_per_step)
             step = progress.step

@@ -99,12 +99,14 @@ def train_step(
     objective: ObjectiveConfig,
     setup: PassSetup,
     logp_old: Sequence[torch.Tensor | None] | None,
+    logp_ref: Sequence[torch.Tensor | None] | None = None,
 ) -> StepResult:
     """Forward+backward of one mini-batch's micro-batches, then one optimizer step.
 
-    ``logp_old``: per micro-batch snapshot log-probs for ``psft``; ``None`` means "this
-    mini-batch runs on the snapshot weights", so each token's own detached log-prob is
-    its logp_old (ratio 1). Ignored by ``sft`` / ``dft``.
+    ``logp_old``: per micro-batch snapshot log-probs, for objectives that declare they need a
+    snapshot (psft); ``None`` means "this mini-batch runs on the snapshot weights", so each
+    token's own detached log-prob is its logp_old (ratio 1). ``logp_ref``: per micro-batch
+    log-probs of the frozen reference model, for objectives that declare they need one (sft_kl).
     """
     from megatron.core import parallel_state
 
@@ -130,7 +132,8 @@ def train_step(
                 _seq_first(mb.loss_mask),
                 global_count,
                 objective,
-                logp_old=old if objective.name == "psft" else None,
+                logp_old=old if objective.needs_snapshot else None,
+                logp_ref=logp_ref[idx] if objective.needs_reference else None,
                 chunk_size=setup.chunk_size,
                 vocab_size=setup.vocab_size,
                 # The logits are not used after the loss: backward writes their gradient
@@ -188,13 +191,13 @@ def snapshot_logp_old(model: list, minis: Sequence[MiniBatch], objective: Object
                       setup: PassSetup) -> list[Sequence[torch.Tensor | None] | None]:
     """Each mini-batch's logp_old (see :func:`train_step`), from one forward-only snapshot pass.
 
-    For ``psft`` with k > 1 the pass covers mini-batches 2..k in one schedule call (the
-    pipeline fills once); mini-batch 1 runs on the snapshot weights and uses its own
-    detached log-probs. ``sft``/``dft`` need no snapshot: all None.
+    For an objective that needs a snapshot (psft), with k > 1, the pass covers mini-batches
+    2..k in one schedule call (the pipeline fills once); mini-batch 1 runs on the snapshot
+    weights and uses its own detached log-probs. Other objectives: all None.
     """
     k = len(minis)
     logp_old: list[Sequence[torch.Tensor | None] | None] = [None] * k
-    if objective.name == "psft" and k > 1:
+    if objective.needs_snapshot and k > 1:
         rest = [mb for mini in minis[1:] for mb in mini.micro_batches]
         flat = snapshot(model, rest, setup)
         m = len(minis[0].micro_batches)
@@ -203,15 +206,29 @@ def snapshot_logp_old(model: list, minis: Sequence[MiniBatch], objective: Object
     return logp_old
 
 
+def reference_logp(reference: list | None, minis: Sequence[MiniBatch], objective: ObjectiveConfig,
+                   setup: PassSetup) -> list[Sequence[torch.Tensor | None] | None]:
+    """Each mini-batch's log-probs under the frozen reference model (one forward-only pass over
+    the whole global batch), for objectives that need them; all None otherwise."""
+    if not objective.needs_reference:
+        return [None] * len(minis)
+    if reference is None:
+        raise ValueError(f"objective {objective.name!r} needs a reference model, and the run built none")
+    flat = snapshot(reference, [mb for mini in minis for mb in mini.micro_batches], setup)
+    m = len(minis[0].micro_batches)
+    return [flat[j * m : (j + 1) * m] for j in range(len(minis))]
+
+
 def train_global_batch(
-    bundle: Any, gb: GlobalBatch, objective: ObjectiveConfig, setup: PassSetup
+    bundle: Any, gb: GlobalBatch, objective: ObjectiveConfig, setup: PassSetup, reference: list | None = None
 ) -> Iterator[StepResult]:
     """All k optimizer steps of one global batch, yielded one by one (benchmarks; the loop
     drives the same pieces step by step so it can stop and save between any two)."""
     minis = prepare_global_batch(gb, setup)
     logp_old = snapshot_logp_old(bundle.model, minis, objective, setup)
+    logp_ref = reference_logp(reference, minis, objective, setup)
     for j, mini in enumerate(minis):
-        yield train_step(bundle, mini, objective, setup, logp_old[j])
+        yield train_step(bundle, mini, objective, setup, logp_old[j], logp_ref[j])
 
 
 def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup) -> dict[str, float] | None:
