@@ -94,6 +94,8 @@ class RecipeConfig:
         t = self.training
         if t.eval_interval and not self.data.eval:
             raise FieldError("training.eval_interval", "is set but data.eval lists no held-out source")
+        if t.eval_at_start and not self.data.eval:
+            raise FieldError("training.eval_at_start", "is true but data.eval lists no held-out source")
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and t.seq_length % tp:
             raise FieldError(

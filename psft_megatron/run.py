@@ -111,7 +111,8 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         phases=PhaseSchedule(recipe.loss, recipe.training.sft_warmup_steps),
         checkpointer=checkpointer,
         evaluator=Evaluator(
-            recipe.training.eval_interval, lambda: data.eval_micro_batches(recipe.training.eval_rows), setup
+            recipe.training.eval_interval, lambda: data.eval_micro_batches(recipe.training.eval_rows), setup,
+            at_start=recipe.training.eval_at_start,
         ),
         metrics=metrics,
         stop=StopPolicy(progress.step, recipe.training.exit_after_steps, recipe.training.exit_duration_minutes,

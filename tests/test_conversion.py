@@ -137,7 +137,10 @@ def work(tmp_path_factory, request) -> dict[str, Any]:
     if (GGUF_DIR / GGUF_NAME).is_file():
         from psft_megatron.data.tokenizer import load_tokenizer
 
-        cache = Path(request.config.cache.mkdir("psft_smollm2_hf"))
+        # pytest's cache keeps the dequantised model across sessions; without the cache plugin
+        # (-p no:cacheprovider) it is made once for this session.
+        pytest_cache = getattr(request.config, "cache", None)
+        cache = Path(pytest_cache.mkdir("psft_smollm2_hf")) if pytest_cache else tmp_path_factory.mktemp("smollm2_hf")
         stamp = cache / "stamp.txt"
         key = str((GGUF_DIR / GGUF_NAME).stat().st_size)
         if not (stamp.is_file() and stamp.read_text() == key):  # dequantising takes ~20 s: once per machine

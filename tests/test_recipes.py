@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 # The world size each recipe is written for (see its header comment).
-WORLD_SIZES = {"tiny_cpu.yaml": 2, "qwen2.5_7b_math.yaml": 8, "8b_math.yaml": 8, "70b_math.yaml": 64}
+WORLD_SIZES = {"tiny_cpu.yaml": 2, "qwen2.5_7b_math.yaml": 8, "8b_math.yaml": 8, "70b_math.yaml": 64,
+               **{f"smollm2_gsm8k_{o}.yaml": 1 for o in ("sft", "psft", "dft", "sft_kl")}}
 
 
 def test_every_recipe_is_listed():
@@ -97,6 +98,13 @@ def test_overrides_are_typed_and_checked():
         load_recipe(RECIPES / "tiny_cpu.yaml", ["training.trian_steps=4"])
     with pytest.raises(ConfigError, match="^command-line override: unknown key model.layers"):
         load_recipe(RECIPES / "tiny_cpu.yaml", ["model.layers=2"])
+
+
+@pytest.mark.parametrize("field", ["training.eval_interval=4", "training.eval_at_start=true"])
+def test_evaluation_needs_a_held_out_source(field):
+    name = field.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(name)} is (set|true) but data.eval lists no held-out source"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", ["data.eval=[]", "training.eval_interval=0", field])
 
 
 def test_per_source_fields_can_be_overridden():

@@ -96,7 +96,7 @@ def outcome(tiny_data, tmp_path_factory) -> dict[str, Any]:
     first = tiny_recipe(
         tiny_data, run_dir,
         training={"train_steps": None, "epochs": EPOCHS, "sft_warmup_steps": 0, "eval_interval": 2,
-                  "eval_rows": EVAL_ROWS},
+                  "eval_rows": EVAL_ROWS, "eval_at_start": True},
         loss={"name": "sft"},
         checkpoint={"save_interval": 2, "keep_last": 2, "save_at_end": True},
         logging={"tensorboard": True, "log_interval": LOG_INTERVAL},
@@ -121,6 +121,14 @@ def test_held_out_nll_falls_over_an_sft_run(outcome):
     ev = outcome["a"]["eval"]
     assert len(ev) >= 2
     assert ev[-1]["loss"] < ev[0]["loss"] - 0.05, [e["loss"] for e in ev]
+
+
+def test_eval_runs_at_start_and_every_interval_and_not_again_on_resume(outcome):
+    a, b = outcome["a"], outcome["b"]
+    k = outcome["recipe"]["training"]["global_batch_size"] // outcome["recipe"]["training"]["mini_batch_size"]
+    # Evaluated at global-batch boundaries that cross a multiple of eval_interval (2), plus step 0.
+    assert [e["step"] for e in a["eval"]] == [0] + [s for s in range(k, a["step"] + 1, k)]
+    assert [e["step"] for e in b["eval"]] == [s for s in range(outcome["crash_at"] + k, b["step"] + 1, k)]
 
 
 def test_eval_rows_selects_exactly_that_many_rows(outcome):
@@ -152,7 +160,7 @@ def test_resume_replaces_the_lost_records_in_metrics_and_tensorboard(outcome):
     assert [r["phase"] for r in train] == ["sft"] * crash_at + ["dft"] * (steps - crash_at)
     evals = [r for r in records if r.get("split") == "eval"]
     kept = [e for e in outcome["a"]["eval"] if e["step"] <= crash_at] + outcome["b"]["eval"]
-    assert [e["step"] for e in evals] == [e["step"] for e in kept] == list(range(2, steps + 1, 2))
+    assert [e["step"] for e in evals] == [e["step"] for e in kept] == list(range(0, steps + 1, 2))  # 0: eval_at_start
     assert [e["loss"] for e in evals] == pytest.approx([e["loss"] for e in kept], rel=1e-9)
     lost = {e["step"]: e["loss"] for e in outcome["a"]["eval"] if e["step"] > crash_at}
     assert any(abs(lost[e["step"]] - e["loss"]) > 1e-5 for e in outcome["b"]["eval"])  # the check can tell them apart

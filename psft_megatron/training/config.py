@@ -39,6 +39,9 @@ class TrainingConfig:
     # eval_rows packed rows (the same rows at every layout; None = the whole split).
     eval_interval: int = 0
     eval_rows: int | None = None
+    # Also score them before the first step (step 0: the starting model), so every curve has
+    # its starting point. Needs a held-out split.
+    eval_at_start: bool = False
     # A step whose loss or gradient norm is non-finite is skipped (no update); this many in a
     # row stop the run with an error.
     max_skipped_steps: int = 3

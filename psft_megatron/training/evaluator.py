@@ -9,16 +9,23 @@ from psft_megatron.training.step import PassSetup, evaluate
 
 
 class Evaluator:
-    """Scores the held-out rows every ``interval`` optimizer steps (0 = never).
+    """Scores the held-out rows every ``interval`` optimizer steps (0 = never), and at step 0
+    when ``at_start`` is set.
 
     ``micro_batches`` yields this rank's share of the chosen held-out rows, the same
     rows on every call and at every layout (see ``TrainData.eval_micro_batches``).
     """
 
-    def __init__(self, interval: int, micro_batches: Callable[[], list[MicroBatch]], setup: PassSetup) -> None:
+    def __init__(self, interval: int, micro_batches: Callable[[], list[MicroBatch]], setup: PassSetup,
+                 at_start: bool = False) -> None:
         self.interval = interval
+        self.at_start = at_start
         self._micro_batches = micro_batches
         self.setup = setup
+
+    def should_evaluate_before(self, step: int) -> bool:
+        """True before the first step of a fresh run (not of a resumed one) with ``at_start``."""
+        return self.at_start and step == 0
 
     def should_evaluate(self, step: int, steps_just_run: int) -> bool:
         """True when the last ``steps_just_run`` steps (one global batch) crossed a multiple of the interval."""

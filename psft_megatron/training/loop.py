@@ -105,6 +105,15 @@ def _enter_global_batch(t: Trainer) -> None:
     t.logp_ref = reference_logp(t.reference, minis, objective, t.setup)
 
 
+def _evaluate(t: Trainer, step: int, eval_records: list[dict[str, Any]]) -> None:
+    ev = t.evaluator.evaluate(t.bundle.model, step)
+    if ev is not None:
+        eval_records.append(ev)
+        t.metrics.write(ev, prefix="eval")
+        if t.is_logger:
+            log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
+
+
 def train(t: Trainer) -> TrainResult:
     """Run the built (and possibly resumed) trainer to its last step or until its stop policy says so."""
     records: list[dict[str, Any]] = []
@@ -112,6 +121,8 @@ def train(t: Trainer) -> TrainResult:
     progress, cursor = t.progress, t.cursor
     t.stop.install_signal_handlers()
     try:
+        if t.evaluator.should_evaluate_before(progress.step):
+            _evaluate(t, progress.step, eval_records)
         while progress.step < t.total_steps:
             t0 = time.monotonic()
             if not cursor.active:
@@ -136,12 +147,7 @@ def train(t: Trainer) -> TrainResult:
                 t.metrics.progress(rec)
             boundary = not cursor.active
             if boundary and t.evaluator.should_evaluate(step, step - cursor.start_step):
-                ev = t.evaluator.evaluate(t.bundle.model, step)
-                if ev is not None:
-                    eval_records.append(ev)
-                    t.metrics.write(ev, prefix="eval")
-                    if t.is_logger:
-                        log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
+                _evaluate(t, step, eval_records)
             last_step = step >= t.total_steps
             stopping = not last_step and t.stop.should_stop(step, boundary)
             if t.checkpointer.should_save(step, at_boundary=boundary, last_step=last_step, stopping=stopping):
