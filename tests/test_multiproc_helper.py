@@ -1,5 +1,6 @@
 """The multi-process helper itself: results come back per rank, failures and hangs surface."""
 
+import tempfile
 import time
 
 import pytest
@@ -30,13 +31,17 @@ def _hang() -> None:
         time.sleep(600)
 
 
-def test_results_per_rank():
+def test_results_per_rank(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the launch keeps its logs and results
     assert run_in_processes(_allreduce_rank, 2, kwargs={"scale": 3.0}, timeout=60) == [3.0, 3.0]
+    assert list(tmp_path.iterdir()) == []  # and removes them
 
 
-def test_failure_shows_child_traceback():
+def test_failure_shows_child_traceback(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with pytest.raises(MultiProcessError, match="boom on rank one"):
         run_in_processes(_fail_on_rank_one, 2, timeout=60)
+    assert list(tmp_path.iterdir()) == []  # the error message carries the logs' tails
 
 
 def test_hang_times_out():

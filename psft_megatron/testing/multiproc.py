@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,24 @@ def _launch(
         raise ValueError(f"fn must be a module-level function, got {qualname}")
 
     workdir = Path(tempfile.mkdtemp(prefix="psft_mp_"))
+    try:  # the logs' tails go into any error raised, so nothing is lost when the folder goes
+        return _run_ranks(module, qualname, workdir, nprocs, timeout=timeout, kwargs=kwargs, env=env,
+                          init_process_group=init_process_group)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_ranks(
+    module: str,
+    qualname: str,
+    workdir: Path,
+    nprocs: int,
+    *,
+    timeout: float,
+    kwargs: dict[str, Any] | None,
+    env: dict[str, str] | None,
+    init_process_group: bool,
+) -> list[Any]:
     with open(workdir / "kwargs.pkl", "wb") as f:
         pickle.dump(kwargs or {}, f)
 
