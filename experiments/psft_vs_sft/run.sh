@@ -6,8 +6,8 @@
 #
 # Every stage resumes: a converted model is kept, a finished run is skipped and an
 # interrupted one continues from its latest checkpoint, an evaluation already written is
-# not redone. On 2 CPU cores each run (48 optimizer steps) takes about 10 minutes on an idle
-# machine, 25-30 while other jobs share the cores.
+# not redone. On 2 CPU cores each run (32 optimizer steps) takes about 6 minutes on an idle
+# machine, 20-25 while other jobs share the cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-../shared}
