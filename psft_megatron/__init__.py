@@ -6,3 +6,9 @@ Layers, lowest first (imports only flow down; ``tests/test_layering.py`` enforce
 beside the top for tests and benchmarks. Entry points: :func:`psft_megatron.run.run` and
 :func:`psft_megatron.recipe.load_recipe`.
 """
+
+from psft_megatron.runtime.megatron_import import install as _install_megatron_import_hook
+
+# Before any module of ours imports megatron-core: without CUDA, skip compiling its GPU fusion
+# kernels at import (about 3 CPU-seconds per process; see runtime/megatron_import.py).
+_install_megatron_import_hook()

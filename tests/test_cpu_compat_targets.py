@@ -68,3 +68,49 @@ def test_apply_routes_cuda_to_cpu_only_when_absent():
     assert made.device.type == "cpu"
     assert schedules.torch.Tensor is torch.Tensor  # everything else is the real torch
     assert torch.cuda.current_device() == torch.device("cpu")
+
+
+def test_megatron_jit_fuser_is_still_torch_compile():
+    """runtime/megatron_import.py relies on megatron wrapping its fusions in torch.compile at import."""
+    import megatron.core.jit as jit
+
+    source = inspect.getsource(jit)
+    assert "jit_fuser = torch.compile" in source, (
+        "megatron.core.jit no longer binds jit_fuser to torch.compile: re-check runtime/megatron_import.py"
+    )
+
+
+def test_eager_torch_compile_covers_both_call_forms():
+    import torch
+
+    from psft_megatron.runtime.megatron_import import eager_torch_compile
+
+    def f(x):
+        return x + 1
+
+    real = torch.compile
+    with eager_torch_compile():
+        assert torch.compile(f) is f
+        assert torch.compile(mode="max-autotune")(f) is f
+    assert torch.compile is real
+
+
+_IMPORT_PROBE = """
+import sys, torch, psft_megatron, megatron.core, megatron.core.models.gpt, megatron.core.optimizer
+import megatron.core.jit as jit
+print(int('torch._dynamo' in sys.modules), int(torch.compile.__module__ == 'torch'), jit.jit_fuser.__name__)
+"""
+
+
+@pytest.mark.slow  # starts Python
+def test_megatron_imports_without_dynamo_on_cpu():
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA megatron's fusions are compiled as usual")
+    out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
+    dynamo, restored, fuser = out.stdout.split()
+    assert (dynamo, restored, fuser) == ("0", "1", "_identity_compile"), out.stdout

@@ -42,6 +42,9 @@ LAYERS = {
     "testing": 10,
 }
 
+# psft_megatron/__init__.py runs before everything else; it only installs the megatron import hook.
+ROOT_MAY_IMPORT = {"psft_megatron.runtime.megatron_import"}
+
 
 def _component(module: str) -> str:
     """``psft_megatron.model.build`` -> ``model``; ``psft_megatron.recipe`` -> ``recipe``."""
@@ -111,6 +114,10 @@ def test_imports_flow_down(path):
             continue
         if not top:
             problems.append(f"{where} inside a function or class: move it to the top of the module")
+        if me == "":  # the package root: importing it must stay cheap and pull in no layer
+            if target not in ROOT_MAY_IMPORT:
+                problems.append(f"{where}: the package root imports only {sorted(ROOT_MAY_IMPORT)}")
+            continue
         if other and other != me and LAYERS[other] >= LAYERS[me]:
             problems.append(f"{where}: {other} (layer {LAYERS[other]}) is not below {me} (layer {LAYERS[me]})")
     assert not problems, "\n".join(problems)
