@@ -196,3 +196,21 @@ def test_token_stats_vocab_size_never_reads_padding():
     for bad in (0, V_pad + 1):
         with pytest.raises(ValueError, match="vocab_size"):
             vocab_parallel_token_stats(torch.zeros(2, V_pad), torch.zeros(2, dtype=torch.long), vocab_size=bad)
+
+
+def test_psft_trust_region_edges_match_the_formula():
+    """Per token, in float64: loss = -min(r, clip(r, 1-eps_low, 1+eps_high)) with r = exp(logp - logp_old);
+    the gradient w.r.t. logp is -r where r <= 1+eps_high (below 1-eps_low too: the min keeps r there)
+    and 0 above it, and only those tokens count as clipped."""
+    eps_low, eps_high = 0.2, 0.28
+    r = torch.tensor([0.5, 0.79, 0.81, 1.0, 1.21, 1.25, 1.279, 1.281, 2.0, 40.0], dtype=torch.float64)
+    logp_old = torch.full_like(r, -2.0)
+    logp = (logp_old + r.log()).requires_grad_()
+    mask = torch.ones_like(r)
+    out = token_losses(ObjectiveConfig(name="psft", eps_low=eps_low, eps_high=eps_high), logp, mask, logp_old=logp_old)
+    (grad,) = torch.autograd.grad(out.loss.sum(), logp)
+    expected = [-min(x, min(max(x, 1 - eps_low), 1 + eps_high)) for x in r.tolist()]
+    assert out.loss.tolist() == pytest.approx(expected, rel=1e-12)
+    inside = r <= 1 + eps_high
+    assert grad.tolist() == pytest.approx(torch.where(inside, -r, torch.zeros_like(r)).tolist(), rel=1e-12)
+    assert out.clipped.tolist() == (~inside).tolist()
