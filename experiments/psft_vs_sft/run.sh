@@ -13,9 +13,12 @@ cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-../shared}
 OUT=runs/psft_vs_sft
 RUNS=(sft psft dft sft_kl)
-# Evaluation items (fixed subsets: the first N of each file, the same for every checkpoint).
-EVAL_TASKS=${EVAL_TASKS:-gsm8k,heldout_nll,hh_harmless_nll,mmlu,truthfulqa_mc1,svamp,asdiv,drift}
-EVAL_LIMIT=${EVAL_LIMIT:-100}
+START=$OUT/smollm2_megatron
+# Evaluation: fixed subsets (the first N items of each set, the same for every checkpoint).
+# --limit counts per task, and per subject for MMLU (57 subjects).
+EVAL_TASKS=${EVAL_TASKS:-gsm8k,svamp,asdiv,mmlu,truthfulqa_mc1}
+EVAL_LIMIT=${EVAL_LIMIT:-24}
+HELDOUT_LIMIT=${HELDOUT_LIMIT:-48}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 prepare() {
@@ -38,21 +41,33 @@ train() {
     done
 }
 
+# One checkpoint: the lm-eval tasks, held-out GSM8K NLL / entropy / KL drift from the start model,
+# then HH-RLHF harmless NLL / entropy (out of domain). Skipped when already written.
+evaluate_one() {
+    local ckpt=$1 dest=$2
+    [[ -f $dest/summary.json ]] ||
+        python tools/evaluate.py --ckpt "$ckpt" --out "$dest" --tasks "$EVAL_TASKS" --data-root "$SHARED/data" \
+            --limit "$EVAL_LIMIT" --max-gen-toks 320 --gen-batch-size 12 \
+            --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$HELDOUT_LIMIT" --ref "$START"
+    [[ -f $dest/hh_harmless/summary.json ]] ||
+        python tools/evaluate.py --ckpt "$ckpt" --out "$dest/hh_harmless" \
+            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
+}
+
 evaluate() {
-    local start=$OUT/smollm2_megatron
-    [[ -f $OUT/eval/start/results.json ]] ||
-        python tools/evaluate.py --ckpt "$start" --tasks "$EVAL_TASKS" --limit "$EVAL_LIMIT" --ref "$start" --out $OUT/eval/start
-    for name in "${RUNS[@]}"; do
-        for ckpt in "$OUT/$name"/checkpoints/step_*; do
-            local dest=$OUT/eval/$name/$(basename "$ckpt")
-            [[ -f $dest/results.json ]] ||
-                python tools/evaluate.py --ckpt "$ckpt" --tasks "$EVAL_TASKS" --limit "$EVAL_LIMIT" --ref "$start" --out "$dest"
+    evaluate_one "$START" $OUT/start
+    # Every run's last checkpoint first, then the earlier ones (the headline table needs the former).
+    local step
+    for step in $(ls "$OUT/${RUNS[0]}/checkpoints" | grep '^step_' | sort -r); do
+        for name in "${RUNS[@]}"; do
+            evaluate_one "$OUT/$name/checkpoints/$step" "$OUT/$name/eval/$step"
         done
     done
 }
 
 report() {
-    python tools/compare_runs.py "${RUNS[@]/#/$OUT/}" --evals $OUT/eval --out docs/experiments
+    python tools/compare_runs.py $OUT/start "${RUNS[@]/#/$OUT/}" --out docs/experiments
+    python experiments/psft_vs_sft/summarize.py $OUT --out docs/experiments/results.md
 }
 
 stages=("${@:-prepare train evaluate report}")
