@@ -14,11 +14,12 @@ SHARED=${SHARED:-../shared}
 OUT=runs/psft_vs_sft
 RUNS=(sft psft dft sft_kl)
 START=$OUT/smollm2_megatron
-# Evaluation: fixed subsets (the first N items of each set, the same for every checkpoint).
-# --limit counts per task, and per subject for MMLU (57 subjects).
-EVAL_TASKS=${EVAL_TASKS:-gsm8k,svamp,asdiv,mmlu,truthfulqa_mc1}
-EVAL_LIMIT=${EVAL_LIMIT:-24}
-HELDOUT_LIMIT=${HELDOUT_LIMIT:-48}
+# Evaluation: fixed subsets, the first N items of each set, the same for every checkpoint. --limit
+# counts per task (per subject for MMLU's 57), so each group of tasks is one evaluate.py call.
+GEN_LIMIT=${GEN_LIMIT:-16}          # GSM8K test, SVAMP, ASDiv: greedy generation, math-verify
+MMLU_LIMIT=${MMLU_LIMIT:-1}         # questions per MMLU subject
+TQA_LIMIT=${TQA_LIMIT:-24}          # TruthfulQA MC1 questions
+HELDOUT_LIMIT=${HELDOUT_LIMIT:-32}  # GSM8K test / HH-RLHF harmless conversations for NLL, entropy, KL
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 prepare() {
@@ -45,21 +46,28 @@ train() {
 # then HH-RLHF harmless NLL / entropy (out of domain). Skipped when already written.
 evaluate_one() {
     local ckpt=$1 dest=$2
+    local common=(--ckpt "$ckpt" --data-root "$SHARED/data" --max-gen-toks 256 --gen-batch-size 16)
     [[ -f $dest/summary.json ]] ||
-        python tools/evaluate.py --ckpt "$ckpt" --out "$dest" --tasks "$EVAL_TASKS" --data-root "$SHARED/data" \
-            --limit "$EVAL_LIMIT" --max-gen-toks 320 --gen-batch-size 12 \
+        python tools/evaluate.py "${common[@]}" --out "$dest" --tasks gsm8k,svamp,asdiv --limit "$GEN_LIMIT" \
             --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$HELDOUT_LIMIT" --ref "$START"
+    [[ -f $dest/mmlu/summary.json ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest/mmlu" --tasks mmlu --limit "$MMLU_LIMIT"
+    [[ -f $dest/truthfulqa/summary.json ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest/truthfulqa" --tasks truthfulqa_mc1 --limit "$TQA_LIMIT"
     [[ -f $dest/hh_harmless/summary.json ]] ||
-        python tools/evaluate.py --ckpt "$ckpt" --out "$dest/hh_harmless" \
+        python tools/evaluate.py "${common[@]}" --out "$dest/hh_harmless" \
             --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
 }
 
 evaluate() {
     evaluate_one "$START" $OUT/start
-    # Every run's last checkpoint first, then the earlier ones (the headline table needs the former).
-    local step
-    for step in $(ls "$OUT/${RUNS[0]}/checkpoints" | grep '^step_' | sort -r); do
+    # Every finished run's last checkpoint first, then the earlier ones (EVAL_LAST_ONLY=1: only the last).
+    local step name steps
+    steps=$(ls "$OUT"/*/checkpoints 2>/dev/null | grep '^step_' | sort -ru)
+    [[ ${EVAL_LAST_ONLY:-0} == 1 ]] && steps=$(echo "$steps" | head -1)
+    for step in $steps; do
         for name in "${RUNS[@]}"; do
+            finished "$name" && [[ -d $OUT/$name/checkpoints/$step ]] || continue
             evaluate_one "$OUT/$name/checkpoints/$step" "$OUT/$name/eval/$step"
         done
     done

@@ -39,9 +39,10 @@ Items = dict[object, tuple[float, float]]  # item id -> (value x weight, weight)
 
 
 def _task_items(folder: Path) -> dict[str, Items]:
-    """Per task, each item's accuracy (weight 1). MMLU's subjects join one ``psft_mmlu`` task."""
+    """Per task, each item's accuracy (weight 1), from this folder and the ones below it (each group
+    of tasks is its own evaluate.py call). MMLU's subjects join one ``psft_mmlu`` task."""
     out: dict[str, Items] = {}
-    for path in sorted(folder.glob("lm_eval/**/samples_*.jsonl")):
+    for path in sorted(folder.glob("**/lm_eval/**/samples_*.jsonl")):
         task = re.sub(r"_\d{4}-\d{2}-\d{2}T.*$", "", path.stem.removeprefix("samples_"))
         group = "psft_mmlu" if task.startswith("psft_mmlu") else task
         for line in path.read_text().splitlines():
