@@ -24,6 +24,7 @@ from typing import Any
 import torch.distributed as dist
 from lm_eval.loggers import EvaluationTracker
 
+from psft_megatron.checkpoint.model_checkpoint import read_meta
 from psft_megatron.evaluation.drift import KL, drift_scores, kl_handler
 from psft_megatron.evaluation.driver import Driver
 from psft_megatron.evaluation.generation import export_checkpoint, make_generator
@@ -41,7 +42,7 @@ from psft_megatron.evaluation.options import CheckedJob, describe
 from psft_megatron.evaluation.report import markdown_table, summarize_lm_eval
 from psft_megatron.evaluation.scoring import LOGLIK, MegatronScorer, loglik_handler
 from psft_megatron.evaluation.session import ScoringModel, load_scoring_model
-from psft_megatron.evaluation.tasks import render_tasks
+from psft_megatron.evaluation.tasks import MATH_SETS, data_key, render_tasks
 from psft_megatron.runtime.config import ParallelConfig
 from psft_megatron.runtime.distributed import init_model_parallel, set_seed
 
@@ -67,10 +68,12 @@ def run_job(checked: CheckedJob) -> dict[str, Any] | None:
     parallel = ParallelConfig(tensor_model_parallel_size=job.tp, pipeline_model_parallel_size=job.pp)
     init_model_parallel(parallel)
     set_seed(job.seed)
-    model = load_scoring_model(checked.ckpt, parallel, params_dtype=job.params_dtype)
-    ref = load_scoring_model(checked.ref, parallel, params_dtype=job.params_dtype) if checked.ref else None
     tok = checked.tokenizer
-    driver = Driver(_handlers(model, ref, job.batch_size, tok.pad_id))
+    # Generation alone needs no Megatron model (it runs on the export): every rank sees the same job.
+    needs_model = job.heldout is not None or any(data_key(n) not in MATH_SETS for n in checked.task_names)
+    model = load_scoring_model(checked.ckpt, parallel, params_dtype=job.params_dtype) if needs_model else None
+    ref = load_scoring_model(checked.ref, parallel, params_dtype=job.params_dtype) if checked.ref else None
+    driver = Driver(_handlers(model, ref, job.batch_size, tok.pad_id) if model is not None else {})
     if not driver.is_driver:
         driver.serve()
         return None
@@ -79,9 +82,11 @@ def run_job(checked: CheckedJob) -> dict[str, Any] | None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     dp = dist.get_world_size() // (job.tp * job.pp) if dist.is_initialized() else 1
+    max_length = read_meta(checked.ckpt)["model"].get("max_position_embeddings") or 4096
     lm = PSFTMegatronLM(tok, MegatronScorer(driver, rows_per_call=job.batch_size * dp * job.pp * 4),
                         template=checked.template, batch_size=job.batch_size,
-                        max_length=model.config.max_position_embeddings, max_gen_toks=job.max_gen_toks)
+                        max_length=model.config.max_position_embeddings if model else max_length,
+                        max_gen_toks=job.max_gen_toks)
     settings = EvalSettings(limit=job.limit, apply_chat_template=checked.apply_chat_template,
                             system_instruction=job.system_instruction, bootstrap_iters=job.bootstrap_iters,
                             seed=job.seed)
@@ -109,7 +114,8 @@ def run_job(checked: CheckedJob) -> dict[str, Any] | None:
             write_rows(job.heldout_out or out / "heldout.jsonl", rows)
     finally:
         driver.stop()  # the workers leave serve(), tear down and exit; nothing below needs them
-    model.release()
+    if model is not None:
+        model.release()
     if ref is not None:
         ref.release()
 
