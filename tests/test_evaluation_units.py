@@ -171,3 +171,54 @@ def test_bad_inputs_give_one_line_and_exit_2(tiny_data, tmp_path, capsys):
         assert evaluate(argv) == 2, expected
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (expected, err)
+
+
+class _ScriptedGenerator:
+    """Stands in for the exported model: answers from a script, so the lm-eval plumbing and the
+    metrics can be checked exactly (greedy: always right; sampled: right on every 4th call)."""
+
+    def __init__(self, tokenizer, answers: dict[str, str]) -> None:
+        self.tokenizer, self.answers, self.sampled_calls = tokenizer, answers, 0
+
+    def generate(self, prompts, *, max_new_tokens, do_sample, temperature, top_p, stop):
+        out = []
+        for p in prompts:
+            text = self.tokenizer.decode(p)
+            gold = next(a for q, a in self.answers.items() if q in text)
+            if do_sample:
+                assert (temperature, top_p) == (0.7, 0.9)
+                right = self.sampled_calls % 4 == 0
+                self.sampled_calls += 1
+            else:
+                right = True
+            out.append(self.tokenizer.encode(f"So the answer is {gold if right else gold + '1'}.\n#### end")
+                       + [self.tokenizer.eos_id])
+        return out
+
+
+@pytest.mark.timeout(300, method="thread")
+def test_generation_tasks_greedy_and_mean_pass_at_n(shared, tmp_path):
+    """gsm8k through lm-eval with the psft model class: greedy accuracy, and mean@4 / pass@4 when one
+    sample in four is right; special tokens are left out of the text."""
+    from psft_megatron.data.tokenizer import load_tokenizer
+    from psft_megatron.evaluation.harness import EvalSettings, run_tasks, task_manager
+    from psft_megatron.evaluation.lm_eval_model import PSFTMegatronLM
+    from psft_megatron.evaluation.report import summarize_lm_eval
+    from psft_megatron.evaluation.tasks import Sampling, render_tasks
+
+    data = tmp_path / "gsm8k.jsonl"
+    qa = {"Tom has 3 apples and buys 4.": "7", "A box holds 12 eggs; 5 are used.": "7000"}
+    data.write_text("".join(json.dumps({"question": q + " How many?", "answer": f"work\n#### {a[:-3]},{a[-3:]}"
+                                         if len(a) > 3 else f"work\n#### {a}"}) + "\n" for q, a in qa.items()))
+    tok = load_tokenizer(shared / "tokenizers" / "smollm2")
+    rendered = render_tasks(tmp_path / "tasks", ["gsm8k"], {"gsm8k": str(data)}, max_gen_toks=32,
+                            sampling=Sampling(4, 0.7, 0.9))
+    assert rendered.generate == ["psft_gsm8k", "psft_gsm8k_n4"] and not rendered.loglik
+    lm = PSFTMegatronLM(tok, generator=_ScriptedGenerator(tok, qa), batch_size=3, max_length=512)
+    results = run_tasks(lm, rendered.generate, task_manager(rendered.folder),
+                        EvalSettings(apply_chat_template=False, bootstrap_iters=0))
+    summary = summarize_lm_eval(results, rendered.generate)
+    assert summary == {"gsm8k/acc": 1.0, "gsm8k/pass_at_n": 1.0, "gsm8k_n4/acc@n4": 0.25,
+                       "gsm8k_n4/pass_at_n@n4": 1.0}
+    resp = results["samples"]["psft_gsm8k"][0]["resps"][0][0]
+    assert resp.startswith("So the answer is") and "<|im_end|>" not in resp
