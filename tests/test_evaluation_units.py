@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import shutil
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,25 @@ def test_generation_tasks_greedy_and_mean_pass_at_n(shared, tmp_path):
                        "gsm8k_n4/pass_at_n@n4": 1.0}
     resp = results["samples"]["psft_gsm8k"][0]["resps"][0][0]
     assert resp.startswith("So the answer is") and "<|im_end|>" not in resp
+
+
+def test_a_run_folder_gives_checkpoint_tokenizer_template_and_heldout(tiny_data, tmp_path):
+    """--ckpt RUN_DIR: its latest checkpoint, the tokenizer and held-out data the recipe named relative to
+    the folder training ran in, and the recipe's chat template; --ref alone measures drift on data.eval[0]."""
+    import yaml
+
+    from psft_megatron.evaluation.options import EvalJob, check_job
+
+    shutil.copytree(tiny_data / "tokenizer", tmp_path / "tok")
+    (tmp_path / "data").mkdir()
+    shutil.copy(tiny_data / "eval.jsonl", tmp_path / "data" / "eval.jsonl")
+    run = tmp_path / "runs" / "x"
+    ckpt = _fake_checkpoint(run / "checkpoints", Path("tok"))  # paths as a recipe run from tmp_path wrote them
+    (run / "checkpoints" / "latest").write_text("ckpt\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": {
+        "chat_template": "plain", "eval": [{"path": "data/eval.jsonl", "adapter": "generic", "limit": 5}]}}))
+    checked = check_job(EvalJob(ckpt=str(run), ref=str(ckpt), out=str(tmp_path / "out")))
+    assert checked.ckpt == ckpt and checked.tokenizer_path == tmp_path / "tok"
+    assert checked.template_spec == "plain" and checked.apply_chat_template
+    held = checked.job.heldout
+    assert (held.path, held.adapter, held.limit) == (str(tmp_path / "data" / "eval.jsonl"), "generic", 5)

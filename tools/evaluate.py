@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-max-length", type=int, default=None, help="truncate held-out samples' responses to N tokens")
     p.add_argument("--heldout-limit", type=int, default=None, help="score only the first N held-out records")
     p.add_argument("--heldout-out", default=None, help="where the per-sample held-out rows go (default OUT/heldout.jsonl)")
-    p.add_argument("--ref", default=None, help="reference checkpoint: report KL(model || ref) on --heldout")
+    p.add_argument("--ref", default=None,
+                   help="reference checkpoint: report KL(model || ref) on --heldout (default: the run's data.eval[0])")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward per data-parallel replica")

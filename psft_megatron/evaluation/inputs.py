@@ -24,9 +24,11 @@ __all__ = [
     "META_FILE",
     "read_meta_json",
     "resolve_checkpoint",
+    "run_config",
     "find_relative",
     "tokenizer_path_of",
     "training_chat_template",
+    "training_eval_source",
 ]
 
 META_FILE = "psft_meta.json"  # psft_megatron.checkpoint.model_checkpoint.META_FILE (that module imports torch)
@@ -96,14 +98,14 @@ def find_relative(path: str | Path, ckpt: Path) -> Path | None:
         return p
     if p.is_absolute():
         return None
-    for folder in Path(ckpt).resolve().parents:
+    for folder in Path(ckpt).absolute().parents:
         if (folder / p).exists():
             return folder / p
     return None
 
 
-def training_chat_template(ckpt: Path) -> tuple[bool, str | None]:
-    """``(found, data.chat_template)`` from the ``config.yaml`` of the run the checkpoint belongs to.
+def run_config(ckpt: Path) -> dict[str, Any] | None:
+    """The ``config.yaml`` of the run the checkpoint belongs to (None if it is not in a run folder).
 
     A trainer writes ``<run_dir>/config.yaml`` and its checkpoints to ``<run_dir>/checkpoints/step_N``.
     """
@@ -111,8 +113,28 @@ def training_chat_template(ckpt: Path) -> tuple[bool, str | None]:
         config = folder / "config.yaml"
         if config.is_file():
             try:
-                data = (yaml.safe_load(config.read_text()) or {}).get("data") or {}
+                data = yaml.safe_load(config.read_text()) or {}
             except (OSError, yaml.YAMLError) as e:
                 raise EvalInputError(f"{config} is unreadable: {type(e).__name__}: {e}") from None
-            return True, data.get("chat_template")
-    return False, None
+            return data if isinstance(data, dict) else {}
+    return None
+
+
+def training_chat_template(ckpt: Path) -> tuple[bool, str | None]:
+    """``(found, data.chat_template)`` from the run's ``config.yaml`` (see :func:`run_config`)."""
+    config = run_config(ckpt)
+    if config is None:
+        return False, None
+    return True, (config.get("data") or {}).get("chat_template")
+
+
+def training_eval_source(ckpt: Path) -> dict[str, Any] | None:
+    """The run's first held-out source (``data.eval[0]``), its path found as :func:`find_relative` does."""
+    sources = ((run_config(ckpt) or {}).get("data") or {}).get("eval") or []
+    if not sources or not isinstance(sources[0], dict) or not sources[0].get("path"):
+        return None
+    source = dict(sources[0])
+    found = find_relative(source["path"], ckpt)
+    if found is not None:
+        source["path"] = str(found)
+    return source

@@ -9,6 +9,7 @@ line naming the path or option and what to change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from psft_megatron.evaluation.inputs import (
     resolve_checkpoint,
     tokenizer_path_of,
     training_chat_template,
+    training_eval_source,
 )
 from psft_megatron.evaluation.tasks import Sampling, check_data, default_paths, resolve_task_names
 from psft_megatron.model.config import ModelConfig
@@ -105,8 +107,8 @@ def check_layout(ckpt: Path, parallel: ParallelConfig, option: str) -> None:
 
 def check_job(job: EvalJob, *, create_out: bool = True) -> CheckedJob:
     """Resolve and check ``job``'s inputs (no torch); raises :class:`EvalInputError`."""
-    if not job.tasks and job.heldout is None:
-        raise EvalInputError("nothing to evaluate: give --tasks and/or --heldout")
+    if not job.tasks and job.heldout is None and job.ref is None:
+        raise EvalInputError("nothing to evaluate: give --tasks, --heldout and/or --ref")
     if job.tp < 1 or job.pp < 1:
         raise EvalInputError(f"--tp and --pp must be >= 1, got {job.tp} and {job.pp}")
     if job.sampling.n < 1:
@@ -118,7 +120,14 @@ def check_job(job: EvalJob, *, create_out: bool = True) -> CheckedJob:
         if path is not None:
             check_layout(path, parallel, option)
     if ref is not None and job.heldout is None:
-        raise EvalInputError("--ref measures KL drift on held-out data: give --heldout FILE too")
+        # Drift needs held-out text: default to the run's own held-out data (data.eval[0] of its config.yaml).
+        source = training_eval_source(ckpt)
+        if source is None:
+            raise EvalInputError("--ref measures KL drift on held-out data: give --heldout FILE too")
+        try:
+            job = dataclasses.replace(job, heldout=DataSourceConfig.from_dict(dict(source, long_sample="truncate_response")))
+        except ConfigError as e:
+            raise EvalInputError(f"the run's data.eval[0] cannot be read for --ref: {e}; give --heldout FILE") from None
     names = resolve_task_names(job.tasks) if job.tasks else []
     paths = dict(default_paths(job.data_root)) if job.data_root else {}
     paths.update(job.data)
