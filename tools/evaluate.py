@@ -32,6 +32,7 @@ traceback follows).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_known_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    missing = [m for m in ("lm_eval", "math_verify") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: {', '.join(missing)} not installed: tools/evaluate.py needs the eval extra "
+              "(pip install -e \".[eval]\")", file=sys.stderr)
+        return 2
     # Torch-free checks first: a wrong path or name fails in a second, before megatron is imported.
     from psft_megatron.data.errors import DataError
     from psft_megatron.evaluation.inputs import EvalInputError

@@ -6,13 +6,15 @@ the ``lm_eval`` model class (``lm_eval_model``, registered as ``psft_megatron``)
 on an exported copy (``generation``), the task templates and their data loaders (``tasks``),
 math answer checking (``math_answers``), held-out NLL and entropy (``heldout``), KL drift
 against a reference checkpoint (``drift``), running lm-eval and writing its files
-(``harness``), result tables (``report``) and the in-training hook (``in_training``).
+(``harness``), one whole evaluation (``options``: the job and its torch-free input checks,
+``inputs``, ``job``: the run), result tables (``report``) and several runs compared
+(``compare``).
 
 Not here: the metrics themselves where a lower layer owns them (vocab-parallel log-probs,
 entropy, KL and argmax live in ``loss``), checkpoint formats (``checkpoint``), the exporter
-(``conversion``), and the training loop that calls the in-training hook (``training``).
+(``conversion``), and the training loop (``training``).
 
-lm-eval and math-verify are the optional ``eval`` extra: only ``lm_eval_model``, ``harness``,
-``math_answers`` and ``tasks.utils`` import them, so the rest (and training without
-``training.eval_tasks``) works without it.
+lm-eval and math-verify are the optional ``eval`` extra (matplotlib too, for ``compare``): only
+``lm_eval_model``, ``harness``, ``job``, ``math_answers`` and ``tasks.utils`` import them; nothing
+outside this package imports those modules, so training works without the extra.
 """
