@@ -245,3 +245,18 @@ def test_a_run_folder_gives_checkpoint_tokenizer_template_and_heldout(tiny_data,
     assert checked.template_spec == "plain" and checked.apply_chat_template
     held = checked.job.heldout
     assert (held.path, held.adapter, held.limit) == (str(tmp_path / "data" / "eval.jsonl"), "generic", 5)
+
+
+def test_truthfulqa_mc2_metric():
+    """Normalised probability mass on the true answers (lm-eval's truthfulqa MC2), from float64 math here."""
+    import math
+
+    from psft_megatron.evaluation.tasks.utils import process_results_mc2
+
+    g = torch.Generator().manual_seed(0)
+    for n_true, n_false in ((1, 1), (3, 5), (4, 2)):
+        doc = {"mc2_targets": {"labels": [1] * n_true + [0] * n_false}}
+        ll = [float(x) for x in torch.randn(n_true + n_false, generator=g) * 5 - 20]
+        want = sum(math.exp(x) for x in ll[:n_true]) / sum(math.exp(x) for x in ll)
+        got = process_results_mc2(doc, [(x, False) for x in ll])["acc"]
+        assert got == pytest.approx(want, abs=1e-12)
