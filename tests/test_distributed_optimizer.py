@@ -102,12 +102,27 @@ def _opt_state(bundle: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _static_bytes(bundle: Any) -> dict[str, int]:
+    """What this rank holds of weights, gradient buffers (megatron DDP's fp32 main_grad buffers,
+    with and without the padding the distributed optimizer's reduce-scatter adds) and Adam's moments."""
+    opts = getattr(bundle.optimizer, "chained_optimizers", [bundle.optimizer])
+    buffers = [b for chunk in bundle.model for b in chunk.buffers]
+    return {
+        "weights": sum(p.numel() * p.element_size() for c in bundle.model for p in c.parameters()),
+        "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in buffers),
+        "grads_unpadded": sum(b.numel_unpadded * b.grad_data.element_size() for b in buffers),
+        "optimizer": sum(t.numel() * t.element_size() for o in opts for st in o.optimizer.state.values()
+                         for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")),
+    }
+
+
 def _finish(trainer: Any) -> dict:
     from psft_megatron.runtime.distributed import teardown
     from psft_megatron.training.loop import train
 
     result = train(trainer)
     out = {
+        "static": _static_bytes(trainer.bundle),
         "records": result.records,
         "step": result.step,
         "weights": _weights(trainer.bundle),
@@ -179,6 +194,38 @@ def runs(tiny_data, tmp_path_factory) -> dict:
     dp1 = run_in_processes(resume_elsewhere, 1, timeout=300, kwargs={"recipe": recipe("resume_dp1", save="ckpt")})
     assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == ["latest", f"step_{STOP_AT:06d}"]
     return {"dp2": two, "tp2": [r["tp2"] for r in two], "dp1": dp1}
+
+
+def test_plan_counts_weights_grads_and_optimizer_state_exactly(runs, tiny_data, tmp_path):
+    """The plan's weights, gradients and optimizer state against what megatron allocated on each rank:
+    plain optimizer (8 bytes of Adam per parameter) and distributed (8/DP, the DP ranks together hold
+    every parameter's state once), at DP=2 and TP=2 (+SP)."""
+    from psft_megatron.plan import GPUS, plan_recipe
+    from psft_megatron.recipe import recipe_from_dict
+
+    def planned(distributed: bool, **parallel: Any) -> dict[str, float]:
+        r = with_sections(tiny_recipe(tiny_data, tmp_path, training={"train_steps": 8}),
+                          optimizer={"use_distributed_optimizer": distributed}, parallel=parallel)
+        stage = plan_recipe(recipe_from_dict(r), 2, GPUS["h100-80gb"], device="cpu").stages[0]
+        weights, grads, optimizer = (t.bytes for t in stage.static)
+        return {"weights": weights, "grads": grads, "optimizer": optimizer}
+
+    plain, dist = planned(False), planned(True)
+    for rank in runs["dp2"]:
+        got = rank["plain"]["static"]
+        assert (got["weights"], got["grads"], got["optimizer"]) == (plain["weights"], plain["grads"],
+                                                                    plain["optimizer"])
+        got = rank["distributed"]["static"]
+        assert got["weights"] == dist["weights"] and got["grads_unpadded"] == dist["grads"]
+        assert dist["grads"] <= got["grads"] <= dist["grads"] * 1.01  # reduce-scatter padding only
+    total = sum(r["distributed"]["static"]["optimizer"] for r in runs["dp2"])
+    assert total == 2 * dist["optimizer"] == plain["optimizer"]  # 8 bytes per parameter over 2 ranks
+    assert all(0 < r["distributed"]["static"]["optimizer"] < plain["optimizer"] for r in runs["dp2"])
+    tp2 = planned(True, tensor_model_parallel_size=2, sequence_parallel=True)
+    for rank in runs["tp2"]:
+        got = rank["static"]
+        assert got["weights"] == tp2["weights"] and got["grads_unpadded"] == tp2["grads"]
+        assert got["optimizer"] == tp2["optimizer"]  # TP=2 x DP=1: one rank holds its TP shard's state
 
 
 def _assert_same_curve(got: list[dict], ref: list[dict], rtol: float, atol: float, what: str) -> None:
