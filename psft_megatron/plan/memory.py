@@ -223,7 +223,9 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
         batch = rows * tr.seq_length / cp * BATCH_BYTES_PER_TOKEN
         if last and loss.needs_snapshot and kk > 1:
             batch += (kk - 1) * (tr.mini_batch_size // dp) * tr.seq_length / cp * 4
-        other.append(Term("batch tensors" + (", snapshot log-probs" if last and loss.needs_snapshot else ""), batch,
+        # One name for every stage (the report prints the terms as rows); only the last holds logp_old.
+        snapshot = loss.needs_snapshot and kk > 1
+        other.append(Term("batch tensors" + (", snapshot log-probs (last stage)" if snapshot else ""), batch,
                           f"{rows} rows of the global batch on this DP rank"))
         if k.attention == "unfused":
             keys = sh.keys
