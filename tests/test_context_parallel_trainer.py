@@ -6,6 +6,8 @@ rows whose samples mostly have lengths that are not multiples of 2 x CP:
 - CP=2 gives the same metrics step by step as CP=1 (loss, entropy, clip fraction, ratio
   range, mean log-prob, gradient norm, lr, token count) and the same held-out scores;
 - so do CP=2 x TP=2 with sequence parallelism and CP=2 x PP=2 x VP=2 (one 4-process launch);
+- the model itself at CP=2 gives CP=1's logits, loss and every parameter gradient (summed over the
+  CP ranks) on a packed micro-batch of lengths that are not multiples of 2 x CP;
 - a CP=2 run stopped after its first step, inside a global batch (the checkpoint holds each
   CP rank's share of the snapshot log-probs of the mini-batch still to run), and relaunched
   equals the uninterrupted CP=2 run bit for bit; the same checkpoint resumed at CP=1
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
+from test_context_parallel import S, _cp2_and_cp1
 
 from psft_megatron.testing.multiproc import run_in_processes
 from psft_megatron.testing.recipes import tiny_recipe, with_sections
@@ -54,6 +58,11 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def _model_then_train(recipes: dict[str, dict]) -> dict[str, Any]:
+    """The model at CP=2 and CP=1 on one packed micro-batch (test_context_parallel.py), then the runs."""
+    return {"model": _cp2_and_cp1(), **_train_all(recipes)}
+
+
 class Runs:
     """Launches each named group of runs once, on first use."""
 
@@ -66,16 +75,20 @@ class Runs:
         return r
 
     def get(self, name: str) -> Any:
+        """The last rank's results of launch ``name``."""
+        return self.ranks(name)[-1]
+
+    def ranks(self, name: str) -> list[Any]:
         if name not in self._done:
             nprocs, fn, kwargs = self._spec(name)
-            self._done[name] = run_in_processes(fn, nprocs, kwargs=kwargs, timeout=600)[-1]
+            self._done[name] = run_in_processes(fn, nprocs, kwargs=kwargs, timeout=600)
         return self._done[name]
 
     def _spec(self, name: str) -> tuple[int, Callable, dict]:
         ckpt = {"save_dir": str(self.tmp / "cp2_ckpt")}
         if name == "cp2":  # uninterrupted; then stopped after step 1 (a time budget) and relaunched
             budget = {"exit_duration_minutes": 1e-9}  # spent at once: stop after the first step
-            return 2, _train_all, {"recipes": {
+            return 2, _model_then_train, {"recipes": {
                 "cp2": self.recipe("cp2", parallel=CP2),
                 "stopped": self.recipe("cp2_resume", parallel=CP2, checkpoint=ckpt, training=budget),
                 "resumed": self.recipe("cp2_resume", parallel=CP2, checkpoint=ckpt),
@@ -155,3 +168,24 @@ def test_cp2_checkpoint_inside_a_global_batch_resumes_at_cp1(runs):
     # Step 2 runs on logp_old that CP=2's ranks saved as shares, merged back into rows here.
     assert got[0]["ratio_max"] != 1.0
     _assert_same_curve(got, ref, "resumed at CP=1")
+
+
+def test_model_at_cp2_equals_cp1_logits_loss_and_gradients(runs):
+    """Samples of lengths 5, 7, 3, 13, 11, 8, 1, 2, 29 (not multiples of 2 x CP = 4) in rows of 32."""
+    ranks = [r["model"] for r in runs.ranks("cp2")]
+    ref = ranks[0]["cp1"]  # CP=1 (DP=2): both ranks run the whole micro-batch
+    assert ranks[0]["cp2"]["attention"] == "ContextParallelDotProductAttention"
+    assert ref["attention"] == "DotProductAttention"
+    b = int(ref["row"].max()) + 1
+    want = torch.zeros(b, S, ref["logits"].shape[-1])
+    want[ref["row"], ref["index"]] = ref["logits"]
+    got = torch.full_like(want, float("nan"))
+    for r in ranks:
+        got[r["cp2"]["row"], r["cp2"]["index"]] = r["cp2"]["logits"]
+    assert not got.isnan().any()  # every real token came back from one CP rank
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sum(r["cp2"]["loss"] for r in ranks) == pytest.approx(ref["loss"], rel=1e-5)
+    # Each CP rank holds the gradient of its own tokens' loss; DDP sums them over DP x CP.
+    for name, g in ref["grads"].items():
+        summed = ranks[0]["cp2"]["grads"][name] + ranks[1]["cp2"]["grads"][name]
+        torch.testing.assert_close(summed, g, rtol=1e-4, atol=1e-6, msg=name)
