@@ -43,7 +43,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpu", default=None, help="GPU model for --plan: h100-80gb, h200-141gb, a100-80gb, a100-40gb "
                    "(default: this machine's, else h100-80gb)")
     p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for --plan's step time (0.40)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
 def _quiet_known_warnings() -> None:
