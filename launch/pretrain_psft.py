@@ -2,6 +2,11 @@
 """PSFT training entry point.
 
     torchrun --nproc-per-node N launch/pretrain_psft.py RECIPE.yaml [key.sub=value ...]
+    launch/pretrain_psft.py RECIPE.yaml --plan --world-size 64 --gpu h100-80gb
+
+--plan prints the memory per GPU (weights, gradients, optimizer, activations, logits and
+loss buffers) and the FLOPs and time per optimizer step, then exits: 0 if it fits, 2 (one
+"error:" line naming the biggest term and what to change) if it does not. No GPU needed.
 
 Reads the recipe, applies overrides, validates it and the files and folders it names
 (before any weight is built), then trains or resumes. Without torchrun it runs as a
@@ -33,7 +38,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.train_steps=16")
     p.add_argument("--validate-only", action="store_true", help="load and validate the recipe, then exit")
-    return p.parse_args(argv)
+    p.add_argument("--plan", action="store_true", help="print the memory and time plan per GPU, then exit")
+    p.add_argument("--world-size", type=int, default=None, help="GPUs of the job for --plan (default: $WORLD_SIZE)")
+    p.add_argument("--gpu", default=None, help="GPU model for --plan: h100-80gb, h200-141gb, a100-80gb, a100-40gb "
+                   "(default: this machine's, else h100-80gb)")
+    p.add_argument("--mfu", type=float, default=None, help="model FLOPs utilisation for --plan's step time (0.40)")
+    return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
 def _quiet_known_warnings() -> None:
@@ -66,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from psft_megatron.training.guards import TrainingDiverged
     from psft_megatron.training.stopping import EXIT_PREEMPTED
 
+    if args.plan:
+        return _plan(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -97,6 +109,30 @@ def main(argv: list[str] | None = None) -> int:
                  result.last_checkpoint)
         return EXIT_PREEMPTED
     log.info("done: %d steps; last checkpoint %s", result.step, result.last_checkpoint)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``--plan``: the recipe's memory and time per GPU; exit 2 with one line if it does not fit."""
+    from psft_megatron.config.load import ConfigError
+    from psft_megatron.plan import DEFAULT_MFU, GPUS, check_fits, detect_gpu, format_plan, plan_recipe
+    from psft_megatron.recipe import load_recipe
+
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    if args.gpu is not None and args.gpu not in GPUS:
+        print(f"error: --gpu {args.gpu}: unknown GPU; use one of {', '.join(GPUS)}", file=sys.stderr)
+        return 2
+    gpu = GPUS[args.gpu] if args.gpu else detect_gpu()
+    assumed = gpu is None
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        recipe.validate(world)
+        plan = plan_recipe(recipe, world, gpu or GPUS["h100-80gb"], mfu=args.mfu or DEFAULT_MFU, gpu_assumed=assumed)
+        print(format_plan(plan))
+        check_fits(plan, recipe)
+    except ConfigError as e:
+        print(f"error: bad recipe: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -76,19 +76,12 @@ class RecipeConfig:
                         "(transformer_impl: auto) or apex, or turn sequence_parallel off"
                     )
             return
-        problems = []
+        # The distributed optimizer runs on CPU too (cpu_compat routes its CUDA type checks).
         if self.model.params_dtype == "bf16":
-            problems.append(
-                f"{self.origin.where('model.params_dtype')}model.params_dtype: bf16 needs CUDA (megatron's "
-                "mixed-precision optimizer asserts CUDA tensors); use fp32 on CPU"
+            raise ConfigError(
+                f"no CUDA device: {self.origin.where('model.params_dtype')}model.params_dtype: bf16 needs CUDA "
+                "(megatron's mixed-precision optimizer asserts CUDA tensors); use fp32 on CPU"
             )
-        if self.optimizer.use_distributed_optimizer:
-            problems.append(
-                f"{self.origin.where('optimizer.use_distributed_optimizer')}optimizer.use_distributed_optimizer "
-                "needs CUDA (megatron asserts CUDA tensors); set it to false on CPU"
-            )
-        if problems:
-            raise ConfigError("no CUDA device: " + "; ".join(problems))
 
     def _validate_cross_section(self) -> None:
         t = self.training

@@ -3,7 +3,9 @@
 Each entry of ``cpu_compat.PATCH_TARGETS`` names a module, an attribute and a fragment of
 megatron-core source showing the CUDA assumption. If the attribute is gone or the fragment
 no longer stands in it, the patch is stale: re-check that place on CPU (see
-../shared/notes/megatron-core-on-cpu.md) and update cpu_compat.py.
+../shared/notes/megatron-core-on-cpu.md) and update cpu_compat.py. The same holds for
+``training.optimizer.TORCH_ADAM_TARGETS``: where the distributed optimizer goes wrong over
+torch's AdamW on any device (fixed in psft_megatron/training/optimizer.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 from packaging.version import Version
 
 from psft_megatron.runtime import cpu_compat
+from psft_megatron.training.optimizer import TORCH_ADAM_TARGETS
 
 
 def _definition_source(module, name: str) -> str | None:
@@ -35,7 +38,11 @@ def test_megatron_core_version_is_the_patched_line():
     )
 
 
-@pytest.mark.parametrize("target", cpu_compat.PATCH_TARGETS, ids=lambda t: f"{t.module}:{t.attribute or 'torch'}")
+@pytest.mark.parametrize(
+    "target",
+    cpu_compat.PATCH_TARGETS + TORCH_ADAM_TARGETS,
+    ids=lambda t: f"{t.module}:{t.attribute or 'torch'}:{t.fragment[:40]}",
+)
 def test_patch_target_still_in_place(target):
     module = importlib.import_module(target.module)
     source = inspect.getsource(module)
@@ -114,3 +121,16 @@ def test_megatron_imports_without_dynamo_on_cpu():
     out = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
     dynamo, restored, fuser = out.stdout.split()
     assert (dynamo, restored, fuser) == ("0", "1", "_identity_compile"), out.stdout
+
+
+def test_cuda_type_names_only_renames_cpu_type_queries():
+    """The distributed optimizer's route: ``.type()`` names CPU tensors as CUDA ones, casts still cast."""
+    import torch
+
+    t32, t16 = torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16)
+    with cpu_compat._cuda_type_names():
+        assert t32.type() == "torch.cuda.FloatTensor" and t16.type() == "torch.cuda.BFloat16Tensor"
+        assert torch.nn.Parameter(t32).type() == "torch.cuda.FloatTensor"
+        cast = t32.type(torch.float64)
+        assert cast.dtype == torch.float64 and cast.device.type == "cpu"
+    assert t32.type() == "torch.FloatTensor"  # restored on exit

@@ -8,7 +8,7 @@
     evaluation
     training
     recipe                       composes every section's config
-    preflight                    checks the files and folders a recipe names
+    preflight | plan             checks the files and folders a recipe names | its memory and time plan
     run                          initialise -> build -> train -> teardown
     testing                      helpers for tests and benchmarks (nothing imports it)
 
@@ -37,7 +37,7 @@ LAYERS = {
     "evaluation": 5,
     "training": 6,
     "recipe": 7,
-    "preflight": 8,
+    "preflight": 8, "plan": 8,
     "run": 9,
     "testing": 10,
 }

@@ -18,9 +18,10 @@ def tiny(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def par(tp=1, pp=1, vp=None, cp=1) -> ParallelConfig:
+def par(tp=1, pp=1, vp=None, cp=1, cp_comm_type="p2p") -> ParallelConfig:
     return ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                          virtual_pipeline_model_parallel_size=vp, context_parallel_size=cp)
+                          virtual_pipeline_model_parallel_size=vp, context_parallel_size=cp,
+                          cp_comm_type=cp_comm_type)
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,13 @@ def par(tp=1, pp=1, vp=None, cp=1) -> ParallelConfig:
         (tiny(num_layers=0), par(), "model.num_layers"),
         (tiny(vocab_size=0), par(), "model.vocab_size"),
         (tiny(rope_scaling=RopeScaling(low_freq_factor=4, high_freq_factor=1)), par(), "model.rope_scaling"),
-        (tiny(transformer_impl="local"), par(cp=2), "parallel.context_parallel_size"),
+        (tiny(), par(tp=2, cp=2, cp_comm_type="a2a"), "parallel.cp_comm_type"),
+        (tiny(recompute_method="uniform"), par(), "model.recompute_method"),
+        (tiny(recompute_granularity="full"), par(), "model.recompute_method"),
+        (tiny(recompute_granularity="full", recompute_method="block", recompute_num_layers=3), par(pp=2),
+         "model.recompute_num_layers"),
+        (tiny(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3), par(),
+         "model.recompute_num_layers"),
         (tiny(num_attention_heads=6, num_query_groups=3, hidden_size=96, ffn_hidden_size=96), par(tp=3),
          "model.make_vocab_size_divisible_by"),
     ],

@@ -49,6 +49,9 @@ RUNS = {  # name: (processes, micro_batch_size, parallel section)
     "tp2_sp": (2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
     "pp2": (2, 2, {"pipeline_model_parallel_size": 2}),
     "dp2": (2, 1, {}),
+    # Context parallelism: each packed row split over 2 ranks (TE's load-balanced THD layout,
+    # samples padded to multiples of 4), K/V all-gathered by the local spec's CP attention.
+    "cp2": (2, 2, {"context_parallel_size": 2}),
 }
 
 

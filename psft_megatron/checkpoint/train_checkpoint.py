@@ -54,6 +54,10 @@ from psft_megatron.runtime.distributed import any_rank, parallel_layout
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: train state keyed by component ("progress", "data")
+# The distributed optimizer's state in megatron's fully reshardable format: one tensor per parameter
+# and state, so it loads at any DP/TP/PP. Its default ("fully_sharded_model_space") writes flattened
+# ranges, which megatron 0.16's torch_dist checkpoint format refuses. Other optimizers ignore it.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
@@ -167,7 +171,8 @@ def save_training_checkpoint(
                 (tmp / "shards").mkdir()
             barrier()
             model_sd = model_sharded_state_dict(model)
-            dist_checkpointing.save(optimizer.sharded_state_dict(model_sd, is_loading=False), str(tmp / "optimizer"))
+            opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIMIZER_METADATA)
+            dist_checkpointing.save(opt_sd, str(tmp / "optimizer"))
             torch.save(_rng_state(), tmp / "rng" / f"rank_{global_rank():05d}.pt")
             if shards and any(shards.values()):
                 torch.save(shards, tmp / "shards" / f"rank_{global_rank():05d}.pt")
@@ -245,7 +250,7 @@ def load_training_checkpoint(path: str | Path, model: list, optimizer: Any, sche
         )
     load_model_checkpoint(model, path)
     model_sd = model_sharded_state_dict(model)
-    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    opt_sd = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     optimizer.load_state_dict(dist_checkpointing.load(opt_sd, str(path / "optimizer")))
     scheduler.load_state_dict(state["scheduler"])
     rng_file = path / "rng" / f"rank_{global_rank():05d}.pt"

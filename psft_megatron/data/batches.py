@@ -25,6 +25,14 @@ its micro-batch ``mb`` and calls ``model(**mb.forward_kwargs(backend))``:
     ``packed_seq_params``: it selects the per-sample attention kernel and the
     per-sample RoPE restart (megatron sizes the RoPE table from its ``max_seqlen``).
 
+Context parallelism (``mb.cp_size > 1``, made by :mod:`psft_megatron.data.context_parallel`)
+    the micro-batch is already one CP rank's share of its rows in THD form ``[1, t]``
+    (each sample padded to a multiple of 2 x CP, load-balanced chunks). Both backends then
+    take the THD keywords: ``attention_mask=None`` and ``packed_seq_params`` with
+    ``cu_seqlens_q_padded``. TransformerEngine runs its own CP attention; the local spec runs
+    :class:`psft_megatron.model.cp_attention.ContextParallelDotProductAttention`. megatron's
+    THD RoPE gives every token its position inside its own sample.
+
 The last stage computes the loss from its output with ``mb.labels`` and
 ``mb.loss_mask`` (the trainer passes ``labels=mb.labels``, for which
 ``psft_megatron.model.gpt.PSFTGPTModel`` returns the ``[s, b, V/TP]`` logits); normalise by :attr:`MiniBatch.num_loss_tokens`, the loss-token count of
@@ -45,6 +53,18 @@ from psft_megatron.data.packing import PackedRow
 AttentionBackend = Literal["local", "transformer_engine"]
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """Where each token of a reshaped micro-batch (THD, or one CP rank's share) came from:
+    its row in the loader's ``[num_rows, seq_length]`` micro-batch and its position in that row.
+    Token order is the reshaped micro-batch's row-major order."""
+
+    row: torch.Tensor  # int64 [t]
+    index: torch.Tensor  # int64 [t]; -1 for padding that the CP split inserted (no source token)
+    num_rows: int
+    seq_length: int
+
+
 @dataclass
 class MicroBatch:
     """``b`` packed rows of ``S`` tokens, with everything any pipeline stage needs."""
@@ -58,6 +78,11 @@ class MicroBatch:
     max_seqlen: int  # longest segment
     num_loss_tokens: int  # loss_mask.sum() of this micro-batch
     sample_ids: list[tuple[int, ...]] = field(default_factory=list)  # dataset indices per row
+    # THD with padded samples (the CP split): cumulative padded lengths; cu_seqlens then holds
+    # the real lengths, cumulated without the padding (TransformerEngine's convention).
+    cu_seqlens_padded: torch.Tensor | None = None
+    cp_size: int = 1  # > 1: this is one context-parallel rank's share of its rows
+    row_map: RowMap | None = None  # None: tokens are [rows, S] exactly as the loader made them
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,13 +93,26 @@ class MicroBatch:
         return block_causal_mask(self.segment_ids)
 
     def packed_seq_params(self) -> Any:
-        """``PackedSeqParams`` (THD) for TransformerEngine; use on a :meth:`thd` micro-batch."""
-        return packed_seq_params(self.cu_seqlens, self.max_seqlen)
+        """``PackedSeqParams`` (THD) for TransformerEngine; use on a :meth:`thd` micro-batch
+        (with ``cu_seqlens_q_padded`` on a CP share)."""
+        params = packed_seq_params(self.cu_seqlens, self.max_seqlen)
+        if self.cu_seqlens_padded is not None:
+            padded = self.cu_seqlens_padded.to(torch.int32)
+            params.cu_seqlens_q_padded = padded
+            params.cu_seqlens_kv_padded = padded
+        return params
+
+    def token_rows(self) -> RowMap:
+        """Row and in-row position of every token, in row-major token order (see :class:`RowMap`)."""
+        if self.row_map is not None:
+            return self.row_map
+        b, s = self.shape
+        return RowMap(torch.arange(b).repeat_interleave(s), torch.arange(s).repeat(b), b, s)
 
     def thd(self) -> "MicroBatch":
         """The same tokens flattened to one row ``[1, b*S]`` (``cu_seqlens`` already covers it)."""
         b, s = self.shape
-        if b == 1:
+        if b == 1 or self.cp_size > 1:  # a CP share is THD already
             return self
         # Segment ids must stay distinct across the joined rows.
         seg = self.segment_ids.to(torch.int64)
@@ -89,26 +127,28 @@ class MicroBatch:
             position_ids=flat(self.position_ids),
             segment_ids=flat((seg + shift).to(torch.int32)),
             sample_ids=[tuple(i for row in self.sample_ids for i in row)],
+            row_map=self.token_rows(),
         )
 
     def forward_kwargs(self, backend: AttentionBackend = "local") -> dict[str, Any]:
         """Keyword arguments for ``GPTModel.forward`` on *any* pipeline stage (see module docstring)."""
-        if backend == "local":
+        if backend not in ("local", "transformer_engine"):
+            raise ValueError(f"backend must be 'local' or 'transformer_engine', got {backend!r}")
+        if backend == "local" and self.cp_size == 1:
             return {
                 "input_ids": self.tokens,
                 "position_ids": self.position_ids,
                 "attention_mask": self.attention_mask(),
             }
-        if backend == "transformer_engine":
-            if self.shape[0] != 1:
-                raise ValueError(f"THD needs a batch of 1 row, got {self.shape[0]}; call mb.thd() first")
-            return {
-                "input_ids": self.tokens,
-                "position_ids": self.position_ids,
-                "attention_mask": None,
-                "packed_seq_params": self.packed_seq_params(),
-            }
-        raise ValueError(f"backend must be 'local' or 'transformer_engine', got {backend!r}")
+        # THD: TransformerEngine, and a CP share on either attention (see the module docstring).
+        if self.shape[0] != 1:
+            raise ValueError(f"THD needs a batch of 1 row, got {self.shape[0]}; call mb.thd() first")
+        return {
+            "input_ids": self.tokens,
+            "position_ids": self.position_ids,
+            "attention_mask": None,
+            "packed_seq_params": self.packed_seq_params(),
+        }
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "MicroBatch":
         """Copy the tensors to ``device`` (cu_seqlens included: TE wants it on the GPU)."""
@@ -121,6 +161,7 @@ class MicroBatch:
             position_ids=mv(self.position_ids),
             segment_ids=mv(self.segment_ids),
             cu_seqlens=mv(self.cu_seqlens),
+            cu_seqlens_padded=None if self.cu_seqlens_padded is None else mv(self.cu_seqlens_padded),
         )
 
 

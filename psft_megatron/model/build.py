@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.cp_attention import ContextParallelDotProductAttention
 from psft_megatron.model.gpt import PSFTGPTModel
 from psft_megatron.runtime.config import ParallelConfig
 
@@ -104,18 +105,24 @@ def select_transformer_impl(requested: str = "auto") -> str:
     return impl
 
 
-def layer_spec(impl: str) -> Any:
+def layer_spec(impl: str, context_parallel_size: int = 1) -> Any:
     """megatron-core's GPT layer spec for ``impl``.
 
     Both specs save under the same dist-checkpoint keys (the local spec maps
     ``input_layernorm`` to ``self_attention.linear_qkv.layer_norm_weight`` through
-    ``sharded_state_dict_keys_map``), so checkpoints move between them.
+    ``sharded_state_dict_keys_map``), so checkpoints move between them. With context
+    parallelism the local spec's core attention is
+    :class:`~psft_megatron.model.cp_attention.ContextParallelDotProductAttention` (megatron's
+    own refuses CP; it has no parameters, so checkpoints are unchanged); TE's handles CP itself.
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if context_parallel_size > 1:
+        spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
+    return spec
 
 
 def transformer_config(
@@ -129,8 +136,8 @@ def transformer_config(
     """megatron ``TransformerConfig`` for ``model`` under ``parallel``.
 
     Dropout is 0 (fine-tuning Llama-family models). Fusions that need CUDA kernels are
-    on only with TransformerEngine; ``overrides`` sets any other TransformerConfig field
-    (e.g. recompute settings) and wins over everything here.
+    on only with TransformerEngine. Activation recompute comes from ``model.recompute_*``.
+    ``overrides`` sets any other TransformerConfig field and wins over everything here.
     """
     from megatron.core.transformer import TransformerConfig
 
@@ -157,6 +164,8 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        # TransformerEngine's CP attention reads it; the local CP attention always all-gathers K/V.
+        cp_comm_type=parallel.cp_comm_type if parallel.context_parallel_size > 1 else None,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -169,6 +178,11 @@ def transformer_config(
         apply_rope_fusion=gpu_kernels,
         gradient_accumulation_fusion=False,
         persist_layer_norm=gpu_kernels,
+        # Activation recompute (model.recompute_*; validated in ModelConfig.validate). With selective,
+        # megatron recomputes its default module list: the core attention.
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
     )
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
@@ -243,7 +257,7 @@ def build_model(
     model.validate(parallel)
     impl = select_transformer_impl(model.transformer_impl)
     config = transformer_config(model, parallel, impl=impl, overrides=config_overrides)
-    spec = layer_spec(impl)
+    spec = layer_spec(impl, parallel.context_parallel_size)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != parallel.tensor_model_parallel_size:
         raise RuntimeError(

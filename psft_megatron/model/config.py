@@ -23,7 +23,8 @@ from psft_megatron.runtime.config import ParallelConfig
 __all__ = ["ModelConfig", "RopeScaling"]
 
 # Training choices, never read from an HF config.
-_RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config")
+_RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config",
+                "recompute_granularity", "recompute_method", "recompute_num_layers")
 
 
 @dataclass
@@ -67,6 +68,17 @@ class ModelConfig:
     # The embedding and output rows are padded to a multiple of this (TP must divide it);
     # the same at every layout, so checkpoints load at any TP.
     make_vocab_size_divisible_by: int = 128
+    # Activation recompute, passed to megatron's TransformerConfig (psft_megatron.plan says what
+    # each choice keeps). null: keep every activation for backward. selective: recompute the core
+    # attention (drops the [s, s] scores of the local spec; TransformerEngine's flash attention
+    # never keeps them, so there it saves almost nothing). full: keep only the input of each
+    # group of layers and recompute the group in backward (one more forward of the layers).
+    recompute_granularity: Literal["selective", "full"] | None = None
+    # full only. uniform: groups of recompute_num_layers layers, each group recomputed as a whole;
+    # block: the first recompute_num_layers layers of every model chunk recomputed, one at a time,
+    # the rest keep everything.
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # straight from YAML or an HF config
@@ -209,11 +221,54 @@ class ModelConfig:
                 f"virtual_pipeline_model_parallel_size ({pp} x {vp} = {pp * vp}): every model chunk gets the same "
                 "number of layers",
             )
-        if parallel.context_parallel_size > 1 and self.transformer_impl == "local":
+        cp = parallel.context_parallel_size
+        # TransformerEngine's a2a exchange gives each CP rank whole heads (megatron/TE assert it deep inside).
+        if cp > 1 and parallel.cp_comm_type == "a2a" and (heads // tp % cp or groups // tp % cp):
             raise FieldError(
-                "parallel.context_parallel_size",
-                "> 1 needs TransformerEngine attention: set model.transformer_impl to auto/transformer_engine on a "
-                "GPU machine, or context_parallel_size: 1",
+                "parallel.cp_comm_type",
+                f"a2a needs the attention heads ({heads}) and key/value heads ({groups}) per TP rank (TP={tp}) to "
+                f"divide by context_parallel_size ({cp}); use cp_comm_type: p2p or another CP size",
+            )
+
+        self._validate_recompute(pp, vp)
+
+    def _validate_recompute(self, pp: int, vp: int) -> None:
+        """The recompute fields against each other and the layers of one model chunk (megatron's
+        checks, made before anything is built and naming the field)."""
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity != "full":
+            for name, value in (("recompute_method", method), ("recompute_num_layers", n)):
+                if value is not None:
+                    raise FieldError(
+                        f"model.{name}",
+                        f"({value}) only applies to recompute_granularity: full (it is {granularity or 'null'}); "
+                        f"remove model.{name} or set model.recompute_granularity: full",
+                    )
+            return
+        if method is None:
+            raise FieldError(
+                "model.recompute_method",
+                "must be uniform or block with recompute_granularity: full (uniform with recompute_num_layers: 1 "
+                "keeps the least)",
+            )
+        per_chunk = self.num_layers // (pp * vp)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise FieldError(
+                "model.recompute_num_layers",
+                f"must be a positive integer with recompute_granularity: full, got {n!r} (1 keeps the least)",
+            )
+        if n > per_chunk:
+            raise FieldError(
+                "model.recompute_num_layers",
+                f"({n}) exceeds the {per_chunk} layers of one model chunk (num_layers {self.num_layers} / "
+                f"pipeline x virtual pipeline {pp} x {vp}); use at most {per_chunk}",
+            )
+        if method == "uniform" and per_chunk % n:
+            divisors = [d for d in range(1, per_chunk + 1) if per_chunk % d == 0]
+            raise FieldError(
+                "model.recompute_num_layers",
+                f"({n}) must divide the {per_chunk} layers of one model chunk with recompute_method: uniform "
+                f"(megatron recomputes whole groups); use one of {divisors}",
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,13 +19,19 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     # Interleaved pipeline schedule: model chunks per pipeline rank (None = not interleaved).
     virtual_pipeline_model_parallel_size: int | None = None
+    # Context parallelism: every packed row is split over this many ranks (TransformerEngine's
+    # load-balanced THD layout, see psft_megatron.data.context_parallel); long samples then fit.
     context_parallel_size: int = 1
+    # How TransformerEngine's CP attention exchanges K/V: p2p (ring, overlapped with compute),
+    # all_gather, or a2a (heads / TP must divide by CP). The local (CPU) spec always all-gathers.
+    cp_comm_type: Literal["p2p", "all_gather", "a2a"] = "p2p"
     sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         # One virtual stage is no interleaving; megatron would still pick the interleaved schedule.
         if self.virtual_pipeline_model_parallel_size == 1:
             self.virtual_pipeline_model_parallel_size = None
+        check_choices(self)
 
     @property
     def model_parallel_size(self) -> int:
@@ -58,12 +64,6 @@ class ParallelConfig:
                     "parallel.virtual_pipeline_model_parallel_size",
                     "> 1 needs pipeline_model_parallel_size >= 2; set it to null or raise the pipeline size",
                 )
-        if self.context_parallel_size > 1:
-            raise FieldError(
-                "parallel.context_parallel_size",
-                "> 1 is not supported yet (sequences are not split across CP ranks by the data path); "
-                "set context_parallel_size: 1",
-            )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise FieldError(
                 "parallel.sequence_parallel",

@@ -13,7 +13,10 @@ process groups and dist checkpoints fine, but a handful of places hard-code CUDA
 * ``LanguageModule.setup_embeddings_and_output_layer`` moving the tied embedding to
   the GPU (``weight.data.cuda()``) before syncing it across the pipeline ends;
 * ``WrappedTorchNorm`` (the norm used when neither TransformerEngine nor apex is
-  installed) refusing sequence parallelism outright.
+  installed) refusing sequence parallelism outright;
+* the distributed optimizer sorting parameters by ``param.type()`` ('torch.cuda.FloatTensor',
+  a TypeError for anything else) and, when a checkpoint gathers its state shards, copying
+  them to CUDA (``send_tensor.cuda()``) before the all-gather over DP.
 
 :func:`apply` patches exactly these, and only when CUDA is absent, so GPU runs use
 megatron-core untouched. Every patch is listed in :data:`PATCH_TARGETS` with a
@@ -22,15 +25,20 @@ fails loudly when a megatron-core upgrade moves or changes a target.
 
 Nothing here changes numerics: the CPU generator stands in for the CUDA one, and
 tensors created on "cuda" are created on the CPU instead.
+
+The distributed optimizer's bucket collectives need no route: gloo (torch 2.13) runs
+``reduce_scatter_tensor`` and ``all_gather_into_tensor``, inside megatron's
+``_coalescing_manager`` too (tests/test_distributed_optimizer.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -104,6 +112,24 @@ PATCH_TARGETS: tuple[PatchTarget, ...] = tuple(
         "LanguageModule",
         "weight.data = weight.data.cuda()",
         "tied embeddings at PP > 1 are moved to CUDA before the first/last-stage all-reduce",
+    ),
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        "elif model_param.type() == 'torch.cuda.FloatTensor':",
+        "sorts parameters by their CUDA type name and raises TypeError for a CPU tensor",
+    ),
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        ") = self._build_model_and_main_param_groups(",
+        "that sorting runs from __init__, which the route wraps",
+    ),
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        "send_tensor = send_tensor.cuda()",
+        "a checkpoint save gathers the state shards through CUDA copies (get_parameter_state_dp_zero)",
     ),
     PatchTarget(
         "megatron.core.utils",
@@ -256,14 +282,68 @@ def _patch_tied_embedding_setup(language_module: types.ModuleType) -> None:
     original = cls.setup_embeddings_and_output_layer
 
     def setup_embeddings_and_output_layer(self: Any) -> None:
-        real_cuda = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
-        try:
+        with _cuda_keeps_tensors():
             original(self)
-        finally:
-            torch.Tensor.cuda = real_cuda  # type: ignore[method-assign]
 
     cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+
+
+@contextlib.contextmanager
+def _cuda_keeps_tensors() -> Iterator[None]:
+    """Within the block, ``tensor.cuda()`` returns the tensor itself (on a CPU-only torch it can only raise)."""
+    real_cuda = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda t, *a, **k: t  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = real_cuda  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _cuda_type_names() -> Iterator[None]:
+    """Within the block, ``tensor.type()`` (no arguments) names a CPU tensor as its CUDA twin.
+
+    megatron's optimizers sort parameters by ``param.type()`` string ('torch.cuda.FloatTensor',
+    'torch.cuda.BFloat16Tensor', ...) and raise on anything else. A CPU tensor of the same dtype
+    belongs in the same group; every other use of ``Tensor.type`` (casts) is untouched.
+    """
+    real_type = torch.Tensor.type
+
+    def type_(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or t.device.type != "cpu":
+            return real_type(t, *args, **kwargs)
+        return real_type(t).replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = type_  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = real_type  # type: ignore[method-assign]
+
+
+def _patch_distributed_optimizer(distrib_optimizer: types.ModuleType) -> None:
+    """Build ``DistributedOptimizer`` with CPU params sorted as the CUDA params of the same dtype.
+
+    Its ``__init__`` (through ``_build_model_and_main_param_groups``) raises TypeError unless
+    ``param.type()`` is a 'torch.cuda.*Tensor' string; the shards it builds are views of the
+    same buffers whatever the device. Saving gathers state shards through ``.cuda()`` copies.
+    """
+    cls = distrib_optimizer.DistributedOptimizer
+    original_init = cls.__init__
+    original_gather = cls.get_parameter_state_dp_zero
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        with _cuda_type_names():
+            original_init(self, *args, **kwargs)
+
+    # The checkpoint's fully reshardable format gathers every DP rank's state shards with
+    # ``send_tensor.cuda()`` then ``all_gather`` over the DP group (gloo on CPU): keep them on the CPU.
+    def get_parameter_state_dp_zero(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _cuda_keeps_tensors():
+            return original_gather(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    cls.get_parameter_state_dp_zero = get_parameter_state_dp_zero
 
 
 def apply(force: bool = False) -> bool:
@@ -291,5 +371,6 @@ def apply(force: bool = False) -> bool:
 
     _patch_torch_norm(importlib.import_module("megatron.core.transformer.torch_norm"))
     _patch_tied_embedding_setup(importlib.import_module("megatron.core.models.common.language_module.language_module"))
+    _patch_distributed_optimizer(importlib.import_module("megatron.core.optimizer.distrib_optimizer"))
     _applied = True
     return True

@@ -7,6 +7,12 @@ mini-batches still to run, which came from weights that no longer exist and cann
 recomputed. The cursor saves both: the position in the run's JSON state, the log-probs
 per packed row keyed by (mini-batch, row position in the mini-batch), so a run resumes
 bit-exactly at the same layout and keeps its trust region at any other layout.
+
+Each rank saves the tokens it holds: whole rows, or under context parallelism its share of
+each row. A saved row is ``{"index": positions in the row, "logp": their log-probs}``; the
+shares of every CP rank are merged back into rows on load, and each rank takes the tokens
+its own layout gives it (positions no rank held, padding the CP split inserted, read 0:
+they carry no loss).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from psft_megatron.data.batches import MiniBatch
+from psft_megatron.data.batches import MicroBatch, MiniBatch
 
 
 @dataclass(frozen=True)
@@ -70,8 +76,9 @@ class BatchCursor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._pending_state = state if state.get("active") else None
 
-    def shard_state_dict(self) -> dict[tuple[int, int], torch.Tensor]:
-        """This rank's snapshot log-probs of the mini-batches still to run, one ``[S]`` row each."""
+    def shard_state_dict(self) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+        """This rank's snapshot log-probs of the mini-batches still to run: per row it holds (all of
+        it, or its CP share), the positions in the row and their log-probs."""
         if not self.active or not self.holds_logp:
             return {}
         out = {}
@@ -79,16 +86,31 @@ class BatchCursor:
             old = self.logp_old[m]
             if old is None:
                 continue
-            for u, lp in enumerate(old):  # lp: [s, b]
-                for i, pos in enumerate(self.rows.positions(u, lp.shape[1])):
-                    out[(m, pos)] = lp[:, i].detach().cpu().clone()
+            for u, lp in enumerate(old):  # lp: [s, b], tokens of micro-batch u
+                tokens = self.minis[m].micro_batches[u].token_rows()
+                flat = lp.detach().transpose(0, 1).reshape(-1).cpu()  # row-major, as token_rows
+                row, index = tokens.row.cpu(), tokens.index.cpu()
+                for i, pos in enumerate(self.rows.positions(u, tokens.num_rows)):
+                    keep = (row == i) & (index >= 0)
+                    out[(m, pos)] = {"index": index[keep].to(torch.int32), "logp": flat[keep].clone()}
         return out
 
-    def load_shards(self, shards: list[dict[tuple[int, int], torch.Tensor]]) -> None:
-        rows: dict[tuple[int, int], torch.Tensor] = {}
+    def load_shards(self, shards: list[dict[tuple[int, int], Any]]) -> None:
+        rows: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for shard in shards:
-            rows.update(shard)
+            for key, saved in shard.items():
+                if isinstance(saved, torch.Tensor):  # a whole row (checkpoints before CP)
+                    saved = {"index": torch.arange(saved.shape[0]), "logp": saved}
+                rows.setdefault(key, []).append((saved["index"].to(torch.int64), saved["logp"]))
         self._restored_rows = rows
+
+    def _row(self, key: tuple[int, int], seq_length: int) -> torch.Tensor:
+        """A saved row of ``seq_length`` log-probs, merged from every rank's share."""
+        pieces = (self._restored_rows or {})[key]
+        full = torch.zeros(seq_length, dtype=pieces[0][1].dtype)
+        for index, logp in pieces:
+            full[index] = logp
+        return full
 
     def pending(self) -> dict[str, Any] | None:
         """The restored position of an interrupted global batch (None: start the next one)."""
@@ -104,11 +126,18 @@ class BatchCursor:
         for m in range(state["next_mini"], k):
             if not any(key[0] == m for key in rows):
                 continue
-            logp_old[m] = [
-                torch.stack([rows[(m, pos)] for pos in self.rows.positions(u, mb.shape[0])], dim=1).to(device)
-                for u, mb in enumerate(minis[m].micro_batches)
-            ]
+            logp_old[m] = [self._micro_batch_logp(m, u, mb, device) for u, mb in enumerate(minis[m].micro_batches)]
         self.minis, self.logp_old = minis, logp_old
         self.next_mini, self.start_step = state["next_mini"], state["start_step"]
         self.loader_before = state["loader_before"]
         self._restored_rows = None
+
+    def _micro_batch_logp(self, m: int, u: int, mb: MicroBatch, device: torch.device) -> torch.Tensor:
+        """logp_old ``[s, b]`` of micro-batch ``u`` of mini-batch ``m`` in this rank's layout."""
+        tokens = mb.token_rows()
+        full = torch.stack([self._row((m, pos), tokens.seq_length)
+                            for pos in self.rows.positions(u, tokens.num_rows)])  # [rows, S]
+        row, index = tokens.row.cpu(), tokens.index.cpu()
+        flat = torch.where(index >= 0, full[row, index.clamp(min=0)], torch.zeros((), dtype=full.dtype))
+        b, s = mb.shape
+        return flat.reshape(b, s).transpose(0, 1).contiguous().to(device)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from psft_megatron.runtime.cpu_compat import PatchTarget
 from psft_megatron.training.config import OptimConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,98 @@ def wrap_ddp(chunks: list[torch.nn.Module], use_distributed_optimizer: bool) -> 
     return wrapped
 
 
+# Where megatron-core 0.16's distributed optimizer goes wrong over torch's AdamW (its fallback
+# without TransformerEngine or apex, on any device), worked around by the two functions below.
+# tests/test_cpu_compat_targets.py checks that each fragment still stands in its place, so a
+# megatron upgrade that changes one fails loudly (then re-check whether the fix is still needed).
+TORCH_ADAM_TARGETS: tuple[PatchTarget, ...] = (
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        'steps = list(set([s["step"].item() for s in inner_state_dict["state"].values()]))',
+        "state_dict() reads torch AdamW's per-parameter step, which a fresh optimizer does not have yet",
+    ),
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        's["step"] = step',
+        "load_state_dict gives every parameter the same step tensor; torch's foreach AdamW adds 1 to it per parameter",
+    ),
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        'dst_tensors = {"param": main_param, **optim_state}',
+        "_set_main_param_and_optimizer_states copies every state key, torch AdamW's step included",
+    ),
+    PatchTarget(
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer",
+        'if k == "step":\n                            # Handle torch Adam "step" state separately.',
+        "the fully reshardable loader leaves step out (load_state_dict already set it)",
+    ),
+)
+
+
+def _init_torch_adam_state(optimizer: object) -> None:
+    """Give each distributed optimizer's torch Adam the state its first step would create.
+
+    Without TransformerEngine or apex, megatron's DistributedOptimizer wraps torch's AdamW and
+    reads every parameter's ``step`` to build its state dict (``assert len(steps) == 1``), but
+    torch creates that state lazily at the first step: a fresh optimizer can be neither saved
+    nor loaded into (a resume fails). Creating it now, as torch's ``Adam._init_group`` would
+    (step 0, zero moments), changes no update: the first step finds it and skips its own init.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    # torch's scalar dtype for a non-fused, non-capturable step (torch.optim.optimizer._get_scalar_dtype).
+    step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        if any(g.get("fused") or g.get("capturable") or g.get("amsgrad") for g in inner.param_groups):
+            continue  # other state layouts; megatron never builds these
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0, dtype=step_dtype),
+                        "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                        "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    }
+
+
+def _fix_torch_adam_state_load() -> None:
+    """Let the distributed optimizer load its fully reshardable state into torch's AdamW.
+
+    Two things go wrong in megatron-core 0.16 with torch's AdamW. ``load_state_dict`` sets one
+    shared ``step`` tensor for every parameter (from the checkpoint's param groups); torch's
+    foreach AdamW then adds 1 to it once per parameter on each step, which corrupts the bias
+    correction of every step after a resume. And ``load_parameter_state_from_fully_reshardable``
+    hands ``_set_main_param_and_optimizer_states`` the main param and moments but not ``step``,
+    while that method copies every key of the optimizer state, ``step`` included (KeyError).
+    So ``step`` is set aside while the rest is copied, and each parameter gets its own copy back.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if getattr(DistributedOptimizer, "_psft_own_steps", False):
+        return
+    original = DistributedOptimizer.load_parameter_state_from_fully_reshardable
+
+    def load_parameter_state_from_fully_reshardable(self: Any, state_dict: dict) -> None:
+        if not isinstance(self.optimizer, torch.optim.Adam):
+            return original(self, state_dict)
+        steps = {p: st.pop("step") for p, st in self.optimizer.state.items() if "step" in st}
+        try:
+            original(self, state_dict)
+        finally:
+            for p, step in steps.items():
+                self.optimizer.state[p]["step"] = step.clone()  # one tensor per parameter, as torch keeps it
+
+    DistributedOptimizer.load_parameter_state_from_fully_reshardable = load_parameter_state_from_fully_reshardable
+    DistributedOptimizer._psft_own_steps = True
+
+
 def build_optimizer(chunks: list[torch.nn.Module], cfg: OptimConfig, total_steps: int, bf16: bool) -> OptimizerBundle:
     """AdamW with decoupled weight decay (norms and biases excluded, megatron's default),
     gradient clipping by global norm, and LR warm-up then cosine/linear/constant decay."""
@@ -73,6 +167,9 @@ def build_optimizer(chunks: list[torch.nn.Module], cfg: OptimConfig, total_steps
         use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, model)
+    if cfg.use_distributed_optimizer:
+        _init_torch_adam_state(optimizer)
+        _fix_torch_adam_state_load()
     decay_steps = max(total_steps, cfg.lr_warmup_steps + 1)
     scheduler = OptimizerParamScheduler(
         optimizer,

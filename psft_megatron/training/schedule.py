@@ -5,13 +5,30 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 from psft_megatron.data.batches import AttentionBackend, MicroBatch
+from psft_megatron.data.context_parallel import split_micro_batches
 
 # forward_step(data_iterator, model_chunk) -> (output_tensor, loss_func), megatron's contract.
 ForwardStep = Callable[[Any, Any], tuple[Any, Callable]]
 
 
 def prepare_micro_batches(micro_batches: Sequence[MicroBatch], backend: AttentionBackend, device: Any) -> list[MicroBatch]:
-    """Move to the device and, for TransformerEngine's THD path, flatten each to one row."""
+    """Move to the device and, for TransformerEngine's THD path, flatten each to one row.
+
+    Under context parallelism keep this rank's share of every row (THD, on either backend;
+    see :mod:`psft_megatron.data.context_parallel`), all micro-batches of the call padded to
+    one length. Idempotent: micro-batches prepared once (a global batch) keep their layout,
+    so the snapshot's log-probs line up with the training passes over the same micro-batches.
+    """
+    from megatron.core import parallel_state
+
+    cp = parallel_state.get_context_parallel_world_size()
+    fresh = [mb for mb in micro_batches if mb.cp_size == 1 and mb.row_map is None]
+    if cp > 1 and fresh:
+        if len(fresh) != len(micro_batches):
+            raise ValueError("prepare_micro_batches got a mix of prepared and fresh micro-batches")
+        # Padding rows to a multiple of TP keeps each TP rank's sequence-parallel slice whole.
+        micro_batches = split_micro_batches(micro_batches, cp, parallel_state.get_context_parallel_rank(),
+                                            multiple=parallel_state.get_tensor_model_parallel_world_size())
     out = []
     for mb in micro_batches:
         if backend == "transformer_engine":
@@ -46,7 +63,8 @@ def run_schedule(
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model,
         num_microbatches=len(micro_batches),
-        seq_length=s,
+        # megatron divides the sequence length by CP itself (pipeline tensor shapes).
+        seq_length=s * micro_batches[0].cp_size,
         micro_batch_size=b,
         forward_only=forward_only,
     )

@@ -1,0 +1,45 @@
+"""FLOPs per optimizer step and the step time at a stated MFU.
+
+Model FLOPs per optimizer step = training (3 x forward) over the mini-batch plus this step's
+share of the snapshot pass (PSFT runs one forward over mini-batches 2..k per global batch:
+``(k-1)/k`` of a mini-batch forward per step) and of a reference model's pass; forward FLOPs
+per token = ``2 x`` the matmul parameters + causal attention ``2 * heads * head_dim * s`` per
+layer over the whole packed row (an upper bound: packed samples attend only within
+themselves). Step time = FLOPs / (GPUs x peak x MFU); recompute adds hardware FLOPs, reported
+apart, not model FLOPs.
+"""
+
+from __future__ import annotations
+
+from psft_megatron.model.config import ModelConfig
+from psft_megatron.recipe import RecipeConfig
+
+__all__ = ["forward_flops_per_token", "step_flops"]
+
+
+
+def forward_flops_per_token(m: ModelConfig, seq: int) -> dict[str, float]:
+    """Forward FLOPs per token: the layers (matmuls, causal attention over the packed row) and the head."""
+    h, a, g, d, f = m.hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels, m.ffn_hidden_size
+    matmuls = h * d * (a + 2 * g) + a * d * h + 3 * h * f
+    attention = 2 * a * d * seq  # QK^T and PV, each 2*a*d*(s/2) on average under the causal mask
+    return {"layers": m.num_layers * (2 * matmuls + attention), "attention": m.num_layers * attention,
+            "head": 2 * h * m.padded_vocab_size}
+
+
+def step_flops(recipe: RecipeConfig, m: ModelConfig | None = None) -> dict[str, float]:
+    """FLOPs per optimizer step (whole job): model FLOPs, and hardware FLOPs with recompute."""
+    m = m or recipe.model.resolve()
+    tr = recipe.training
+    f = forward_flops_per_token(m, tr.seq_length)
+    fwd = f["layers"] + f["head"]
+    tokens = tr.mini_batch_size * tr.seq_length
+    k = tr.mini_batches_per_global_batch
+    train = 3 * fwd * tokens
+    snapshot = (k - 1) * fwd * tokens / k if recipe.loss.needs_snapshot and k > 1 else 0.0
+    reference = fwd * tokens if recipe.loss.needs_reference else 0.0
+    recompute = {"full": f["layers"], "selective": f["attention"]}.get(recipe.model.recompute_granularity or "", 0.0)
+    model = train + snapshot + reference
+    return {"forward_per_token": fwd, "train_per_step": train, "snapshot_per_step": snapshot,
+            "reference_per_step": reference, "model_per_step": model,
+            "hardware_per_step": model + recompute * tokens, "tokens_per_step": tokens}
