@@ -323,7 +323,7 @@ def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> d
         read_meta,
         save_model_checkpoint,
     )
-    from psft_megatron.conversion.score import score_file
+    from psft_megatron.evaluation.response_nll import score_file
     from psft_megatron.model.build import build_model
     from psft_megatron.model.config import ModelConfig
     from psft_megatron.runtime.config import ParallelConfig

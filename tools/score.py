@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from psft_megatron.checkpoint.model_checkpoint import CheckpointError
-    from psft_megatron.conversion.score import score_file
     from psft_megatron.data.errors import DataError
+    from psft_megatron.evaluation.response_nll import score_file
     from psft_megatron.runtime.config import ParallelConfig
     from psft_megatron.runtime.distributed import init_distributed, teardown
 

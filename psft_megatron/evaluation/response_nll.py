@@ -1,4 +1,4 @@
-"""Per-example mean NLL of response tokens under a model checkpoint, at any TP/PP/DP.
+"""Per-example mean NLL of response tokens under a model checkpoint, at any TP/PP/DP (tools/score.py).
 
 Each JSONL record's ``prompt`` and ``response`` are tokenized separately (no special
 tokens added; ``add_bos`` prepends BOS) and concatenated; the score is the mean of
