@@ -5,7 +5,8 @@ rows whose samples mostly have lengths that are not multiples of 2 x CP:
 
 - CP=2 gives the same metrics step by step as CP=1 (loss, entropy, clip fraction, ratio
   range, mean log-prob, gradient norm, lr, token count) and the same held-out scores;
-- so do CP=2 x TP=2 with sequence parallelism and CP=2 x PP=2 x VP=2 (one 4-process launch);
+- so do CP=2 x TP=2 with sequence parallelism, the same with the fused output layer + loss, and
+  CP=2 x PP=2 x VP=2 (one 4-process launch);
 - the model itself at CP=2 gives CP=1's logits, loss and every parameter gradient (summed over the
   CP ranks) on a packed micro-batch of lengths that are not multiples of 2 x CP;
 - a CP=2 run stopped after its first step, inside a global batch (the checkpoint holds each
@@ -43,7 +44,11 @@ FOUR_PROC = {  # run together in one 4-process launch
     "cp2_tp2_sp": {"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True},
     "cp2_pp2_vp2": {"context_parallel_size": 2, "pipeline_model_parallel_size": 2,
                     "virtual_pipeline_model_parallel_size": 2},
+    "cp2_tp2_sp_fused": {"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True},
 }
+# Runs of FOUR_PROC with a loss section of their own: the fused output layer + loss (loss/fused_head.py)
+# on each CP rank's share, against CP=1's unfused run.
+FOUR_PROC_LOSS = {"cp2_tp2_sp_fused": {"fused_output_layer": True}}
 
 
 def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
@@ -105,7 +110,8 @@ class Runs:
                 "cp1_from_cp2": self.recipe("cp1_from_cp2", checkpoint={"save_dir": str(dst)}),
             }}
         if name == "four":
-            return 4, _train_all, {"recipes": {n: self.recipe(n, parallel=p) for n, p in FOUR_PROC.items()}}
+            return 4, _train_all, {"recipes": {n: self.recipe(n, parallel=p, loss=FOUR_PROC_LOSS.get(n, {}))
+                                               for n, p in FOUR_PROC.items()}}
         raise KeyError(name)
 
 
