@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED=${SHARED:-../shared}
 OUT=runs/psft_vs_sft
-RUNS=(sft psft dft sft_kl)
+read -ra RUNS <<< "${EVAL_RUNS:-sft psft dft sft_kl}"  # EVAL_RUNS: a subset, e.g. for a second evaluate
 START=$OUT/smollm2_megatron
 # Evaluation: fixed subsets, the first N items of each set, the same for every checkpoint. --limit
 # counts per task (per subject for MMLU's 57), so each group of tasks is one evaluate.py call.
@@ -42,33 +42,45 @@ train() {
     done
 }
 
-# One checkpoint: the lm-eval tasks, held-out GSM8K NLL / entropy / KL drift from the start model,
-# then HH-RLHF harmless NLL / entropy (out of domain). Skipped when already written.
-evaluate_one() {
+# One checkpoint, in two parts so that a short session gets the cheap numbers for every run first:
+# log-likelihood (held-out GSM8K NLL / entropy / KL drift from the start model, HH-RLHF harmless
+# NLL / entropy, MMLU, TruthfulQA MC1), then greedy generation (GSM8K, SVAMP, ASDiv). Each part is
+# one evaluate.py call into its own folder, skipped when already written.
+evaluate_loglik() {
     local ckpt=$1 dest=$2
-    local common=(--ckpt "$ckpt" --data-root "$SHARED/data" --max-gen-toks 256 --gen-batch-size 16)
-    [[ -f $dest/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest" --tasks gsm8k,svamp,asdiv --limit "$GEN_LIMIT" \
+    local common=(--ckpt "$ckpt" --data-root "$SHARED/data")
+    [[ -f $dest/heldout.jsonl ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest" \
             --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$HELDOUT_LIMIT" --ref "$START"
+    [[ -f $dest/hh_harmless/summary.json ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest/hh_harmless" \
+            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
     [[ -f $dest/mmlu/summary.json ]] ||
         python tools/evaluate.py "${common[@]}" --out "$dest/mmlu" --tasks mmlu --limit "$MMLU_LIMIT"
     [[ -f $dest/truthfulqa/summary.json ]] ||
         python tools/evaluate.py "${common[@]}" --out "$dest/truthfulqa" --tasks truthfulqa_mc1 --limit "$TQA_LIMIT"
-    [[ -f $dest/hh_harmless/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/hh_harmless" \
-            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
 }
 
+evaluate_generation() {
+    local ckpt=$1 dest=$2
+    [[ -f $dest/gen/summary.json ]] || compgen -G "$dest/lm_eval/*/samples_psft_gsm8k_*" >/dev/null ||
+        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest/gen" \
+            --tasks gsm8k,svamp,asdiv --limit "$GEN_LIMIT" --max-gen-toks 256 --gen-batch-size 16
+}
+
+# The start model and every finished run's checkpoints (last first; EVAL_LAST_ONLY=1: only the last),
+# log-likelihood parts first (EVAL_PARTS=loglik or generation: only those).
 evaluate() {
-    evaluate_one "$START" $OUT/start
-    # Every finished run's last checkpoint first, then the earlier ones (EVAL_LAST_ONLY=1: only the last).
-    local step name steps
+    local step name steps part
     steps=$(ls "$OUT"/*/checkpoints 2>/dev/null | grep '^step_' | sort -ru)
     [[ ${EVAL_LAST_ONLY:-0} == 1 ]] && steps=$(echo "$steps" | head -1)
-    for step in $steps; do
-        for name in "${RUNS[@]}"; do
-            finished "$name" && [[ -d $OUT/$name/checkpoints/$step ]] || continue
-            evaluate_one "$OUT/$name/checkpoints/$step" "$OUT/$name/eval/$step"
+    for part in ${EVAL_PARTS:-loglik generation}; do
+        "evaluate_$part" "$START" $OUT/start
+        for step in $steps; do
+            for name in "${RUNS[@]}"; do
+                finished "$name" && [[ -d $OUT/$name/checkpoints/$step ]] || continue
+                "evaluate_$part" "$OUT/$name/checkpoints/$step" "$OUT/$name/eval/$step"
+            done
         done
     done
 }
