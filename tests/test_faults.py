@@ -216,14 +216,14 @@ def _nan_run(recipe_dict: dict, nan_steps: list[int], nan_rank: int) -> dict:
     def watched(nan_at: list[int]) -> dict:
         seen: list[dict] = []
 
-        def train_step(bundle, mini, objective, setup, logp_old):
+        def train_step(bundle, mini, objective, setup, *passes):  # passes: logp_old, logp_ref
             handles = []
             if len(seen) + 1 in nan_at and dist.get_rank() == nan_rank:
                 for chunk in bundle.model:  # NaN logits, as a numerical blow-up in the model gives
                     head = unwrap_model(chunk).output_layer
                     handles.append(head.register_forward_hook(lambda m, i, out: (out[0] * float("nan"), out[1])))
             before = state(bundle)
-            result = real_train_step(bundle, mini, objective, setup, logp_old)
+            result = real_train_step(bundle, mini, objective, setup, *passes)
             after = state(bundle)
             for h in handles:
                 h.remove()
