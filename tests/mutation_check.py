@@ -51,8 +51,8 @@ MUTANTS: tuple[Mutant, ...] = (
            REFERENCE, "gradient clipping does nothing on the CPU path"),
     Mutant("lr_off_by_one", "psft_megatron/training/step.py",
            "    scheduler.step(increment=1)\n    lr = float(optimizer.param_groups[0][\"lr\"])\n"
-           "    ok, grad_norm, _ = optimizer.step()\n",
-           "    lr = float(optimizer.param_groups[0][\"lr\"])\n    ok, grad_norm, _ = optimizer.step()\n"
+           "    ok, _, _ = optimizer.step()\n",
+           "    lr = float(optimizer.param_groups[0][\"lr\"])\n    ok, _, _ = optimizer.step()\n"
            "    scheduler.step(increment=1)\n",
            REFERENCE, "the LR schedule one step late: step 1 runs at lr 0"),
     Mutant("eval_rows_ignored", "psft_megatron/run.py",

@@ -173,3 +173,12 @@ def test_resume_replaces_the_lost_records_in_metrics_and_tensorboard(outcome):
         assert scalars[r["step"]] == pytest.approx(r["loss"], rel=1e-6), r["step"]
     tb_eval = {e.step: e.value for e in acc.Scalars("eval/loss")}
     assert tb_eval == pytest.approx({e["step"]: e["loss"] for e in kept}, rel=1e-6)
+    # The accumulator above drops out-of-order steps on its own; readers that do not (TensorBoard's
+    # data server) rely on the relaunch's events file telling them where the lost launch's points start.
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    relaunch = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"))[-1]
+    purges = [e.step for e in EventFileLoader(str(relaunch)).Load()
+              if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+    assert purges == [crash_at + 1]
