@@ -168,7 +168,9 @@ def test_signal_finishes_the_step_saves_and_resumes_bit_identical(clean, data, t
     recipe = _write_recipe(tmp_path, data, "run", checkpoint={"save_interval": 0, "save_at_end": True},
                            training={"micro_batch_size": 2 // nproc})
     procs = _launch(recipe, nproc=nproc)
-    _wait_for_step(tmp_path / "run", 6, procs)  # global batch 2 is in progress (steps 5..8)
+    # Global batch 2 (steps 5..8) has begun: the stop lands at the next step boundary, 6 or 7 (waiting
+    # for step 6 let a fast idle machine reach 8, the batch's end, before the signal was seen).
+    _wait_for_step(tmp_path / "run", 5, procs)
     procs[-1].send_signal(sig)  # one rank only: the others learn of it at the step boundary
     results = _wait(procs)
     assert [c for c, _ in results] == [75] * nproc, [e[-2000:] for _, e in results]
