@@ -86,7 +86,7 @@ evaluate() {
 }
 
 report() {
-    python tools/compare_runs.py $OUT/start "${RUNS[@]/#/$OUT/}" --out docs/experiments
+    python tools/compare_runs.py "${RUNS[@]/#/$OUT/}" --out docs/experiments
     python experiments/psft_vs_sft/summarize.py $OUT --out docs/experiments/results.md
 }
 
