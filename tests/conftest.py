@@ -34,6 +34,15 @@ def tiny(tiny_data, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory) -> dict:
+    """The trainer's PSFT and sft_kl runs that the float64 reference trainer checks
+    (tests/reference_runs.py): trained together, once per session."""
+    import reference_runs
+
+    return reference_runs.train_all(tmp_path_factory.mktemp("reference_runs"))
+
+
+@pytest.fixture(scope="session")
 def shared() -> Path:
     """``../shared`` beside the checkout (real data, tokenizers, models); skips when absent."""
     if not SHARED.is_dir():

@@ -4,9 +4,11 @@ One Llama-style GPTModel (RMSNorm, SwiGLU, RoPE, GQA) is initialised once and sa
 as a dist checkpoint; each layout loads it and runs 3 optimizer steps through
 megatron's pipeline schedule, megatron's DDP and megatron's optimizer (AdamW, weight
 decay, grad clipping). Loss and grad norm per step must match the single-process run.
-A checkpoint saved at TP=2 x PP=2 is loaded at TP=1 and must give the same loss.
+A checkpoint saved at TP=2 + SP is loaded at TP=1 and must give the same loss.
 
-Three launches (1, 4 and 2 processes) cover TP=2+SP, PP=2, TP=2xPP=2+SP and DP=2.
+Two launches (1 and 2 processes) cover TP=2+SP, PP=2 and DP=2. TP=2 x PP=2 + SP (four processes)
+is trained through the project's trainer in tests/test_trainer.py (against TP=1) and
+tests/test_trainer_reference.py's layouts (against a float64 reference), so it is not repeated here.
 """
 
 from __future__ import annotations
@@ -217,18 +219,7 @@ def reference_run(ckpt_init: str) -> dict:
     return out
 
 
-def four_rank_run(ckpt_init: str, ckpt_tp2pp2: str) -> dict:
-    from psft_megatron.runtime.distributed import init_distributed
-
-    init_distributed()
-    model, config, dp = _build(_layout(2, 2, True))
-    _load(model, ckpt_init)
-    out = _train(model, config, dp)
-    _save(model, ckpt_tp2pp2)
-    return {"tp2pp2_sp": out}
-
-
-def two_rank_run(ckpt_init: str, ckpt_tp2pp2: str) -> dict:
+def two_rank_run(ckpt_init: str, ckpt_tp2: str) -> dict:
     from psft_megatron.runtime.distributed import init_distributed
 
     init_distributed()
@@ -237,11 +228,13 @@ def two_rank_run(ckpt_init: str, ckpt_tp2pp2: str) -> dict:
         model, config, dp = _build(layout)
         _load(model, ckpt_init)
         out[name] = _train(model, config, dp)
-    # Saved at TP=2 x PP=2 after training, loaded at TP=1 (DP=2): same model, same loss.
+        if name == "tp2_sp":
+            _save(model, ckpt_tp2)
+    # Saved at TP=2 + SP after training, loaded at TP=1 (DP=2): same model, same loss.
     model, _, _ = _build(_layout(1, 1, False))
-    _load(model, ckpt_tp2pp2)
+    _load(model, ckpt_tp2)
     tokens, labels = _batches()
-    out["tp1_from_tp2pp2_eval"] = _eval(model, tokens, labels)
+    out["tp1_from_tp2_eval"] = _eval(model, tokens, labels)
     return out
 
 
@@ -253,47 +246,38 @@ def _last_stage_value(results: list[dict], layout: str, key: str):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mcore")
-    init, saved = str(tmp / "init"), str(tmp / "tp2pp2")
+    init, saved = str(tmp / "init"), str(tmp / "tp2")
     ref = run_in_processes(reference_run, 1, kwargs={"ckpt_init": init}, timeout=180)[0]
-    four = run_in_processes(four_rank_run, 4, kwargs={"ckpt_init": init, "ckpt_tp2pp2": saved}, timeout=300)
-    two = run_in_processes(two_rank_run, 2, kwargs={"ckpt_init": init, "ckpt_tp2pp2": saved}, timeout=300)
-    return ref, four, two
+    two = run_in_processes(two_rank_run, 2, kwargs={"ckpt_init": init, "ckpt_tp2": saved}, timeout=300)
+    return ref, two
 
 
 def test_runs_on_cpu_without_cuda(runs):
-    ref, _, _ = runs
+    ref, _ = runs
     assert ref["cuda_absent"]
     assert ref["losses"][-1] < ref["losses"][0], "three AdamW steps should lower the loss"
 
 
 def test_rng_tracker_on_cpu(runs):
-    ref, _, _ = runs
+    ref, _ = runs
     assert ref["rng"] == {"default_restored": True, "fork_differs": True, "fork_advances": True}
 
 
 @pytest.mark.parametrize("layout", ["tp2_sp", "pp2", "dp2"])
 def test_two_rank_layouts_match_single_process(runs, layout):
-    ref, _, two = runs
+    ref, two = runs
     losses = [_last_stage_value([r], layout, "losses") for r in two if r[layout]["losses"][0] is not None][0]
     assert losses == pytest.approx(ref["losses"], abs=1e-5)
     for r in two:  # grad norm is global over model-parallel ranks: every rank sees the same value
         assert r[layout]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
 
 
-def test_tp2_pp2_sequence_parallel_matches_single_process(runs):
-    ref, four, _ = runs
-    losses = [r["tp2pp2_sp"]["losses"] for r in four if r["tp2pp2_sp"]["losses"][0] is not None]
-    assert len(losses) == 2  # the two TP ranks of the last stage
-    for l in losses:
-        assert l == pytest.approx(ref["losses"], abs=1e-5)
-    for r in four:
-        assert r["tp2pp2_sp"]["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
-
-
-def test_checkpoint_saved_at_tp2pp2_loads_at_tp1(runs):
-    ref, four, two = runs
+def test_checkpoint_saved_at_tp2_loads_at_tp1(runs):
+    ref, two = runs
     # Same weights, other layout: only the order of TP reductions differs.
-    saved_eval = [r["tp2pp2_sp"]["eval_loss"] for r in four if r["tp2pp2_sp"]["eval_loss"] is not None][0]
-    assert two[0]["tp1_from_tp2pp2_eval"] == pytest.approx(saved_eval, abs=2e-6)
-    # And the TP2xPP2 run trained to the same model as the single process (fp32, 3 AdamW steps).
-    assert saved_eval == pytest.approx(ref["eval_loss"], rel=1e-5)
+    saved_eval = [r["tp2_sp"]["eval_loss"] for r in two if r["tp2_sp"]["eval_loss"] is not None]
+    assert len(saved_eval) == 2  # both TP ranks: DP=1, one stage
+    for r in two:
+        assert r["tp1_from_tp2_eval"] == pytest.approx(saved_eval[0], abs=2e-6)
+    # And the TP=2 run trained to the same model as the single process (fp32, 3 AdamW steps).
+    assert saved_eval[0] == pytest.approx(ref["eval_loss"], rel=1e-5)

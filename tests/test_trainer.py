@@ -10,8 +10,9 @@
 - The fused output layer + loss (``loss.fused_output_layer``) gives the same 16-step run at TP=1
   and TP=2+SP as megatron's output layer and the separate loss.
 
-Each run is one launch, started the first time a test asks for it and shared by the
-module's tests after that: ``-k pp4`` pays for the TP=1 reference and PP=4 alone.
+Each run is launched the first time a test asks for it and shared by the module's tests
+after that; runs that one test compares share a launch (``SHARED_LAUNCHES``): ``-k pp4``
+pays for the TP=1 reference and the four-process launch (TP=2 x PP=2 + SP, then PP=4) alone.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def _train(recipe_dict: dict) -> dict:
     return {"records": result.records, "eval": result.eval_records, "step": result.step}
 
 
+def _train_each(recipes: dict[str, dict]) -> dict[str, dict]:
+    """Several runs, one after the other, in one launch."""
+    return {name: _train(recipe) for name, recipe in recipes.items()}
+
+
 def _train_stopped_then_resumed(stopped: dict, resumed: dict) -> dict:
     """A launch that stops after 4 steps, then a second run of the same recipe in the same job."""
     return {"stopped": _train(stopped), "resumed": _train(resumed)}
@@ -60,6 +66,10 @@ def _save_initial_model(recipe_dict: dict, out: str) -> None:
     set_seed(123)
     built = build_model(recipe.model, recipe.parallel)
     save_model_checkpoint(built.chunks, out, {"model": recipe.model.resolve(), "step": 0})
+
+
+# Runs trained in one launch: process start-up and megatron's import cost more than these runs.
+SHARED_LAUNCHES = (("psft_k1", "sft_k1"), ("unfused_16", "fused_16"), ("tp2pp2_sp", "pp4"))
 
 
 class Runs:
@@ -81,8 +91,15 @@ class Runs:
             if not self._init_saved:
                 run_in_processes(_save_initial_model, 1, kwargs={"recipe_dict": self.base, "out": str(self.tmp / "init")})
                 self._init_saved = True
-            nprocs, fn, kwargs = self._spec(name)
-            self._done[name] = run_in_processes(fn, nprocs, kwargs=kwargs, timeout=400)[-1]
+            group = next((g for g in SHARED_LAUNCHES if name in g), (name,))
+            if len(group) == 1:
+                nprocs, fn, kwargs = self._spec(name)
+                self._done[name] = run_in_processes(fn, nprocs, kwargs=kwargs, timeout=400)[-1]
+            else:  # runs that one test (or one parametrized test) compares: one launch, one start-up
+                specs = {n: self._spec(n) for n in group}
+                (nprocs,) = {n for n, _, _ in specs.values()}
+                recipes = {n: kw["recipe_dict"] for n, (_, _, kw) in specs.items()}
+                self._done.update(run_in_processes(_train_each, nprocs, kwargs={"recipes": recipes}, timeout=400)[-1])
         return self._done[name]
 
     def _spec(self, name: str) -> tuple[int, Callable, dict]:

@@ -1,0 +1,173 @@
+"""The project's trainer on one tiny converted Llama, for the float64-reference tests.
+
+``test_trainer_reference.py`` (PSFT at seven layouts) and ``test_sft_kl.py`` (sft_kl at TP=1 and
+TP=2+SP) check the same trainer on the same model, data and schedule against
+``reference_trainer.py``. Their runs are trained here together, in one launch per process
+count (plus one to convert the model and one to export every result), because starting
+processes and importing megatron-core costs more than the runs themselves; conftest.py's
+session fixture ``reference_runs`` calls :func:`train_all` once.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from psft_megatron.testing.multiproc import run_in_processes
+from psft_megatron.testing.recipes import tiny_recipe
+
+VOCAB = 300  # not a multiple of 128: megatron's output layer has 84 padded columns
+TRAINING = {"seq_length": 64, "global_batch_size": 8, "mini_batch_size": 4, "train_steps": 8,
+            "sft_warmup_steps": 2, "seed": 7, "eval_interval": 0}
+OPTIMIZER = {"lr": 3e-3, "min_lr": 3e-4, "lr_warmup_steps": 2, "lr_schedule": "cosine", "weight_decay": 0.1,
+             "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "clip_grad": 0.5}
+KL_BETA = 0.5
+
+PSFT_RUNS = {  # name: (processes, micro_batch_size, parallel section)
+    "tp1_micro1": (1, 1, {}),
+    "tp1_micro2": (1, 2, {}),
+    "tp1_micro4": (1, 4, {}),
+    "tp2_sp": (2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
+    "pp2": (2, 2, {"pipeline_model_parallel_size": 2}),
+    "dp2": (2, 1, {}),
+    # Context parallelism: each packed row split over 2 ranks (TE's load-balanced THD layout,
+    # samples padded to multiples of 4), K/V all-gathered by the local spec's CP attention.
+    "cp2": (2, 2, {"context_parallel_size": 2}),
+}
+SFT_KL_RUNS = {
+    "tp1": (1, 2, {}),
+    "tp2_sp": (2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
+}
+
+
+def hf_model(out: Path) -> None:
+    """The random starting model: a 4-layer Llama with tied embeddings (transformers)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, initializer_range=0.05,
+                      attn_implementation="eager")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+
+
+def _convert(hf_dir: str, out: str) -> None:
+    from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
+
+    convert_hf_to_megatron(hf_dir, out)
+
+
+def _export(ckpts: dict[str, str], root: str) -> None:
+    from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    for name, ckpt in ckpts.items():
+        convert_megatron_to_hf(ckpt, Path(root) / name, dtype="float32")
+
+
+def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
+    """Train each recipe in this job (one rank of it); for objectives with a frozen reference
+    model, also record whether it changed, sits in the optimizer or wants gradients."""
+    from psft_megatron.recipe import recipe_from_dict
+    from psft_megatron.run import build_trainer
+    from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed, teardown
+    from psft_megatron.training.loop import train
+
+    out = {}
+    for name, recipe_dict in recipes.items():
+        env = init_distributed()
+        recipe = recipe_from_dict(copy.deepcopy(recipe_dict))
+        init_model_parallel(recipe.parallel)
+        set_seed(recipe.training.seed)
+        trainer = build_trainer(recipe, env)
+        reference = trainer.reference or []
+        ref_before = [p.detach().clone() for c in reference for p in c.parameters()]
+        opt_params = {id(p) for g in trainer.bundle.optimizer.param_groups for p in g["params"]}
+        result = train(trainer)
+        out[name] = {"records": result.records, "checkpoint": str(result.last_checkpoint)}
+        if reference:
+            ref_after = [p.detach().clone() for c in reference for p in c.parameters()]
+            policy = [p.detach() for c in trainer.bundle.model for p in c.parameters()]
+            out[name].update(
+                reference_unchanged=all(torch.equal(a, b) for a, b in zip(ref_before, ref_after)),
+                reference_in_optimizer=any(id(p) in opt_params for c in reference for p in c.parameters()),
+                reference_requires_grad=any(p.requires_grad for c in reference for p in c.parameters()),
+                policy_moved=not all(torch.equal(a, b) for a, b in zip(ref_before, policy)),
+            )
+        teardown(destroy_process_group=False)
+    return out
+
+
+def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: dict | None = None) -> dict:
+    """The tiny recipe of one run, starting from the converted model at ``tmp/init``."""
+    r = tiny_recipe(data, tmp / name, training=dict(TRAINING, micro_batch_size=micro), optimizer=OPTIMIZER,
+                    parallel=parallel,
+                    checkpoint={"init_from": str(tmp / "init"), "allow_random_init": False, "save_at_end": True,
+                                "keep_last": 1})
+    r["model"] = {"hf_config": str(tmp / "hf_init"), "params_dtype": "fp32", "transformer_impl": "local"}
+    r["data"]["eval"] = []
+    if loss:
+        r["loss"] = loss
+    return r
+
+
+def reference_rows(recipe_dict: dict) -> list[list[list[dict[str, torch.Tensor]]]]:
+    """The global batches as the project's loader yields them at DP=1: mini-batches of rows."""
+    from psft_megatron.data.loader import LoaderConfig, PackedLoader
+    from psft_megatron.data.prepare import prepare_dataset
+    from psft_megatron.recipe import recipe_from_dict
+
+    r = recipe_from_dict(copy.deepcopy(recipe_dict))
+    cached = prepare_dataset(Path(r.data.cache_dir) / "train", r.data.train, r.data.tokenizer, r.data.chat_template,
+                             is_writer=True, pad=r.data.pad)
+    t = r.training
+    cfg = LoaderConfig(t.seq_length, t.global_batch_size, t.mini_batch_size, t.mini_batch_size, seed=t.seed,
+                       pack=r.data.pack, pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]))
+    loader = PackedLoader(cached, cfg, 0, 1)
+    batches = []
+    for _ in range(t.train_steps // t.mini_batches_per_global_batch):
+        gb = next(loader)
+        minis = []
+        for mini in gb.mini_batches:
+            (mb,) = mini.micro_batches
+            minis.append([{k: getattr(mb, k)[i] for k in ("tokens", "labels", "loss_mask", "segment_ids")}
+                          for i in range(mb.shape[0])])
+        batches.append(minis)
+    return batches
+
+
+def train_all(tmp: Path) -> dict[str, Any]:
+    """Convert the starting model, train every PSFT and sft_kl run, export each final model.
+
+    Returns ``{"psft": {name: ...}, "sft_kl": {name: ...}, "recipes": ..., "final": ...,
+    "hf_init": path}``: each run's records (and reference-model checks), its recipe, and its
+    final weights in float64 (transformers state dict)."""
+    from transformers import LlamaForCausalLM
+
+    from psft_megatron.data.synthetic import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp / "data", train=480, eval=8, vocab_size=VOCAB)
+    hf_model(tmp / "hf_init")
+    run_in_processes(_convert, 1, kwargs={"hf_dir": str(tmp / "hf_init"), "out": str(tmp / "init")},
+                     init_process_group=False)
+    specs = {("psft", n): spec for n, spec in PSFT_RUNS.items()}
+    specs.update({("sft_kl", n): spec for n, spec in SFT_KL_RUNS.items()})
+    recipes = {}
+    for (objective, name), (_, micro, par) in specs.items():
+        loss = {"name": "sft_kl", "kl_beta": KL_BETA} if objective == "sft_kl" else None
+        recipes[f"{objective}/{name}"] = recipe(data, tmp, f"{objective}_{name}", micro, par, loss)
+    trained: dict[str, Any] = {}
+    for nprocs in sorted({n for n, _, _ in specs.values()}):
+        group = {f"{o}/{name}": recipes[f"{o}/{name}"] for (o, name), (n, _, _) in specs.items() if n == nprocs}
+        trained.update(run_in_processes(_train_all, nprocs, kwargs={"recipes": group}, timeout=600)[-1])
+    run_in_processes(_export, 1, kwargs={"ckpts": {k: t["checkpoint"] for k, t in trained.items()},
+                                         "root": str(tmp / "final")}, init_process_group=False)
+    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "recipes": recipes, "final": {}, "hf_init": tmp / "hf_init"}
+    for key, t in trained.items():
+        objective, name = key.split("/")
+        out[objective][name] = t
+        out["final"][key] = LlamaForCausalLM.from_pretrained(tmp / "final" / key, dtype=torch.float64).state_dict()
+    return out
