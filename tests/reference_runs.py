@@ -1,11 +1,10 @@
 """The project's trainer on one tiny converted Llama, for the float64-reference tests.
 
-``test_trainer_reference.py`` (PSFT at seven layouts) and ``test_sft_kl.py`` (sft_kl at TP=1 and
-TP=2+SP) check the same trainer on the same model, data and schedule against
-``reference_trainer.py``. Their runs are trained here together, in one launch per process
-count (plus one to convert the model and one to export every result), because starting
-processes and importing megatron-core costs more than the runs themselves; conftest.py's
-session fixture ``reference_runs`` calls :func:`train_all` once.
+``test_trainer_reference.py`` checks the trainer (PSFT at seven layouts, sft_kl at TP=1 and
+TP=2+SP) on one model, data and schedule against ``reference_trainer.py``. Its runs are
+trained here together, in one launch per process count (plus one to convert the model and
+one to export every result), because starting processes and importing megatron-core costs
+more than the runs themselves.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Models: random tiny Llama (Llama-3.1 RoPE scaling, sharded safetensors), Qwen2 (QKV
 bias, tied embeddings, vocabulary padding) and Mistral (sharded pytorch_model*.bin),
-plus the real SmolLM2-135M-Instruct (GGUF dequantised by transformers) on GSM8K text.
+plus the real SmolLM2-135M-Instruct (GGUF dequantised by the project's reader, conftest.py's smollm2_hf) on GSM8K text.
 
 * one 1-process launch: convert every model, TP=1 logits vs transformers, export back
   bit-exact, error cases, tools/score.py vs transformers' NLL;
@@ -104,13 +104,6 @@ def _logits(model: Any, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def _load_smollm2(cache_dir: Path) -> Any:
-    """SmolLM2 from GGUF, dequantised (the project's own GGUF reader)."""
-    from psft_megatron.conversion.gguf import load_gguf_llama
-
-    return load_gguf_llama(GGUF_DIR / GGUF_NAME)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, request) -> dict[str, Any]:
     """Every HF input folder and the transformers reference outputs."""
@@ -137,19 +130,7 @@ def work(tmp_path_factory, request) -> dict[str, Any]:
     if (GGUF_DIR / GGUF_NAME).is_file():
         from psft_megatron.data.tokenizer import load_tokenizer
 
-        # pytest's cache keeps the dequantised model across sessions; without the cache plugin
-        # (-p no:cacheprovider) it is made once for this session.
-        pytest_cache = getattr(request.config, "cache", None)
-        cache = Path(pytest_cache.mkdir("psft_smollm2_hf")) if pytest_cache else tmp_path_factory.mktemp("smollm2_hf")
-        stamp = cache / "stamp.txt"
-        key = str((GGUF_DIR / GGUF_NAME).stat().st_size)
-        if not (stamp.is_file() and stamp.read_text() == key):  # dequantising takes ~20 s: once per machine
-            shutil.rmtree(cache)
-            cache.mkdir()
-            _load_smollm2(cache).save_pretrained(cache)
-            for f in (SHARED / "tokenizers" / "smollm2").iterdir():
-                shutil.copy2(f, cache / f.name)
-            stamp.write_text(key)
+        cache = request.getfixturevalue("smollm2_hf")  # dequantised by the project's GGUF reader
         from transformers import LlamaForCausalLM
 
         smol = LlamaForCausalLM.from_pretrained(cache, attn_implementation="eager", dtype=torch.float32).eval()

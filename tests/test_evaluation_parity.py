@@ -9,8 +9,8 @@ Two launches of the real CLI (as torchrun would start it):
   over 2 ranks), a second random Llama as ``--ref``; generation runs on the export made in a
   child process (the multi-rank path).
 
-Each runs MMLU (3 items of one subject) and TruthfulQA MC1 (3 items) by log-likelihood, 3 GSM8K
-items by greedy generation, and held-out NLL / entropy / KL drift on 3 GSM8K conversations.
+Each runs MMLU (2 items of one subject) and TruthfulQA MC1 (2 items) by log-likelihood, 2 GSM8K
+items by greedy generation, and held-out NLL / entropy / KL drift on 2 GSM8K conversations.
 References: lm-eval's own ``hf`` backend (batch size 1, same rendered task files, same chat
 template) for the per-item log-likelihoods, ``is_greedy`` and accuracy; ``transformers.generate``
 on the original HF folder, one prompt at a time, for the generations; float64 log-softmax / entropy
@@ -44,30 +44,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-GGUF = SHARED / "models" / "smollm2-135m-instruct-gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER = SHARED / "tokenizers" / "smollm2"
 LOGLIK_TASKS = ["psft_mmlu_anatomy", "psft_truthfulqa_mc1"]
 LIMIT = 2
 TOL = 1e-4
-
-
-def _smollm2_hf(request: Any, tmp_path_factory: Any) -> Path:
-    """SmolLM2 dequantised from GGUF into an HF folder; pytest's cache keeps it across sessions
-    (the same cache entry as tests/test_conversion.py)."""
-    from psft_megatron.conversion.gguf import load_gguf_llama
-
-    pytest_cache = getattr(request.config, "cache", None)
-    cache = Path(pytest_cache.mkdir("psft_smollm2_hf")) if pytest_cache else tmp_path_factory.mktemp("smollm2_hf")
-    stamp = cache / "stamp.txt"
-    key = str(GGUF.stat().st_size)
-    if not (stamp.is_file() and stamp.read_text() == key):
-        shutil.rmtree(cache)
-        cache.mkdir()
-        load_gguf_llama(GGUF).save_pretrained(cache)
-        for f in TOKENIZER.iterdir():
-            shutil.copy2(f, cache / f.name)
-        stamp.write_text(key)
-    return cache
 
 
 def _tiny_llama(folder: Path, seed: int) -> Path:
@@ -170,11 +150,9 @@ def evaluate_worker(convert: list[list[str]], argv: list[str], references: dict[
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory) -> dict[str, Any]:
-    if not GGUF.is_file() or not TOKENIZER.is_dir():
-        pytest.skip("../shared (SmolLM2 GGUF, tokenizer, data) is not present")
+def runs(smollm2_hf, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("evaluation")
-    hf = {"smol": _smollm2_hf(request, tmp_path_factory), "a": _tiny_llama(root / "a_hf", 1),
+    hf = {"smol": smollm2_hf, "a": _tiny_llama(root / "a_hf", 1),
           "b": _tiny_llama(root / "b_hf", 2)}
     mg = {k: root / f"{k}_mg" for k in hf}
     heldout = root / "heldout.jsonl"

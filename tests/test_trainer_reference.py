@@ -2,8 +2,9 @@
 
 One random Llama (transformers, tied embeddings, a 300-token vocabulary that megatron
 pads to 384) is converted with the project's converter and trained by the project's
-trainer at TP=1 with micro-batch sizes 1, 2 and 4, and at TP=2+SP, PP=2, DP=2 and CP=2
-(tests/reference_runs.py, in the same launches as test_sft_kl.py's runs). The
+trainer at TP=1 with micro-batch sizes 1, 2 and 4, and at TP=2+SP, PP=2, DP=2 and CP=2;
+the sft_kl objective at TP=1 and TP=2+SP (tests/reference_runs.py: all in one launch per
+process count). The
 reference trains the same weights in float64 on the same rows (from the project's
 loader): one global batch of SFT warm-up, then three of PSFT with k=2 mini-batches each,
 with ``clip_grad`` small enough that clipping acts on most steps. Compared step by step:
@@ -26,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from reference_runs import OPTIMIZER, PSFT_RUNS, TRAINING, VOCAB, reference_rows
+from reference_runs import KL_BETA, OPTIMIZER, PSFT_RUNS, SFT_KL_RUNS, TRAINING, VOCAB, reference_rows, train_all
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,7 @@ METRICS = ("loss", "entropy", "mean_logp", "clip_frac", "ratio_mean", "ratio_min
 METRIC_RTOL, METRIC_ATOL = 1e-5, 1e-7
 WEIGHT_ATOL = 1e-4
 RUNS = PSFT_RUNS
+KL_COMPARED = ("loss", "entropy", "mean_logp", "grad_norm", "lr")
 
 
 def reference_config(objective: str, **extra: Any) -> Any:
@@ -48,16 +50,33 @@ def reference_config(objective: str, **extra: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def results(reference_runs) -> dict[str, Any]:
+def reference_runs(tmp_path_factory) -> dict[str, Any]:
+    """Every PSFT and sft_kl run of this module, trained together (tests/reference_runs.py)."""
+    return train_all(tmp_path_factory.mktemp("reference_runs"))
+
+
+def _float64_run(reference_runs: dict[str, Any], objective: str, run: str, **extra: Any) -> dict[str, Any]:
+    """The float64 reference trainer on the rows of ``objective/run``, from the same start model."""
     from transformers import LlamaForCausalLM
 
     from reference_trainer import train
 
     model = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64, attn_implementation="eager")
-    ref_records = train(model, reference_rows(reference_runs["recipes"]["psft/tp1_micro1"]), VOCAB,
-                        reference_config("psft"))
-    final = {name: reference_runs["final"][f"psft/{name}"] for name in RUNS}
-    return {"ref": ref_records, "ref_weights": model.state_dict(), "trained": reference_runs["psft"], "final": final}
+    records = train(model, reference_rows(reference_runs["recipes"][f"{objective}/{run}"]), VOCAB,
+                    reference_config(objective, **extra))
+    return {"ref": records, "ref_weights": model.state_dict(), "trained": reference_runs[objective],
+            "final": {name: w for key, w in reference_runs["final"].items()
+                      for o, name in [key.split("/")] if o == objective}}
+
+
+@pytest.fixture(scope="module")
+def results(reference_runs) -> dict[str, Any]:
+    return _float64_run(reference_runs, "psft", "tp1_micro1")
+
+
+@pytest.fixture(scope="module")
+def sft_kl_results(reference_runs) -> dict[str, Any]:
+    return _float64_run(reference_runs, "sft_kl", "tp1", kl_beta=KL_BETA)
 
 
 def test_reference_run_exercises_what_it_should(results):
@@ -92,3 +111,33 @@ def test_final_weights_match_reference(results, name):
     diffs = {k: float((got[k] - ref[k]).abs().max()) for k in ref}
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= WEIGHT_ATOL, f"{name}: {worst} differs by {diffs[worst]:.2e} (> {WEIGHT_ATOL})"
+
+
+# ----------------------------------------------------------------------------- sft_kl
+# SFT + beta x KL towards the frozen starting weights, at TP=1 and TP=2+SP: the float64 trainer
+# gives logp_ref from a frozen deepcopy of the starting model.
+
+
+@pytest.mark.parametrize("name", list(SFT_KL_RUNS))
+def test_sft_kl_matches_the_float64_reference(sft_kl_results, name):
+    got, ref = sft_kl_results["trained"][name]["records"], sft_kl_results["ref"]
+    assert [g["phase"] for g in got] == [r["phase"] for r in ref] == ["sft"] * 2 + ["sft_kl"] * 6
+    worst = {}
+    for g, r in zip(got, ref):
+        for key in KL_COMPARED:
+            err = abs(g[key] - r[key]) / max(abs(r[key]), METRIC_ATOL / METRIC_RTOL)
+            worst[key] = max(worst.get(key, 0.0), err)
+    assert all(v <= METRIC_RTOL for v in worst.values()), f"{name}: {worst}"
+    # The KL term is really acting: sft_kl's loss is above the response NLL once the policy moved.
+    assert any(g["loss"] > -g["mean_logp"] + 1e-4 for g in got[2:])
+    final = sft_kl_results["final"][name]
+    diffs = {k: float((final[k] - v).abs().max()) for k, v in sft_kl_results["ref_weights"].items()}
+    assert max(diffs.values()) <= WEIGHT_ATOL, max(diffs.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.parametrize("name", list(SFT_KL_RUNS))
+def test_sft_kl_reference_model_is_frozen(sft_kl_results, name):
+    """Never updated, never in the optimizer, no gradient, while the policy moves away from it."""
+    t = sft_kl_results["trained"][name]
+    assert t["policy_moved"]
+    assert t["reference_unchanged"] and not t["reference_in_optimizer"] and not t["reference_requires_grad"]
