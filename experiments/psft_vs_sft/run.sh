@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SFT vs PSFT vs DFT vs SFT-KL on SmolLM2-135M-Instruct and GSM8K (docs/experiments.md).
 #
-#   bash experiments/psft_vs_sft/run.sh            # everything: prepare, train, evaluate, plot
-#   bash experiments/psft_vs_sft/run.sh train      # one stage: prepare | train | evaluate | report
+#   bash experiments/psft_vs_sft/run.sh            # everything: prepare, train, evaluate, seed2, plot
+#   bash experiments/psft_vs_sft/run.sh train      # one stage: prepare | train | evaluate | seed2 | report
 #
 # Every stage resumes: a converted model is kept, a finished run is skipped and an
 # interrupted one continues from its latest checkpoint, an evaluation already written is
@@ -85,12 +85,32 @@ evaluate() {
     done
 }
 
+# A second training seed (training.seed: the data order) for SFT and PSFT, the pair whose
+# differences are a few hundredths of a nat: trained into $OUT/seed2/<run> from the same start
+# model, log-likelihood part of the evaluation on the last checkpoint.
+SEED2=${SEED2:-2}
+read -ra SEED2_RUNS <<< "${SEED2_RUNS:-sft psft}"
+seed2() {
+    local name last
+    for name in "${SEED2_RUNS[@]}"; do
+        finished "seed2/$name" ||
+            python launch/pretrain_psft.py "recipes/smollm2_gsm8k_$name.yaml" \
+                training.seed="$SEED2" logging.run_dir="$OUT/seed2/$name"
+        last=$(ls "$OUT/seed2/$name/checkpoints" | grep '^step_' | sort | tail -1)
+        evaluate_loglik "$OUT/seed2/$name/checkpoints/$last" "$OUT/seed2/$name/eval/$last"
+    done
+}
+
 report() {
     python tools/compare_runs.py "${RUNS[@]/#/$OUT/}" --out docs/experiments
     python experiments/psft_vs_sft/summarize.py $OUT --out docs/experiments/results.md
+    python experiments/psft_vs_sft/summarize.py $OUT --step step_000016 --out docs/experiments/results_step16.md
+    if [[ -d $OUT/seed2 ]]; then
+        python experiments/psft_vs_sft/summarize.py $OUT/seed2 --start $OUT/start --out docs/experiments/results_seed2.md
+    fi
 }
 
-stages=("${@:-prepare train evaluate report}")
+stages=("${@:-prepare train evaluate seed2 report}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"

@@ -113,10 +113,13 @@ def main() -> None:
     p.add_argument("out_dir", type=Path, help="the experiment's run folder (runs/psft_vs_sft)")
     p.add_argument("--out", type=Path, required=True, help="markdown file to write")
     p.add_argument("--step", default=None, help="checkpoint to compare (default: each run's last evaluated one)")
+    p.add_argument("--start", type=Path, default=None,
+                   help="the start model's evaluation folder (default: OUT_DIR/start)")
     args = p.parse_args()
     rng = random.Random(0)
 
-    columns: dict[str, tuple[str, dict[str, Items]]] = {"start": ("step 0", read_evaluation(args.out_dir / "start"))}
+    start = args.start or args.out_dir / "start"
+    columns: dict[str, tuple[str, dict[str, Items]]] = {"start": ("step 0", read_evaluation(start))}
     for run in RUNS:
         evals = sorted((args.out_dir / run / "eval").glob("step_*"))
         chosen = [e for e in evals if args.step is None or e.name == args.step]
