@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -489,6 +490,7 @@ def test_tp1_dp1_in_process():
     _check_micro_batches(None, None, 0, 1, 0, 1)
 
 
+@pytest.mark.slow
 def test_two_processes_tp2_and_dp2():
     res = run_in_processes(_two_ranks, 2, timeout=120)
     assert all(_all_ran(r["padded_tp2"]) for r in res)
@@ -497,6 +499,7 @@ def test_two_processes_tp2_and_dp2():
     _same_loss_everywhere(res, "mb_tp1_dp2", base)
 
 
+@pytest.mark.slow
 def test_four_processes_tp4_and_tp2_dp2():
     res = run_in_processes(_four_ranks, 4, timeout=180)
     assert all(_all_ran(r["tokens_tp4"]) for r in res)

@@ -117,6 +117,7 @@ def test_per_source_fields_can_be_overridden():
         load_recipe(RECIPES / "tiny_cpu.yaml", ["data.train[3].limit=5"])
 
 
+@pytest.mark.slow  # starts the entry point
 def test_cli_refuses_bad_recipe_before_building(tmp_path):
     """The torchrun entry exits 2 with the message, without initialising anything."""
     bad = _write(tmp_path, TINY.replace("  mini_batch_size: 4 ", "  mini_batch_size: 5 "))
@@ -137,6 +138,7 @@ def test_cli_refuses_bad_recipe_before_building(tmp_path):
                      missing.stderr), missing.stderr
 
 
+@pytest.mark.slow  # starts the entry point
 def test_validate_only_checks_files_and_folders(tiny_data, tmp_path):
     """Up-front checks of what a recipe names: data files, init_from, writable folders (no files written)."""
     base = [f"data.train[0].path={tiny_data / 'train.jsonl'}", f"data.eval[0].path={tiny_data / 'eval.jsonl'}",
