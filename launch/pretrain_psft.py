@@ -26,7 +26,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 # Runnable from a checkout without installing the package.
@@ -46,16 +45,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides may follow the options
 
 
-def _quiet_known_warnings() -> None:
-    # Emitted on every rank at import or every step; they say nothing the log does not.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", message="Apex is not installed")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    _quiet_known_warnings()
+    from psft_megatron.runtime.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == int(os.environ.get("WORLD_SIZE", "1")) - 1 or rank == 0 else logging.WARNING,

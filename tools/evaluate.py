@@ -36,7 +36,6 @@ import importlib.util
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 _TOOLS = Path(__file__).resolve().parent
@@ -44,13 +43,6 @@ _TOOLS = Path(__file__).resolve().parent
 # metrics package, which lm-eval imports) would find this script.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _TOOLS]
 sys.path.insert(0, str(_TOOLS.parent))
-
-
-def _quiet_known_warnings() -> None:
-    # Printed by megatron-core and torch on every run; they would bury the one "error:" line.
-    warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
-    warnings.filterwarnings("ignore", message="full scope is deprecated")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch|megatron)")
 
 
 def _pairs(values: list[str], flag: str) -> dict[str, str]:
@@ -133,7 +125,9 @@ def build_job(args: argparse.Namespace):  # -> EvalJob (imported lazily: this mo
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_known_warnings()
+    from psft_megatron.runtime.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     missing = [m for m in ("lm_eval", "math_verify") if importlib.util.find_spec(m) is None]

@@ -19,18 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _quiet_known_warnings() -> None:
-    # Printed by megatron-core and torch on every run; they say nothing about this one and
-    # would bury the one "error:" line.
-    warnings.filterwarnings("ignore", message="(Transformer Engine and )?Apex (is|are) not installed")
-    warnings.filterwarnings("ignore", message="full scope is deprecated")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="(torch|megatron)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_known_warnings()
+    from psft_megatron.runtime.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
 
     # Torch-free checks first: a wrong path fails in a second, before megatron is imported.
     from psft_megatron.conversion.checks import check_checkpoint_dir
