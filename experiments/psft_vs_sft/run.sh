@@ -61,19 +61,24 @@ evaluate_loglik() {
         python tools/evaluate.py "${common[@]}" --out "$dest/truthfulqa" --tasks truthfulqa_mc1 --limit "$TQA_LIMIT"
 }
 
+GEN_TASKS=${GEN_TASKS:-gsm8k,svamp,asdiv}  # another list goes to its own folder, gen_<tasks>
 evaluate_generation() {
-    local ckpt=$1 dest=$2
-    [[ -f $dest/gen/summary.json ]] || compgen -G "$dest/lm_eval/*/samples_psft_gsm8k_*" >/dev/null ||
-        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest/gen" \
-            --tasks gsm8k,svamp,asdiv --limit "$GEN_LIMIT" --max-gen-toks 256 --gen-batch-size 16
+    local ckpt=$1 dest=$2 out=gen
+    [[ $GEN_TASKS == gsm8k,svamp,asdiv ]] || out=gen_${GEN_TASKS//,/_}
+    [[ -f $dest/$out/summary.json ]] || [[ -f $dest/gen/summary.json ]] ||
+        compgen -G "$dest/lm_eval/*/samples_psft_gsm8k_*" >/dev/null ||
+        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest/$out" \
+            --tasks "$GEN_TASKS" --limit "$GEN_LIMIT" --max-gen-toks 256 --gen-batch-size 16
 }
 
-# The start model and every finished run's checkpoints (last first; EVAL_LAST_ONLY=1: only the last),
-# log-likelihood parts first (EVAL_PARTS=loglik or generation: only those).
+# The start model and every finished run's checkpoints (last first; EVAL_LAST_ONLY=1: only the last;
+# EVAL_STEPS="step_000016 ...": only those), log-likelihood parts first (EVAL_PARTS=loglik or
+# generation: only those).
 evaluate() {
     local step name steps part
     steps=$(ls "$OUT"/*/checkpoints 2>/dev/null | grep '^step_' | sort -ru)
     [[ ${EVAL_LAST_ONLY:-0} == 1 ]] && steps=$(echo "$steps" | head -1)
+    [[ -n ${EVAL_STEPS:-} ]] && steps=$EVAL_STEPS
     for part in ${EVAL_PARTS:-loglik generation}; do
         "evaluate_$part" "$START" $OUT/start
         for step in $steps; do
