@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.loss.groups import rank_and_size, resolve_tp_group
-from psft_megatron.loss.token_stats import TokenStats, auto_chunk_size, softmax_grad_
+from psft_megatron.loss.token_stats import TokenStats, auto_chunk_size, softmax_grad_, stats_from_sums
 
 # Auto chunking: bytes of one fp32 logits chunk [c, V/TP]. Large enough that the chunk's
 # matmuls (M = c tokens) run near full speed, small next to the logits they replace. On the
@@ -197,11 +197,7 @@ class _FusedHeadTokenStats(torch.autograd.Function):
         if with_entropy:
             # sum_j e^{z_j - M}(z_j - M) = e^{m - M} (t + (m - M) s); where() keeps -inf * 0 out.
             sums[2] = torch.where(s > 0, (t + (m - gmax) * s) * scale, torch.zeros_like(s))
-        if world > 1:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        log_s = sums[1].log()
-        logp = sums[0] - log_s
-        entropy = log_s - sums[2] / sums[1] if with_entropy else None
+        log_s, logp, entropy = stats_from_sums(sums, group, world)
 
         # Only the local hidden slice is kept; backward gathers it again (as megatron does).
         ctx.save_for_backward(hidden, weight, local_idx, in_range, gmax, log_s, entropy if with_entropy else log_s)

@@ -107,6 +107,21 @@ def softmax_grad_(
     return out
 
 
+def stats_from_sums(
+    sums: torch.Tensor, group: dist.ProcessGroup | None, world: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per token ``(log_s, logp, entropy)`` from this shard's fp32 sums relative to the global max
+    ``m``: rows ``[label logit - m, sum exp(z - m)]`` and, for the entropy, ``sum exp(z - m)(z - m)``,
+    summed over the tensor-parallel ranks here (one all-reduce). ``log_s`` = log sum exp(z - m);
+    ``entropy`` is None without the third row."""
+    if world > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    log_s = sums[1].log()
+    logp = sums[0] - log_s
+    entropy = log_s - sums[2] / sums[1] if sums.shape[0] == 3 else None
+    return log_s, logp, entropy
+
+
 class _VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, group, world, rank, chunk, with_entropy, inplace, v_valid):
@@ -154,12 +169,7 @@ class _VocabParallelTokenStats(torch.autograd.Function):
             else:
                 sums[1, c0:c1] = w.exp_().sum(dim=-1)
         del w_buf, e_buf
-        if world > 1:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-
-        log_s = sums[1].log()
-        logp = sums[0] - log_s
-        entropy = log_s - sums[2] / sums[1] if with_entropy else None
+        log_s, logp, entropy = stats_from_sums(sums, group, world)
 
         ctx.chunk, ctx.inplace, ctx.v_valid = chunk, inplace, v_valid
         # The max and the log-sum stay apart (see softmax_grad_): no fp32 lse = m + log_s.
