@@ -7,8 +7,8 @@ decay, grad clipping). Loss and grad norm per step must match the single-process
 A checkpoint saved at TP=2 + SP is loaded at TP=1 and must give the same loss.
 
 Two launches (1 and 2 processes) cover TP=2+SP, PP=2 and DP=2. TP=2 x PP=2 + SP (four processes)
-is trained through the project's trainer in tests/test_trainer.py (against TP=1) and
-tests/test_trainer_reference.py's layouts (against a float64 reference), so it is not repeated here.
+is trained through the project's trainer in tests/test_trainer.py, against the same run at TP=1,
+so it is not repeated here.
 """
 
 from __future__ import annotations
