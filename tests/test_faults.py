@@ -60,8 +60,11 @@ def _launch(recipe: Path, *overrides: str, nproc: int = 1, env: dict[str, str] |
         e = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                  MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}))
         log = open(recipe.parent / f"{recipe.stem}.rank{rank}.{time.monotonic_ns()}.log", "w+")
+        # Its own session: a SIGKILL goes to the rank's process group, as a scheduler kills a job step,
+        # so the helper processes it started (megatron's checkpoint writer starts a multiprocessing
+        # Manager) die with it instead of outliving the test.
         p = subprocess.Popen([sys.executable, str(LAUNCHER), str(recipe), *overrides], env=e,
-                             stdout=log, stderr=subprocess.STDOUT, text=True)
+                             stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         p.log = log  # type: ignore[attr-defined]
         procs.append(p)
     return procs
@@ -146,7 +149,7 @@ def test_sigkill_at_three_steps_then_relaunch_equals_a_clean_run(clean, data, tm
         ahead = [s for s in kill_after if s > (done[-1]["step"] if done else 0)]
         if ahead and kills < len(kill_after):
             _wait_for_step(tmp_path / "run", ahead[0], procs)
-            procs[0].send_signal(signal.SIGKILL)
+            os.killpg(procs[0].pid, signal.SIGKILL)
             kills += 1
         ((code, err),) = _wait(procs)
         status = tmp_path / "run" / "run_status.json"
