@@ -68,4 +68,3 @@ def smollm2_hf(request, tmp_path_factory) -> Path:
                 shutil.copy2(f, cache / f.name)
             stamp.write_text(key)
     return cache
-

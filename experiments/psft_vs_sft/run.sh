@@ -63,12 +63,15 @@ evaluate_loglik() {
 
 GEN_TASKS=${GEN_TASKS:-gsm8k,svamp,asdiv}  # another list goes to its own folder, gen_<tasks>
 evaluate_generation() {
-    local ckpt=$1 dest=$2 out=gen
+    local ckpt=$1 dest=$2 out=gen task missing=0
     [[ $GEN_TASKS == gsm8k,svamp,asdiv ]] || out=gen_${GEN_TASKS//,/_}
-    [[ -f $dest/$out/summary.json ]] || [[ -f $dest/gen/summary.json ]] ||
-        compgen -G "$dest/lm_eval/*/samples_psft_gsm8k_*" >/dev/null ||
-        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest/$out" \
-            --tasks "$GEN_TASKS" --limit "$GEN_LIMIT" --max-gen-toks 256 --gen-batch-size 16
+    # Skipped when every task already has lm-eval samples anywhere under this checkpoint's folder.
+    for task in ${GEN_TASKS//,/ }; do
+        find "$dest" -name "samples_psft_${task}_*" 2>/dev/null | grep -q . || missing=1
+    done
+    (( missing )) || return 0
+    python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest/$out" \
+        --tasks "$GEN_TASKS" --limit "$GEN_LIMIT" --max-gen-toks 256 --gen-batch-size 16
 }
 
 # The start model and every finished run's checkpoints (last first; EVAL_LAST_ONLY=1: only the last;
