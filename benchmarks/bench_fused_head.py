@@ -7,16 +7,20 @@ Methods, same weights, hidden states, labels, snapshot log-probs (some ratios cl
   unfused  megatron-core's output layer (tensor_parallel.ColumnParallelLinear, TP = 1,
            gather_output=False) -> logits [T, 1, V] -> psft_megatron.loss.micro_batch_loss with
            inplace=True (PSFT, entropy, global-token normalisation, statistics)
-  fused    psft_megatron.loss.micro_batch_loss(hidden, ..., head=OutputHead(layer.weight)):
-           psft_megatron.loss.fused_head, token chunks of logits only (auto chunk size)
-Both run forward, then backward to the hidden states and the weight.
+  fused    psft_megatron.loss.micro_batch_loss(hidden, ..., head=OutputHead(layer.weight)), as the
+           trainer calls it: psft_megatron.loss.fused_head_loss, token chunks of logits only (auto
+           chunk size), the loss's gradient formed in the forward pass (three matmuls)
+  recompute  (--with-recompute) psft_megatron.loss.fused_token_stats (differentiable logp and
+           entropy, backward recomputes each chunk's logits: four matmuls) + the same objective
+All run forward, then backward to the hidden states and the weight.
 
 Weight-gradient modes (--grad-mode):
   plain     plain autograd: the weight's gradient lands in ``weight.grad`` (counted in the peak)
   main_grad as under megatron's DDP: the weight has an fp32 ``main_grad`` buffer (allocated
             before the measurement, like DDP's grad buffer) and DDP's hook (add param.grad to
             main_grad, drop param.grad). unfused returns a weight-sized gradient that the hook
-            adds; fused accumulates into main_grad directly and returns megatron's dummy
+            adds; fused (given the trainer's grad_scale, here 1) accumulates into main_grad directly
+            during the forward pass and returns megatron's dummy
             (``torch.empty``, never written: no resident memory on CPU; on a GPU the caching
             allocator would count it, as it does for megatron's own fused wgrad path).
 
@@ -52,6 +56,7 @@ from bench_loss import MMAP_ENV, PeakMeter  # noqa: E402  (the same memory probe
 from psft_megatron.testing.multiproc import run_in_processes  # noqa: E402
 
 METHODS = ("unfused", "fused")
+RECOMPUTE = "recompute"
 
 
 def _ddp_like(weight: torch.nn.Parameter) -> None:
@@ -67,11 +72,20 @@ def _ddp_like(weight: torch.nn.Parameter) -> None:
     weight.register_post_accumulate_grad_hook(hook)
 
 
-def _worker(tokens: int, hidden: int, vocab: int, dtype: str, reps: int, grad_mode: str, chunk: int | None) -> dict:
+def _worker(tokens: int, hidden: int, vocab: int, dtype: str, reps: int, grad_mode: str, chunk: int | None,
+            with_recompute: bool = False) -> dict:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer import TransformerConfig
 
-    from psft_megatron.loss import ObjectiveConfig, OutputHead, micro_batch_loss, snapshot_logp
+    from psft_megatron.loss import (
+        ObjectiveConfig,
+        OutputHead,
+        fused_token_stats,
+        micro_batch_loss,
+        normalized_loss,
+        snapshot_logp,
+        token_losses,
+    )
     from psft_megatron.loss.fused_head import fused_chunk_size
     from psft_megatron.runtime import cpu_compat
 
@@ -107,20 +121,27 @@ def _worker(tokens: int, hidden: int, vocab: int, dtype: str, reps: int, grad_mo
             logits, _ = layer(x)
             out = micro_batch_loss(logits, labels, mask, count, cfg, lp_old, inplace=True)
             del logits  # the graph keeps what backward needs, as in a trainer's loss_func
-        else:
-            out = micro_batch_loss(x, labels, mask, count, cfg, lp_old, head=head, chunk_size=chunk)
+        elif name == "fused":  # the trainer's grad_scale: the gradient backward sends in (1 here)
+            out = micro_batch_loss(x, labels, mask, count, cfg, lp_old, head=head, chunk_size=chunk,
+                                   grad_scale=1.0 if grad_mode == "main_grad" else None)  # fmt: skip
+        else:  # differentiable logp / entropy through the recomputing head, then the same objective
+            ts = fused_token_stats(x, layer.weight, labels, chunk_size=chunk)
+            loss = normalized_loss(token_losses(cfg, ts.logp, mask, lp_old).loss, mask, count)
+            loss.backward()
+            return float(loss)
         out.loss.backward()
         out.stats.summary()  # the host sync a trainer does for logging
         return float(out.loss)
 
+    methods = METHODS + ((RECOMPUTE,) if with_recompute else ())
     meter = PeakMeter(dev)
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    cpu_times: dict[str, list[float]] = {m: [] for m in METHODS}
-    peaks: dict[str, list[int]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu_times: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, list[int]] = {m: [] for m in methods}
     losses: dict[str, float] = {}
     grads: dict[str, torch.Tensor] = {}
     for rep in range(reps + 1):  # rep 0 is the warm-up
-        for name in METHODS:
+        for name in methods:
             x.grad = None
             layer.weight.grad = None
             if grad_mode == "main_grad":
@@ -140,7 +161,7 @@ def _worker(tokens: int, hidden: int, vocab: int, dtype: str, reps: int, grad_mo
                 times[name].append(elapsed)
                 cpu_times[name].append(cpu)
                 peaks[name].append(peak)
-    diff = (grads["fused"] - grads["unfused"]).abs().max() / grads["unfused"].abs().max()
+    diff = max(float((grads[m] - grads["unfused"]).abs().max() / grads["unfused"].abs().max()) for m in methods[1:])
     return {
         "results": {
             m: {
@@ -148,10 +169,10 @@ def _worker(tokens: int, hidden: int, vocab: int, dtype: str, reps: int, grad_mo
                 "cpu_s": statistics.median(cpu_times[m]),
                 "peak_bytes": max(peaks[m]),
             }
-            for m in METHODS
+            for m in methods
         },
-        "loss_diff": abs(losses["fused"] - losses["unfused"]),
-        "grad_rel_diff": float(diff),
+        "loss_diff": max(abs(losses[m] - losses["unfused"]) for m in methods[1:]),
+        "grad_rel_diff": diff,
         "logits_fp32_bytes": tokens * vocab * 4,
         "weight_bytes": vocab * hidden * torch.finfo(dt).bits // 8,
         "threads": torch.get_num_threads(),
@@ -170,6 +191,8 @@ def main() -> None:
     ap.add_argument("--grad-mode", nargs="+", choices=["plain", "main_grad"], default=["plain", "main_grad"])
     ap.add_argument("--chunk-size", type=int, default=None, help="fused: tokens per chunk (default: auto)")
     ap.add_argument("--threads", type=int, default=1, help="OpenMP threads of the child process")
+    ap.add_argument("--with-recompute", action="store_true",
+                    help="also time the recomputing fused head (fused_token_stats + the objective)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     if args.quick:
@@ -183,7 +206,7 @@ def main() -> None:
     for vocab in args.vocab:
         for mode in args.grad_mode:
             kwargs = dict(tokens=args.tokens, hidden=args.hidden, vocab=vocab, dtype=args.dtype, reps=args.reps,
-                          grad_mode=mode, chunk=args.chunk_size)
+                          grad_mode=mode, chunk=args.chunk_size, with_recompute=args.with_recompute)
             r = run_in_processes(_worker, 1, timeout=7200, kwargs=kwargs, env=env)[0]
             u, f = r["results"]["unfused"], r["results"]["fused"]
             mem_ratio = u["peak_bytes"] / max(f["peak_bytes"], 1)
@@ -195,11 +218,14 @@ def main() -> None:
                   f"fused vs unfused: loss diff {r['loss_diff']:.1e}, "
                   f"max grad diff {r['grad_rel_diff']:.1e} of the largest")
             print(f"  {'method':<9} {'wall s':>8} {'cpu s':>8} {'peak MiB':>9}")
-            for m in METHODS:
-                res = r["results"][m]
+            for m, res in r["results"].items():
                 print(f"  {m:<9} {res['time_s']:8.2f} {res['cpu_s']:8.2f} {res['peak_bytes'] / 2**20:9.0f}")
             print(f"  peak memory unfused/fused = {mem_ratio:.1f}x (target >= 4); "
                   f"{key[:-2]} time fused/unfused = {time_ratio:.2f}x (target <= 1.15)")
+            if RECOMPUTE in r["results"]:
+                rc = r["results"][RECOMPUTE]
+                print(f"  recompute: peak unfused/recompute = {u['peak_bytes'] / max(rc['peak_bytes'], 1):.1f}x, "
+                      f"{key[:-2]} time recompute/unfused = {rc[key] / u[key]:.2f}x")
             rows.append(dict(vocab=vocab, grad_mode=mode, tokens=args.tokens, hidden=args.hidden, dtype=args.dtype,
                              mem_ratio=mem_ratio, time_ratio=time_ratio, **r))
     if args.json:

@@ -1,6 +1,7 @@
 """The fused output layer + loss against the unfused path and float64, at TP = 1, 2, 2+SP and PP = 2.
 
-Function level (``fused_token_stats``): logp, entropy and the gradients of the hidden states and
+Function level (``fused_token_stats``, and ``fused_head_loss`` with a nonlinear per-token loss and
+an upstream gradient of 3, in plain autograd and both ``main_grad`` modes): logp, entropy and the gradients of the hidden states and
 of the weight shard against
   * a float64 reference from the full (unsharded) hidden states and weight (fp32 inputs), and
   * the unfused path: megatron's ``ColumnParallelLinear`` (at TP = 1 its plain matmul) then
@@ -11,7 +12,8 @@ convention, and a check that no op ever outputs a ``[T, V/TP]``-sized tensor.
 
 Model level (megatron ``GPTModel`` -> ``PSFTGPTModel``, megatron DDP with fp32 grad buffers,
 megatron's pipeline schedule and ``finalize_model_grads``, 2 micro-batches): a snapshot pass and
-a PSFT train pass run unfused and fused on the same weights; snapshot logp, per-token logp,
+a PSFT train pass run unfused and fused on the same weights (fused: the loss's gradient formed in
+the forward pass, with and without the trainer's ``grad_scale``); snapshot logp, per-token logp,
 loss, statistics and every parameter's ``main_grad`` must agree within fp32 round-off, at
 TP=1 x DP=2 (tied), TP=2 (untied), TP=2 + SP (tied), PP=2 (tied: the gradient reaches the first
 stage's embedding through finalize_model_grads) and a bf16 model at TP=2 + SP.
@@ -191,6 +193,161 @@ def _check_fp32_hidden_with_bf16_weight() -> None:
         assert torch.equal(a.float(), c.float())
 
 
+def _nonlinear_terms(lp: torch.Tensor, mask, w, old) -> torch.Tensor:
+    """A per-token loss of logp alone, nonlinear and with a flat (clipped) region, as PSFT's is."""
+    r = (lp - old).clamp(-0.4, 0.4).exp()
+    return torch.where(mask, w * lp - 0.5 * r, torch.zeros_like(lp))
+
+
+def _check_head_loss(tp_group, rank: int, tp: int, sp: bool, layers=None) -> int:
+    """fused_head_loss (gradient formed in forward) vs float64 and vs the unfused path, every mode."""
+    from psft_megatron.loss import fused_head_loss
+
+    s, b, h, V_pad = 6, 2, 16, 48
+    v_local = V_pad // tp
+    rows = slice(rank * v_local, (rank + 1) * v_local)
+    seq = slice(rank * s // tp, (rank + 1) * s // tp) if sp else slice(None)
+    checked = 0
+    for V in (V_pad, 37, 13):
+        x, W, labels, mask, w, u = _data(s, b, h, V_pad, V, seed=V + 100)
+        old = torch.randn(s, b, generator=torch.Generator().manual_seed(V)) * 0.5 - 3.0
+        xr, Wr = x.double().requires_grad_(), W.double().requires_grad_()
+        logq = torch.log_softmax(xr @ Wr[:V].t(), dim=-1)
+        lp64 = logq.gather(-1, labels.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
+        ent64 = -(logq.exp() * logq).sum(-1)
+        loss64 = _nonlinear_terms(lp64, mask, w.double(), old.double()).sum()
+        gx64, gW64 = torch.autograd.grad(loss64, (xr, Wr))
+        mf, wf, of = mask.reshape(-1), w.reshape(-1), old.reshape(-1)
+
+        def terms(lp, r):
+            return _nonlinear_terms(lp, mf[r], wf[r], of[r])
+
+        def run(xs, Ws, upstream: float, chunk, grad_scale=None):
+            loss, ts = fused_head_loss(
+                xs, Ws, labels, terms, tp_group=tp_group, sequence_parallel=sp, chunk_size=chunk, vocab_size=V,
+                grad_scale=grad_scale,
+            )  # fmt: skip
+            assert not ts.logp.requires_grad and not ts.entropy.requires_grad and ts.logp.shape == labels.shape
+            (loss * upstream).backward()
+            return loss, ts
+
+        for dtype in (torch.float32, torch.bfloat16):
+            xd, Wd = x.to(dtype), W.to(dtype)
+            # The unfused path with the same per-token loss (megatron's layer at TP = 2).
+            xu, Wu = xd[seq].clone().requires_grad_(), Wd[rows].clone()
+            layer = None if layers is None else layers[dtype]
+            if layer is None:
+                Wu.requires_grad_()
+            ref_u: dict[float, tuple] = {}
+            # Upstream gradient 3 (not a power of two): the announced factor enters the logits' gradient
+            # before its rounding to the weight's dtype, exactly as the unfused path's. Formed for 1 and
+            # scaled in backward instead, the bf16 roundings match the unfused path only for powers of two.
+            ups = {"plain": 3.0, "main_grad": 3.0, "main_grad_buffer": 3.0}
+            if dtype == torch.bfloat16:
+                ups.update(plain=2.0, main_grad_buffer=2.0)
+            for up in sorted(set(ups.values())):
+                xu.grad = None
+                if layer is None:
+                    Wu.grad = None
+                ts_u = _unfused(xu, Wu if layer is None else Wu.detach(), labels, tp_group, sp, V, layer)
+                (up * _nonlinear_terms(ts_u.logp, mask, w, old).sum()).backward()
+                gW_u = Wu.grad if layer is None else layer.weight.grad.clone()
+                if layer is not None:
+                    layer.weight.grad = None
+                ref_u[up] = (xu.grad.clone(), gW_u.clone())
+            grad_tol = FP32_TOL if dtype == torch.float32 else BF16_PAIR_TOL
+            for chunk in (None, 5, 1):
+                for mode, up in ups.items():
+                    xs, Ws = xd[seq].clone().requires_grad_(), torch.nn.Parameter(Wd[rows].clone())
+                    if mode != "plain":  # megatron DDP's fp32 grad buffer, holding other micro-batches' part
+                        Ws.main_grad = torch.full(Ws.shape, 0.5)
+                        Ws.grad_added_to_main_grad = False
+                    loss, ts = run(xs, Ws, up, chunk, grad_scale=up if mode == "main_grad" else None)
+                    gW = Ws.grad if mode == "plain" else Ws.main_grad - 0.5
+                    if mode != "plain":
+                        assert Ws.grad_added_to_main_grad is True
+                    assert xs.grad.dtype == dtype and xs.grad.shape == xs.shape
+                    pad = gW[max(V - rank * v_local, 0) :]
+                    assert torch.equal(pad, torch.zeros_like(pad))  # padding rows: exactly no gradient
+                    torch.testing.assert_close(ts.logp[mask], ts_u.logp.detach()[mask], **FP32_TOL)
+                    torch.testing.assert_close(ts.entropy, ts_u.entropy.detach(), **FP32_TOL)
+                    torch.testing.assert_close(xs.grad, ref_u[up][0], **grad_tol)
+                    torch.testing.assert_close(gW.to(dtype), ref_u[up][1], **grad_tol)
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(loss.double(), loss64.detach(), **FP32_TOL)
+                        torch.testing.assert_close(ts.logp[mask].double(), lp64.detach()[mask], **FP32_TOL)
+                        torch.testing.assert_close(ts.entropy.double(), ent64.detach(), **FP32_TOL)
+                        torch.testing.assert_close(xs.grad.double(), up * gx64[seq], **FP32_TOL)
+                        torch.testing.assert_close(gW.double(), up * gW64[rows], **FP32_TOL)
+                    checked += 1
+        # No grad mode: the same loss and statistics, nothing to backpropagate.
+        with torch.no_grad():
+            loss, ts = fused_head_loss(x[seq], W[rows], labels, terms, tp_group=tp_group, sequence_parallel=sp,
+                                       chunk_size=4, vocab_size=V)  # fmt: skip
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss.double(), loss64.detach(), **FP32_TOL)
+        checked += 1
+    return checked
+
+
+def _check_head_loss_misuse() -> None:
+    """A grad_scale that backward contradicts, and a second backward, fail loudly."""
+    from psft_megatron.loss import fused_head_loss
+
+    x, W, labels, mask, w, u = _data(5, 2, 16, 48, 40, seed=5)
+    old = torch.zeros(5, 2)
+
+    def terms(lp, r):
+        return _nonlinear_terms(lp, mask.reshape(-1)[r], w.reshape(-1)[r], old.reshape(-1)[r])
+
+    Wp = torch.nn.Parameter(W.clone())
+    Wp.main_grad, Wp.grad_added_to_main_grad = torch.zeros_like(W), False
+    loss, _ = fused_head_loss(x.clone().requires_grad_(), Wp, labels, terms, chunk_size=3, grad_scale=2.0)
+    with pytest.raises(RuntimeError, match=r"got gradient 3.0 in backward, but grad_scale=2.0 was announced"):
+        (loss * 3.0).backward()
+    loss, _ = fused_head_loss(x.clone().requires_grad_(), W.clone().requires_grad_(), labels, terms, chunk_size=3)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()
+
+
+def test_micro_batch_loss_fused_matches_unfused_for_every_objective():
+    """micro_batch_loss through the fused head (gradient formed in forward) against the unfused
+    logits path for every registered objective, logp_old given and OWN_LOGP, grad_scale announced."""
+    from psft_megatron.loss import ObjectiveConfig, OutputHead, micro_batch_loss, objective_names
+    from psft_megatron.loss.compute import OWN_LOGP
+
+    x, W, labels, mask, w, u = _data(7, 2, 16, 48, 40, seed=21)
+    count = mask.sum() + 3  # other micro-batches' tokens count too
+    aux = torch.log_softmax(x @ W[:40].t(), -1).gather(-1, labels.clamp(0, 39).unsqueeze(-1)).squeeze(-1)
+    aux = aux + torch.tensor([-0.5, -0.1, 0.1, 0.5])[torch.arange(14).remainder(4)].view(7, 2)  # some ratios clip
+    cases = [(name, aux) for name in objective_names()] + [("psft", OWN_LOGP)]
+    for name, old in cases:
+        cfg = ObjectiveConfig(name=name)
+        kw = dict(logp_old=old if cfg.needs_snapshot else None, logp_ref=aux if cfg.needs_reference else None)
+        out = []
+        for fused in (False, True):
+            xs, Ws = x.clone().requires_grad_(), torch.nn.Parameter(W.clone())
+            Ws.main_grad, Ws.grad_added_to_main_grad = torch.zeros_like(W), False
+            if fused:
+                res = micro_batch_loss(xs, labels, mask, count, cfg, head=OutputHead(Ws), chunk_size=3, vocab_size=40,
+                                       grad_scale=2.0, **kw)  # fmt: skip
+            else:
+                res = micro_batch_loss(xs @ Ws.t(), labels, mask, count, cfg, vocab_size=40, **kw)
+            (2.0 * res.loss).backward()
+            gW = Ws.main_grad if fused else Ws.grad
+            out.append((res.loss.detach(), res.logp, xs.grad, gW, res.stats.summary()))
+        (lu, lpu, gxu, gwu, su), (lf, lpf, gxf, gwf, sf) = out
+        assert float(gwu.abs().max()) > 0, name
+        torch.testing.assert_close(lf, lu, **FP32_TOL)
+        torch.testing.assert_close(lpf[mask], lpu[mask], **FP32_TOL)
+        torch.testing.assert_close(gxf, gxu, **FP32_TOL)
+        torch.testing.assert_close(gwf, gwu, **FP32_TOL)
+        assert su.keys() == sf.keys() and all(abs(sf[k] - su[k]) <= 1e-5 * max(1.0, abs(su[k])) for k in su), name
+        if name == "psft" and old is not OWN_LOGP:
+            assert 0 < su["clip_fraction"] < 1
+
+
 class _LargestOutput(TorchDispatchMode):
     """Records the largest number of elements of any tensor an aten op returns."""
 
@@ -210,6 +367,11 @@ def test_fused_function_tp1_against_unfused_and_float64():
     assert _check_function(None, 0, 1, False) == 3 * (2 * 3 + 4)
     _check_main_grad_convention()
     _check_fp32_hidden_with_bf16_weight()
+
+
+def test_fused_head_loss_tp1_against_unfused_and_float64():
+    assert _check_head_loss(None, 0, 1, False) == 3 * (2 * 3 * 3 + 1)
+    _check_head_loss_misuse()
 
 
 def test_no_logits_sized_tensor_ever():
@@ -303,8 +465,11 @@ def _batches(dp_rank: int):
     return tokens, labels, mask, noise
 
 
-def _passes(ddp, model, fused: bool, dp: int) -> dict:
-    """Snapshot pass, then one PSFT forward+backward over N_MICRO micro-batches; grads and outputs."""
+def _passes(ddp, model, fused: bool, dp: int, announce: bool = False) -> dict:
+    """Snapshot pass, then one PSFT forward+backward over N_MICRO micro-batches; grads and outputs.
+
+    ``announce``: pass the trainer's ``grad_scale`` (the fused head's weight gradient then goes into
+    main_grad during the forward pass); else the fused head holds it in a buffer until backward."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -312,6 +477,7 @@ def _passes(ddp, model, fused: bool, dp: int) -> dict:
         LossStats,
         ObjectiveConfig,
         global_token_count,
+        megatron_loss_grad,
         megatron_loss_scale,
         micro_batch_loss,
         reduce_stats,
@@ -355,7 +521,7 @@ def _passes(ddp, model, fused: bool, dp: int) -> dict:
             res = micro_batch_loss(
                 o, labels[i].t(), mask[i].t(), count, ObjectiveConfig(name="psft"),
                 logp_old=out["snap"][i] - noise[i], head=head, chunk_size=chunk, vocab_size=V_TRUE,
-                inplace=not fused,
+                inplace=not fused, grad_scale=megatron_loss_grad(N_MICRO, dp) if announce else None,
             )  # fmt: skip
             stats.append(res.stats)
             out["logp"][i], out["loss"][i] = res.logp, res.loss.detach().clone()
@@ -427,8 +593,10 @@ def _model_worker(names: list[str] | None = None) -> dict:
         ddp, model = _build(tp, pp, sp, tied, dtype)
         dp = parallel_state.get_data_parallel_world_size()
         unf = _passes(ddp, model, fused=False, dp=dp)
-        fus = _passes(ddp, model, fused=True, dp=dp)
+        fus = _passes(ddp, model, fused=True, dp=dp, announce=True)  # as the trainer calls it
+        fus_buffer = _passes(ddp, model, fused=True, dp=dp)
         results[name] = _compare(name, unf, fus, model.post_process, dtype)
+        results[name + "/buffer"] = _compare(name, unf, fus_buffer, model.post_process, dtype)
         results[name]["post"] = model.post_process
         results[name]["pre"] = model.pre_process
     return results
@@ -458,6 +626,7 @@ def _function_worker() -> dict:
                 16, 48, config=cfg, init_method=torch.nn.init.zeros_, bias=False, gather_output=False
             )
         out[f"sp={sp}"] = _check_function(group, rank, 2, sp, layers)
+        out[f"loss sp={sp}"] = _check_head_loss(group, rank, 2, sp, layers)
     return out
 
 
@@ -474,14 +643,16 @@ def two_ranks() -> list[dict]:
 @pytest.mark.slow
 def test_fused_function_tp2_and_sequence_parallel(two_ranks):
     for r in two_ranks:
-        assert r["function"] == {"sp=False": 3 * (2 * 3 + 4), "sp=True": 3 * (2 * 3 + 4)}
+        n_stats, n_loss = 3 * (2 * 3 + 4), 3 * (2 * 3 * 3 + 1)
+        assert r["function"] == {"sp=False": n_stats, "sp=True": n_stats, "loss sp=False": n_loss, "loss sp=True": n_loss}
 
 
 @pytest.mark.slow
 def test_fused_model_matches_unfused_at_every_layout(two_ranks):
     res = [r["model"] for r in two_ranks]
     for name in LAYOUTS:
-        assert all(r[name]["n_params"] > 0 for r in res)
+        # The weight's gradient into main_grad during forward (grad_scale, as the trainer) and buffered.
+        assert all(r[name]["n_params"] > 0 and r[name + "/buffer"]["n_params"] > 0 for r in res)
         assert sum(r[name]["post"] for r in res) >= 1
     # PP = 2: one first stage (embedding) and one last stage (head) were both compared.
     assert sorted((r["pp2_tied"]["pre"], r["pp2_tied"]["post"]) for r in res) == [(False, True), (True, False)]

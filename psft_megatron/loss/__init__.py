@@ -2,9 +2,11 @@
 
 from psft_megatron.loss.compute import MicroBatchLoss, micro_batch_loss, output_token_stats, snapshot_logp
 from psft_megatron.loss.fused_head import OutputHead, fused_token_stats
+from psft_megatron.loss.fused_head_loss import fused_head_loss
 from psft_megatron.loss.normalize import (
     global_token_count,
     masked_loss_sum,
+    megatron_loss_grad,
     megatron_loss_scale,
     normalized_loss,
 )
@@ -26,10 +28,12 @@ __all__ = [
     "OutputHead",
     "TokenLosses",
     "TokenStats",
+    "fused_head_loss",
     "fused_token_stats",
     "get_objective",
     "global_token_count",
     "masked_loss_sum",
+    "megatron_loss_grad",
     "megatron_loss_scale",
     "micro_batch_loss",
     "normalized_loss",

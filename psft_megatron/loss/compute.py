@@ -3,7 +3,9 @@
 logits shard -> per-token logp and entropy -> objective -> global-mean term + statistics.
 With ``head`` (the fused output layer) the model output is the final-norm hidden states
 and logp / entropy come from :func:`~psft_megatron.loss.fused_head.fused_token_stats`
-instead: the same numbers, without the logits.
+instead: the same numbers, without the logits. A training micro-batch there goes through
+:func:`~psft_megatron.loss.fused_head_loss.fused_head_loss`, which forms the objective's
+gradient in the forward pass (no recomputed logits in backward).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.loss.fused_head import OutputHead, fused_token_stats
+from psft_megatron.loss.fused_head_loss import fused_head_loss
 from psft_megatron.loss.normalize import normalized_loss
 from psft_megatron.loss.objectives import ObjectiveConfig, token_losses
 from psft_megatron.loss.stats import LossStats
@@ -90,6 +93,7 @@ def micro_batch_loss(
     inplace: bool = False,
     vocab_size: int | None = None,
     head: OutputHead | None = None,
+    grad_scale: float | None = None,
 ) -> MicroBatchLoss:
     """Loss term and statistics of one micro-batch from vocab-parallel logits ``[s, b, V/TP]``
     (or, with ``head``, from the hidden states through the fused output layer, see :func:`output_token_stats`).
@@ -101,7 +105,16 @@ def micro_batch_loss(
     ``vocab_size``: the true vocabulary size; the output layer's padded columns beyond it are
     left out of the softmax (see :func:`~psft_megatron.loss.token_stats.vocab_parallel_token_stats`).
     ``inplace=True``: backward writes the logits gradient into the logits' storage.
+    ``grad_scale``: with ``head``, the gradient backward will send into ``loss``
+    (:func:`~psft_megatron.loss.normalize.megatron_loss_grad` under megatron's schedule); the
+    fused head then puts the weight's gradient into megatron DDP's ``main_grad`` during the
+    forward pass instead of holding it in a weight-sized buffer (see :mod:`~psft_megatron.loss.fused_head_loss`).
     """
+    if head is not None and torch.is_grad_enabled() and (logits.requires_grad or head.weight.requires_grad):
+        return _fused_micro_batch_loss(
+            logits, labels, loss_mask, global_count, objective, logp_old, logp_ref, head, tp_group, chunk_size,
+            vocab_size, grad_scale,
+        )  # fmt: skip
     ts = output_token_stats(
         logits, labels, head=head, tp_group=tp_group, chunk_size=chunk_size, inplace=inplace, vocab_size=vocab_size
     )
@@ -111,6 +124,45 @@ def micro_batch_loss(
     loss = normalized_loss(losses.loss, loss_mask, global_count)
     stats = LossStats.from_tokens(losses, ts.logp, ts.entropy, loss_mask)
     return MicroBatchLoss(loss=loss, logp=ts.logp.detach(), stats=stats)
+
+
+def _fused_micro_batch_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    global_count: torch.Tensor,
+    objective: ObjectiveConfig,
+    logp_old: torch.Tensor | _OwnLogp | None,
+    logp_ref: torch.Tensor | None,
+    head: OutputHead,
+    tp_group: dist.ProcessGroup | None,
+    chunk_size: int | None,
+    vocab_size: int | None,
+    grad_scale: float | None,
+) -> MicroBatchLoss:
+    """:func:`micro_batch_loss` through the fused head, the objective's gradient formed chunk by chunk
+    in the forward pass (:mod:`psft_megatron.loss.fused_head_loss`): each chunk's terms are
+    ``token_losses(...) / global_count``, the same terms :func:`normalized_loss` sums."""
+    own = isinstance(logp_old, _OwnLogp)
+    mask_f = loss_mask.reshape(-1)
+    old_f = logp_old.reshape(-1) if isinstance(logp_old, torch.Tensor) else None
+    ref_f = logp_ref.reshape(-1) if logp_ref is not None else None
+    denom = global_count.clamp(min=1).to(torch.float32)
+
+    def chunk_terms(lp: torch.Tensor, rows: slice) -> torch.Tensor:
+        old = lp.detach() if own else (old_f[rows] if old_f is not None else None)
+        ref = ref_f[rows] if ref_f is not None else None
+        return token_losses(objective, lp, mask_f[rows], old, ref).loss / denom
+
+    loss, ts = fused_head_loss(
+        hidden, head.weight, labels, chunk_terms, tp_group=head.tp_group if head.tp_group is not None else tp_group,
+        sequence_parallel=head.sequence_parallel, chunk_size=chunk_size, vocab_size=vocab_size,
+        grad_scale=grad_scale,
+    )  # fmt: skip
+    with torch.no_grad():  # the statistics, from the detached logp (the objective again, elementwise)
+        losses = token_losses(objective, ts.logp, loss_mask, ts.logp if own else logp_old, logp_ref)
+    stats = LossStats.from_tokens(losses, ts.logp, ts.entropy, loss_mask)
+    return MicroBatchLoss(loss=loss, logp=ts.logp, stats=stats)
 
 
 @torch.no_grad()

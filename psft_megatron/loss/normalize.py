@@ -117,3 +117,16 @@ def megatron_loss_scale(
     dp_cp = data_parallel_size * context_parallel_size
     # schedule: * cp / num_microbatches ; DDP: / (dp * cp)  ->  undo both.
     return float(num_microbatches) * dp_cp / context_parallel_size
+
+
+def megatron_loss_grad(num_microbatches: int, data_parallel_size: int, context_parallel_size: int = 1) -> float:
+    """The gradient megatron's backward sends into :func:`normalized_loss` when ``loss_func`` returns it
+    times :func:`megatron_loss_scale`: that scale, times ``context_parallel_size / num_microbatches``
+    from the schedule, i.e. ``data_parallel_size * context_parallel_size`` (DDP divides it out again).
+
+    Assumes no loss scaler (``config.grad_scale_func`` None: bf16 / fp32 training, as the trainer
+    sets it up). The fused head uses it to form gradients in the forward pass
+    (:mod:`psft_megatron.loss.fused_head_loss`), which checks it in backward.
+    """
+    scale = megatron_loss_scale(num_microbatches, data_parallel_size, context_parallel_size)
+    return scale * context_parallel_size / num_microbatches

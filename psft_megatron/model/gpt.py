@@ -10,8 +10,9 @@ With ``fused_output_layer`` set (``loss.fused_output_layer``), the last stage gi
 ``labels`` skips the output layer altogether and returns the final-norm hidden states
 ``[s, b, h]`` (``[s/TP, b, h]`` under sequence parallelism), the very tensor the output
 layer would have read; :func:`loss_head` gives the loss the output weight to go with them,
-and :func:`psft_megatron.loss.fused_head.fused_token_stats` computes logp and entropy
-without ever holding the logits. Without ``labels`` (generation, scoring tools) the model
+and the fused head (:mod:`psft_megatron.loss.fused_head_loss` for training,
+:mod:`psft_megatron.loss.fused_head` for the snapshot and evaluation passes) computes logp,
+entropy and the loss's gradients without ever holding the logits. Without ``labels`` (generation, scoring tools) the model
 returns logits as megatron does, fused or not.
 """
 

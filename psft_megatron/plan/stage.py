@@ -7,7 +7,7 @@ micro-batch without pipelining; ``min(PP - rank, M)`` with 1F1B;
 (its warm-up plus one). **Working memory at the peak**: the larger of the backward of one layer
 (group) and, on the last stage, the output layer and loss: the ``[n, V/TP]`` logits kept from
 forward to backward (unfused) and the loss's fp32 chunk buffers, or with
-``loss.fused_output_layer`` only the fused head's chunk buffers (:mod:`psft_megatron.loss.fused_head`).
+``loss.fused_output_layer`` only the fused head's chunk buffers (:mod:`psft_megatron.loss.fused_head_loss`).
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def head_terms(m: ModelConfig, sh: Shape, fused: bool, device: str) -> tuple[lis
 
     Unfused: the ``[n, V/TP]`` logits (kept from forward to backward; the loss writes their
     gradient in place) plus the larger of the loss's two fp32 chunk buffers and the output
-    layer's backward (input gradient, SP-gathered input, weight gradient). Fused: the fused
-    head's chunk buffers (logits of one chunk in the weight's dtype and fp32, a row block) and
-    its backward's input gradient and dummy weight gradient.
+    layer's backward (input gradient, SP-gathered input, weight gradient). Fused
+    (:mod:`psft_megatron.loss.fused_head_loss`, gradients formed in the forward pass): the larger
+    of its forward (SP-gathered input, the chunk buffers: logits of one chunk in the weight's dtype
+    and fp32 and two row blocks, the input gradient) and its backward (the input gradient and
+    megatron's dummy weight gradient); the weight's gradient goes straight into main_grad.
     """
     n_full = sh.seq * sh.micro / sh.cp  # the output layer sees this rank's whole CP share
     e, t, h = sh.act_bytes, sh.tp, m.hidden_size
@@ -54,15 +56,16 @@ def head_terms(m: ModelConfig, sh: Shape, fused: bool, device: str) -> tuple[lis
     logits = n_full * v_local * e
     if fused:
         rows = min(n_full, fused_chunk_size(v_local, device))
-        bufs = rows * v_local * (4 + (e if e != 4 else 0)) + block_rows * v_local * 4
-        work = gathered + bufs + max(0.0, n_full * h * e + wgrad)
+        bufs = rows * v_local * (4 + (e if e != 4 else 0)) + 2 * block_rows * v_local * 4
+        work = max(gathered + bufs + n_full * h * e, n_full * h * e + wgrad)
         unfused_work = logits + max(2 * block_rows * v_local * 4, gathered + n_full * h * e + wgrad)
         return ([Term("output layer + loss (fused: logits never exist)", work,
                       f"chunk buffers {bufs / GiB:.2f} GiB; unfused would hold {unfused_work / GiB:.2f} GiB")],
                 {"logits": 0.0, "fused": work, "unfused": unfused_work})
     work = logits + max(2 * block_rows * v_local * 4, gathered + n_full * h * e + wgrad)
     rows = min(n_full, fused_chunk_size(v_local, device))
-    fused_work = gathered + rows * v_local * (4 + (e if e != 4 else 0)) + block_rows * v_local * 4 + n_full * h * e + wgrad
+    bufs = rows * v_local * (4 + (e if e != 4 else 0)) + 2 * block_rows * v_local * 4
+    fused_work = max(gathered + bufs + n_full * h * e, n_full * h * e + wgrad)
     return ([Term("output layer + loss (logits kept to backward)", work,
                   f"logits {logits / GiB:.2f} GiB; loss.fused_output_layer: true would need {fused_work / GiB:.2f} GiB")],
             {"logits": logits, "fused": fused_work, "unfused": work})

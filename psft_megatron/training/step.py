@@ -19,7 +19,7 @@ import torch
 
 from psft_megatron.data.batches import AttentionBackend, GlobalBatch, MicroBatch, MiniBatch
 from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, snapshot_logp
-from psft_megatron.loss.normalize import megatron_loss_scale
+from psft_megatron.loss.normalize import megatron_loss_grad, megatron_loss_scale
 from psft_megatron.loss.objectives import ObjectiveConfig
 from psft_megatron.loss.stats import LossStats, reduce_stats
 from psft_megatron.model.gpt import loss_head
@@ -115,6 +115,8 @@ def train_step(
     dp = parallel_state.get_data_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     scale = megatron_loss_scale(len(mbs), dp, cp)
+    # What megatron's backward sends into res.loss: the fused head forms its gradients for it in forward.
+    loss_grad = megatron_loss_grad(len(mbs), dp, cp)
     # The loader counted the mini-batch's response tokens over all DP ranks: no all-reduce.
     global_count = torch.tensor(mini.num_loss_tokens, dtype=torch.int64, device=setup.device)
     stats: list[LossStats] = []
@@ -140,6 +142,7 @@ def train_step(
                 # into their own storage (one logits-sized allocation less, and faster).
                 inplace=True,
                 head=head,
+                grad_scale=loss_grad,
             )
             stats.append(res.stats)
             # megatron divides the returned product in place, not res.loss: the report stays intact.
