@@ -82,8 +82,10 @@ def _exact_head(T: int, h: int, V: int, seed: int) -> tuple[torch.Tensor, torch.
 
 
 def _check_fused_head(tp_group, rank: int, tp: int) -> int:
-    """fused_token_stats at huge logits: values, hidden and weight gradients within 1e-5 of float64."""
+    """fused_token_stats and fused_head_loss at huge logits: values, hidden and weight gradients
+    within 1e-5 of float64."""
     from psft_megatron.loss.fused_head import fused_token_stats
+    from psft_megatron.loss.fused_head_loss import fused_head_loss
 
     T, h, V = 12, 16, 64
     x, W = _exact_head(T, h, V, seed=8)
@@ -112,12 +114,26 @@ def _check_fused_head(tp_group, rank: int, tp: int) -> int:
         assert ((xs.grad[:, 0].double() - gx_ref[:, 0]).abs() <= bound).all()
         torch.testing.assert_close(Ws.grad.double(), gW_ref[rows], **FP32_TOL)
         checked += 1
+    # The training head (fused_head_loss: the gradient of sum(w * logp) formed in forward).
+    _, _, gz = _reference(z64, labels, w, torch.zeros_like(u))
+    gx_ref, gW_ref = gz @ W.double(), gz.t() @ x.double()
+    bound = (V + 8) * 2.0**-24 * (gz.abs() @ W[:, 0].double().abs())
+    for chunk in (None, 5, 1):
+        xs, Ws = x.clone().requires_grad_(), W[rows].clone().requires_grad_()
+        loss, ts = fused_head_loss(xs, Ws, labels, lambda lp, r: lp * w[r], tp_group=tp_group, chunk_size=chunk)
+        loss.backward()
+        torch.testing.assert_close(ts.logp.double(), lp_ref, **FP32_TOL)
+        torch.testing.assert_close(ts.entropy.double(), ent_ref, **FP32_TOL)
+        torch.testing.assert_close(xs.grad[:, 1:].double(), gx_ref[:, 1:], **FP32_TOL)
+        assert ((xs.grad[:, 0].double() - gx_ref[:, 0]).abs() <= bound).all()
+        torch.testing.assert_close(Ws.grad.double(), gW_ref[rows], **FP32_TOL)
+        checked += 1
     return checked
 
 
 def test_huge_logits_tp1():
     assert _check_token_stats(None, 0, 1) == 6
-    assert _check_fused_head(None, 0, 1) == 3
+    assert _check_fused_head(None, 0, 1) == 6
 
 
 def _tp2_worker() -> dict:
@@ -132,4 +148,4 @@ def _tp2_worker() -> dict:
 @pytest.mark.slow
 def test_huge_logits_tp2():
     for r in run_in_processes(_tp2_worker, 2, timeout=120):
-        assert r == {"token_stats": 6, "fused": 3}
+        assert r == {"token_stats": 6, "fused": 6}
