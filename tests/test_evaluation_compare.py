@@ -39,6 +39,10 @@ def test_compare_runs_writes_plots_and_tables(tmp_path, capsys):
     (tmp_path / "psft" / "eval" / "step_000006").mkdir(parents=True)
     (tmp_path / "psft" / "eval" / "step_000006" / "summary.json").write_text(
         json.dumps({"gsm8k/acc": 0.25, "heldout/nll": 1.5}))
+    # Generation tasks of the same checkpoint in a sub-folder: they join its column; a clash keeps both.
+    (tmp_path / "psft" / "eval" / "step_000006" / "gen").mkdir()
+    (tmp_path / "psft" / "eval" / "step_000006" / "gen" / "summary.json").write_text(
+        json.dumps({"svamp/acc": 0.0625, "gsm8k/acc": 0.375}))
     (tmp_path / "base_eval").mkdir()  # an evaluate --out folder on its own
     (tmp_path / "base_eval" / "summary.json").write_text(json.dumps({"gsm8k/acc": 0.125, "mmlu/acc": 0.5}))
     out = tmp_path / "cmp"
@@ -56,6 +60,7 @@ def test_compare_runs_writes_plots_and_tables(tmp_path, capsys):
     assert "| task/metric | psft/eval/step_000006 | base_eval |" in md
     assert "| gsm8k/acc | 0.2500 | 0.1250 |" in md and "| mmlu/acc |  | 0.5000 |" in md
     assert "| heldout/nll | 1.5000 |  |" in md
+    assert "| svamp/acc | 0.0625 |  |" in md and "| gen/gsm8k/acc | 0.3750 |  |" in md
 
     capsys.readouterr()
     assert compare([str(tmp_path / "nowhere"), "--out", str(out)]) == 2

@@ -2,8 +2,11 @@
 
 A run folder is what the trainer writes (``logging.run_dir``: ``metrics.jsonl``) and/or what
 ``tools/evaluate.py --out`` writes (``summary.json``); evaluations of a run are found as
-``summary.json`` in the folder itself or in its sub-folders (two levels down, e.g.
+``summary.json`` in the folder itself or in its sub-folders (up to three levels down, e.g.
 ``RUN/eval/step_000048/summary.json``), each becoming one column named ``run/sub-folder``.
+A summary inside a folder that has one of its own (``RUN/eval/step_000048/gen/summary.json``:
+the generation tasks of that checkpoint) joins that folder's column; a metric both name is
+kept under ``sub-folder/metric``.
 
 Curves (one PNG per metric, every run on it): the training loss, mean token entropy, clip
 fraction, the ratio range (min..max band around the mean), the gradient norm, and the held-out
@@ -72,14 +75,24 @@ def read_run(folder: str | Path, name: str | None = None) -> Run:
     if metrics.is_file():
         for row in _read_jsonl(metrics):
             (run.eval if row.get("split") == "eval" else run.train).append(row)
-    found = sorted(p for p in (*folder.glob("summary.json"), *folder.glob("*/summary.json"),
-                               *folder.glob("*/*/summary.json")))
-    for path in found:
-        rel = path.parent.relative_to(folder).as_posix()
+    patterns = ("summary.json", "*/summary.json", "*/*/summary.json", "*/*/*/summary.json")
+    found = sorted((p for pat in patterns for p in folder.glob(pat)), key=lambda p: (len(p.parts), p))
+    columns: dict[Path, dict[str, Any]] = {}  # evaluation folder -> its merged summary
+    for path in found:  # parents before their sub-folders
         try:
-            run.summaries[run.name if rel == "." else f"{run.name}/{rel}"] = json.loads(path.read_text())
+            summary = json.loads(path.read_text())
         except ValueError:
             raise CompareError(f"{path}: not a JSON file") from None
+        home = next((a for a in path.parent.parents if a in columns), None)
+        if home is None:
+            columns[path.parent] = dict(summary)
+            continue
+        sub = path.parent.relative_to(home).as_posix()
+        for key, value in summary.items():
+            columns[home][key if key not in columns[home] else f"{sub}/{key}"] = value
+    for col, summary in columns.items():
+        rel = col.relative_to(folder).as_posix()
+        run.summaries[run.name if rel == "." else f"{run.name}/{rel}"] = summary
     if not run.train and not run.eval and not run.summaries:
         raise CompareError(f"{folder}: neither metrics.jsonl nor an evaluation summary.json (from tools/evaluate.py)")
     return run
