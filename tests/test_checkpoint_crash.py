@@ -36,6 +36,16 @@ def _recipe(data: Path, run: Path) -> dict:
     }
 
 
+def _die() -> None:
+    """SIGKILL this rank and its child processes, as a scheduler kills a job step (megatron's
+    checkpoint writer starts a multiprocessing Manager process, which would outlive the rank)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _train(recipe_dict: dict, crash_at: str | None = None) -> list[int]:
     from psft_megatron.recipe import recipe_from_dict
     from psft_megatron.run import run
@@ -45,7 +55,7 @@ def _train(recipe_dict: dict, crash_at: str | None = None) -> list[int]:
 
         def replace(src, dst):  # die right before step 8 is published
             if str(dst).endswith("step_000008") and str(src).endswith(".partial"):
-                os.kill(os.getpid(), signal.SIGKILL)
+                _die()
             return real_replace(src, dst)
 
         os.replace = replace
@@ -56,7 +66,7 @@ def _train(recipe_dict: dict, crash_at: str | None = None) -> list[int]:
 
         def save(state, path, *a, **kw):  # die while step 8's weights are being written
             if "step_000008" in str(path):
-                os.kill(os.getpid(), signal.SIGKILL)
+                _die()
             return real_save(state, path, *a, **kw)
 
         dcp.save = save
