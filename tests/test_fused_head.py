@@ -392,6 +392,16 @@ def test_no_logits_sized_tensor_ever():
     assert unfused.largest >= T * V  # the probe sees the logits of the unfused path
 
 
+def test_auto_chunk_size():
+    """256 MiB (CPU) / 512 MiB (GPU) of fp32 logits per chunk, never more than 2048 tokens."""
+    from psft_megatron.loss.head_chunks import fused_chunk_size
+
+    assert fused_chunk_size(128256, "cpu") == (256 << 20) // (4 * 128256) == 523
+    assert fused_chunk_size(128256, "cuda") == 1046
+    assert fused_chunk_size(16032, "cuda") == 2048  # 70B at TP = 8: the token cap, not 8372 tokens
+    assert fused_chunk_size(10**9, "cpu") == 1
+
+
 def test_input_errors_are_one_line():
     from psft_megatron.loss import fused_token_stats
 

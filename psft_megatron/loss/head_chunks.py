@@ -35,15 +35,20 @@ from psft_megatron.loss.token_stats import auto_chunk_size, softmax_grad_, stats
 # V/TP = 128k. The elementwise passes then run over cache-sized row blocks of the chunk
 # (token_stats.AUTO_CHUNK_BYTES).
 FUSED_CHUNK_BYTES = {"cpu": 256 << 20, "cuda": 512 << 20}
+# ... and at most this many tokens: past ~1-2k rows a GEMM runs at full speed on a GPU (on the CPU
+# box 520 rows were already within 2% of 1024), so a small vocabulary shard (V/TP = 16k at TP = 8)
+# gets 2k-token chunks, not 8k-token ones as large as a third of its whole logits.
+FUSED_CHUNK_MAX_TOKENS = 2048
 
 log = logging.getLogger(__name__)
 _MIXED_ADDMM = True  # torch.addmm(out_dtype=) works here (CUDA); cleared after the first failure
 
 
 def fused_chunk_size(vocab_local: int, device: torch.device | str = "cpu") -> int:
-    """Tokens per fused chunk so that one fp32 logits chunk stays under :data:`FUSED_CHUNK_BYTES`."""
+    """Tokens per fused chunk: one fp32 logits chunk under :data:`FUSED_CHUNK_BYTES`, at most
+    :data:`FUSED_CHUNK_MAX_TOKENS`."""
     budget = FUSED_CHUNK_BYTES.get(torch.device(device).type, FUSED_CHUNK_BYTES["cuda"])
-    return max(1, budget // (4 * max(1, vocab_local)))
+    return max(1, min(FUSED_CHUNK_MAX_TOKENS, budget // (4 * max(1, vocab_local))))
 
 
 @dataclass(frozen=True)
