@@ -523,3 +523,47 @@ def test_fused_output_head_on_cuda_matches_float64_reference(dtype):
         if dtype == torch.float32:  # bf16 gradients carry the rounding of g to bf16 in every product
             torch.testing.assert_close(xs.grad.cpu().double(), gx_ref, **FP32_TOL)
             torch.testing.assert_close(Ws.grad[:v].cpu().double(), gW_ref, **FP32_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_head_loss_on_cuda_matches_float64_and_the_recomputing_head(dtype):
+    """fused_head_loss (the trainer's fused head: gradient formed in forward, the weight's straight
+    into an fp32 main_grad, cuBLAS's bf16 x bf16 -> fp32 accumulation) against float64 (fp32) and
+    against fused_token_stats' recomputing backward on the same device and dtype."""
+    from psft_megatron.loss import fused_head_loss, fused_token_stats
+
+    T, h, v_pad, v = 40, 16, 1024, 1000
+    x, W = _exact_head(T, h, v_pad, seed=15)
+    g = torch.Generator().manual_seed(16)
+    labels = torch.randint(0, v, (T,), generator=g)
+    w = torch.randn(T, generator=g)
+    zr = (x.double() @ W.double()[:v].t()).requires_grad_()
+    lp_ref, _ = _ref_token_stats(zr, labels)
+    (gz,) = torch.autograd.grad(2.0 * (lp_ref * w.double()).sum(), zr)
+    gx_ref, gW_ref = gz @ W.double()[:v], gz.t() @ x.double()
+    wd = w.to(DEV)
+    for chunk in (None, 7):
+        grads = []
+        for fused_loss in (True, False):
+            xs = x.to(DEV, dtype, copy=True).requires_grad_()
+            Ws = torch.nn.Parameter(W.to(DEV, dtype, copy=True))
+            Ws.main_grad = torch.zeros(Ws.shape, dtype=torch.float32, device=DEV)
+            Ws.grad_added_to_main_grad = False
+            if fused_loss:
+                loss, ts = fused_head_loss(xs, Ws, labels.to(DEV), lambda lp, r: lp * wd[r], chunk_size=chunk,
+                                           vocab_size=v, grad_scale=2.0)  # fmt: skip
+            else:
+                ts = fused_token_stats(xs, Ws, labels.to(DEV), chunk_size=chunk, vocab_size=v, with_entropy=False)
+                loss = (ts.logp * wd).sum()
+            (2.0 * loss).backward()
+            assert Ws.grad_added_to_main_grad is True
+            torch.testing.assert_close(ts.logp.cpu().double(), lp_ref.detach(), **FP32_TOL)
+            grads.append((xs.grad.cpu(), Ws.main_grad.cpu()))
+        (gx, gW), (gx_r, gW_r) = grads
+        assert torch.equal(gW[v:], torch.zeros_like(gW[v:])), "padded rows got gradient"
+        if dtype == torch.float32:
+            torch.testing.assert_close(gx.double(), gx_ref, **FP32_TOL)
+            torch.testing.assert_close(gW[:v].double(), gW_ref, **FP32_TOL)
+        # The same fp32 logits gradient, rounded alike, in the same products: equal up to summation order.
+        torch.testing.assert_close(gx.float(), gx_r.float(), atol=1e-5, rtol=2.0**-7 if dtype != torch.float32 else 1e-5)
+        torch.testing.assert_close(gW, gW_r, **FP32_TOL)

@@ -424,6 +424,7 @@ def test_gpu_test_code_runs_on_cpu(monkeypatch, tmp_path):
     monkeypatch.setattr(test_gpu, "DEV", "cpu")
     test_gpu.test_token_stats_on_cuda_match_float64_reference(torch.float32)
     test_gpu.test_fused_output_head_on_cuda_matches_float64_reference(torch.float32)
+    test_gpu.test_fused_head_loss_on_cuda_matches_float64_and_the_recomputing_head(torch.float32)
     test_gpu.test_psft_micro_batch_loss_on_cuda_matches_float64_reference()
 
     write_tiny_dataset(tmp_path / "data", train=200, eval=8)
