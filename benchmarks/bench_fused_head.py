@@ -95,7 +95,9 @@ def _worker(tokens: int, hidden: int, vocab: int, dtype: str, reps: int, grad_mo
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     config = TransformerConfig(
         num_layers=1, hidden_size=hidden, num_attention_heads=1, params_dtype=dt,
-        use_cpu_initialization=dev.type == "cpu", gradient_accumulation_fusion=False,
+        # CPU initialisation everywhere: megatron's GPU init needs its CUDA RNG tracker seeded, and
+        # the weights are overwritten below anyway.
+        use_cpu_initialization=True, gradient_accumulation_fusion=False,
     )  # fmt: skip
     layer = tensor_parallel.ColumnParallelLinear(
         hidden, vocab, config=config, init_method=torch.nn.init.zeros_, bias=False, gather_output=False

@@ -25,6 +25,9 @@
 #            distributed optimizer at DP=1 saved and resumed, the loss on CUDA vs float64)
 #            and tests/test_cpu_compat_targets.py (megatron-core version; CPU routes off)
 #   loss     benchmarks/bench_loss.py at V=128256, T=16384, fp32 and bf16 logits
+#   fused    benchmarks/bench_fused_head.py, bf16, T=16384, h=4096, V in {128256, 151936},
+#            megatron DDP's main_grad: the fused head + loss against megatron's output layer +
+#            the loss (peak memory >= 4x less, time within 1.15x)
 #   trainer  benchmarks/bench_trainer.py, bf16, local layer spec: tokens/s, TFLOP/s, MFU,
 #            PSFT/SFT against its floor
 #   profile  benchmarks/gpu_profile_step.py: where one training step's GPU time goes
@@ -100,12 +103,12 @@ say() { echo "$PROG: $*" | tee -a "$LOG"; }
 
 # Stages in order, which of them run, and the seconds each later stage is guaranteed: a slow
 # or hung stage eats its own slice and what is left over, not the trainer's minimum.
-STAGE_ORDER=(install env tests loss trainer profile)
-declare -A MIN_SECONDS=([install]=0 [env]=0 [tests]=0 [loss]=45 [trainer]=150 [profile]=0)
-declare -A ENABLED=([install]=1 [env]=1 [tests]=1 [loss]=1 [trainer]=1 [profile]=1)
+STAGE_ORDER=(install env tests loss fused trainer profile)
+declare -A MIN_SECONDS=([install]=0 [env]=0 [tests]=0 [loss]=45 [fused]=0 [trainer]=150 [profile]=0)
+declare -A ENABLED=([install]=1 [env]=1 [tests]=1 [loss]=1 [fused]=1 [trainer]=1 [profile]=1)
 { [ "$SKIP_INSTALL" = 1 ] || ! ls "$WHEELS"/*.whl >/dev/null 2>&1; } && ENABLED[install]=0
 [ "$SKIP_TESTS" = 1 ] && ENABLED[tests]=0
-[ "$SKIP_BENCH" = 1 ] && ENABLED[loss]=0 ENABLED[trainer]=0 ENABLED[profile]=0
+[ "$SKIP_BENCH" = 1 ] && ENABLED[loss]=0 ENABLED[fused]=0 ENABLED[trainer]=0 ENABLED[profile]=0
 [ "$SKIP_PROFILE" = 1 ] && ENABLED[profile]=0
 
 reserve_after() { # NAME: the seconds the enabled stages after NAME are guaranteed
@@ -187,12 +190,14 @@ if [ "$TOY" = 1 ]; then
   TRAINER_GEOMETRY="--layers 1 --hidden 64 --seq 128 --k 2 --mini 2 --micro 1 --repeats 1"
   LOSS_ARGS=(--tokens 256 --vocab 4096 --reps 1)
   LOSS_DTYPES="fp32"
+  FUSED_ARGS=(--tokens 256 --hidden 64 --vocab 4096 --reps 1 --dtype fp32 --grad-mode main_grad)
 else
   # ~1.06B parameters: 24 layers of hidden 2048 (32 heads, 8 KV groups, SwiGLU 5440).
   # micro 1: the local spec's unfused attention keeps [heads, s, s] scores per layer.
   TRAINER_GEOMETRY="--layers 24 --hidden 2048 --seq 4096 --k 4 --mini 4 --micro 1 --repeats 2"
   LOSS_ARGS=(--tokens 16384 --vocab 128256 --reps 5)
   LOSS_DTYPES="fp32 bf16"
+  FUSED_ARGS=(--tokens 16384 --hidden 4096 --vocab 128256 151936 --reps 3 --dtype bf16 --grad-mode main_grad)
 fi
 TRAINER_GEOMETRY="${TRAINER_ARGS:-$TRAINER_GEOMETRY}"
 # Flags of bench_trainer.py that newer versions have: used when there.
@@ -203,6 +208,7 @@ grep -q -- '--impl' <<<"$BT_HELP" && TRAINER_EXTRA+=(--impl local)
 
 if [ "$SKIP_BENCH" = 1 ]; then
   skip_stage loss "--skip-bench"
+  skip_stage fused "--skip-bench"
   skip_stage trainer "--skip-bench"
   skip_stage profile "--skip-bench"
 else
@@ -211,6 +217,7 @@ else
       "$py" benchmarks/bench_loss.py --tp 1 --dtype "$dt" --methods ours ours_inplace mcore_ce mcore_full naive \
         --json "$work/loss_$dt.json" "$@"
     done' gpu_check_loss "$PY" "$WORK" "$LOSS_DTYPES" "${LOSS_ARGS[@]}"
+  run_stage fused 90 "$PY" benchmarks/bench_fused_head.py "${FUSED_ARGS[@]}" --json "$WORK/fused.json"
   # shellcheck disable=SC2086 # the geometry's words are meant to split
   run_stage trainer 300 "$PY" benchmarks/bench_trainer.py $TRAINER_GEOMETRY ${TRAINER_EXTRA[@]+"${TRAINER_EXTRA[@]}"}
   if [ "$SKIP_PROFILE" = 1 ]; then

@@ -9,7 +9,7 @@ of every stage's status and figures plus a printed summary (``collect``).
 seconds, note), env.json, tests.xml (pytest's JUnit report), loss_fp32.json / loss_bf16.json
 (bench_loss.py --json), trainer.log (bench_trainer.py's printed lines) and trainer.json
 (its --json, where it has that flag; same keys as :func:`parse_trainer_output`, and it wins),
-and profile.json (gpu_profile_step.py). Any of them may be missing: a stage that failed
+profile.json (gpu_profile_step.py) and fused.json (bench_fused_head.py --json). Any of them may be missing: a stage that failed
 leaves its own figures out, not the others'.
 """
 
@@ -33,6 +33,8 @@ MATMUL_TFLOPS = 790.0
 # Issue 14's targets.
 TARGET_MFU = 0.35
 TARGET_PSFT_OVER_FLOOR = 1.1
+# The fused output layer + loss against megatron's output layer + the loss (issue: fused head).
+TARGET_FUSED_MEM, TARGET_FUSED_TIME = 4.0, 1.15
 
 # Packages whose versions the log should show (absent ones are reported as absent).
 PACKAGES = (
@@ -274,6 +276,16 @@ def loss_figures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def fused_figures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """bench_fused_head.py --json rows: the fused head's peak memory and time against the unfused path."""
+    return [{"vocab": r["vocab"], "tokens": r["tokens"], "hidden": r["hidden"], "dtype": r["dtype"],
+             "grad_mode": r["grad_mode"], "mem_ratio": r["mem_ratio"], "time_ratio": r["time_ratio"],
+             "unfused_peak_mib": r["results"]["unfused"]["peak_bytes"] / 2**20,
+             "fused_peak_mib": r["results"]["fused"]["peak_bytes"] / 2**20,
+             "unfused_s": r["results"]["unfused"]["time_s"], "fused_s": r["results"]["fused"]["time_s"],
+             "grad_rel_diff": r["grad_rel_diff"]} for r in results]
+
+
 def read_stages(path: Path) -> dict[str, dict[str, Any]]:
     stages = {}
     for line in path.read_text().splitlines():
@@ -305,6 +317,8 @@ def collect(work: Path, budget: int | None = None, elapsed: int | None = None) -
             loss += loss_figures(rows)
     if loss:
         rep["loss"] = loss
+    if (rows := _load_json(work / "fused.json")) is not None:
+        rep["fused"] = fused_figures(rows)
     # The printed lines, overridden by bench_trainer.py's own JSON where it wrote one (same keys).
     raw = parse_trainer_output((work / "trainer.log").read_text(errors="replace")) if (work / "trainer.log").is_file() else {}
     raw |= _load_json(work / "trainer.json") or {}
@@ -322,6 +336,10 @@ def collect(work: Path, budget: int | None = None, elapsed: int | None = None) -
         "mfu": mfu, "mfu_from": source if mfu is not None else None,
         "mfu_at_least_35pct": None if mfu is None else mfu >= TARGET_MFU,
         "psft_within_1.1x_floor": None if "psft_over_floor" not in t else t["psft_over_floor"] <= TARGET_PSFT_OVER_FLOOR,
+        "fused_memory_at_least_4x": None if "fused" not in rep else all(
+            r["mem_ratio"] >= TARGET_FUSED_MEM for r in rep["fused"]),
+        "fused_time_within_1.15x": None if "fused" not in rep else all(
+            r["time_ratio"] <= TARGET_FUSED_TIME for r in rep["fused"]),
     }
     bad = [n for n, s in stages.items() if s["status"] in ("fail", "timeout") or s["note"] == "budget spent"]
     rep["failed_stages"] = bad
@@ -359,6 +377,10 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         for m, v in row["methods"].items():
             lines.append(f"  {m:<13} {_fmt(v['time_s'], '.4f')} {_fmt(v['time_vs_mcore_ce'], '6.2f')}x "
                          f"{_fmt(v['peak_mib'], '8.0f')}")
+    for r in rep.get("fused", []):
+        lines.append(f"fused head V={r['vocab']} T={r['tokens']} h={r['hidden']} {r['dtype']} {r['grad_mode']}: "
+                     f"peak {r['unfused_peak_mib']:.0f} -> {r['fused_peak_mib']:.0f} MiB ({r['mem_ratio']:.1f}x less), "
+                     f"time {r['unfused_s'] * 1e3:.1f} -> {r['fused_s'] * 1e3:.1f} ms ({r['time_ratio']:.2f}x)")
     if t := rep.get("trainer"):
         g = t.get("geometry", {})
         if g:
@@ -380,7 +402,9 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"  {p.get('measure', 'time')} by kind: {cats}")
     tg = rep["targets"]
     lines.append(f"targets: MFU >= {TARGET_MFU:.0%}: {tg['mfu_at_least_35pct']} ({_fmt(tg['mfu'], '.1%')}, {tg['mfu_from']}); "
-                 f"PSFT/SFT <= {TARGET_PSFT_OVER_FLOOR}x floor: {tg['psft_within_1.1x_floor']}")
+                 f"PSFT/SFT <= {TARGET_PSFT_OVER_FLOOR}x floor: {tg['psft_within_1.1x_floor']}; "
+                 f"fused head memory >= {TARGET_FUSED_MEM:.0f}x less: {tg['fused_memory_at_least_4x']}, "
+                 f"time <= {TARGET_FUSED_TIME}x: {tg['fused_time_within_1.15x']}")
     lines.append("result: " + ("all stages passed" if rep["ok"] else f"FAILED stages: {', '.join(rep['failed_stages']) or 'none ran'}")
                  + (f" ({rep['elapsed_s']}s of {rep['budget_s']}s)" if rep.get("elapsed_s") is not None else ""))
     return lines

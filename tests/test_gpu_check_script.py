@@ -120,9 +120,9 @@ def test_a_spent_budget_skips_stages_and_still_writes_the_json(tmp_path):
     rep = json.loads((out / "gpu_check.json").read_text())
     assert {k: (s["status"], s["note"]) for k, s in rep["stages"].items()} == {
         "install": ("skipped", "--skip-install"),
-        **{k: ("skipped", "budget spent") for k in ("env", "tests", "loss", "trainer", "profile")}}
-    assert rep["failed_stages"] == ["env", "tests", "loss", "trainer", "profile"]
-    assert r.stdout.strip().splitlines()[-1].startswith("result: FAILED stages: env, tests, loss, trainer, profile")
+        **{k: ("skipped", "budget spent") for k in ("env", "tests", "loss", "fused", "trainer", "profile")}}
+    assert rep["failed_stages"] == ["env", "tests", "loss", "fused", "trainer", "profile"]
+    assert r.stdout.strip().splitlines()[-1].startswith("result: FAILED stages: env, tests, loss, fused, trainer, profile")
     assert "[trainer] skipped: the budget is spent" in (out / "gpu_check.log").read_text()
 
 
@@ -227,6 +227,12 @@ def _work_dir(tmp_path: Path, stages: list[str]) -> Path:
            "mcore_ce": {"time_s": 0.020, "peak_bytes": 2 * shard, "shard_fp32_bytes": shard}}
     (work / "loss_bf16.json").write_text(json.dumps([{"vocab": 128256, "tp": 1, "tokens": 16384, "dtype": "bf16",
                                                       "results": res}]))
+    fused = [{"vocab": v, "tokens": 16384, "hidden": 4096, "dtype": "bf16", "grad_mode": "main_grad", "mem_ratio": m,
+              "time_ratio": t, "grad_rel_diff": 1e-3, "loss_diff": 0.0,
+              "results": {"unfused": {"time_s": 0.1, "cpu_s": 0.1, "peak_bytes": 8 << 30},
+                          "fused": {"time_s": 0.1 * t, "cpu_s": 0.1, "peak_bytes": int((8 << 30) / m)}}}
+             for v, m, t in ((128256, 6.0, 1.05), (151936, 7.0, 1.2))]
+    (work / "fused.json").write_text(json.dumps(fused))
     return work
 
 
@@ -240,7 +246,10 @@ def test_collect_merges_every_stage_and_judges_the_targets(tmp_path, capsys):
     t = rep["trainer"]
     assert t["sft_mfu"] == pytest.approx(395.6 / 989) and t["sft_mfu_vs_measured_matmul"] == pytest.approx(395.6 / 800)
     assert rep["targets"] == {"mfu": pytest.approx(395.6 / 989), "mfu_from": "trainer", "mfu_at_least_35pct": True,
-                              "psft_within_1.1x_floor": True}
+                              "psft_within_1.1x_floor": True, "fused_memory_at_least_4x": True,
+                              "fused_time_within_1.15x": False}  # one of the two vocabularies took 1.2x
+    assert [r["vocab"] for r in rep["fused"]] == [128256, 151936]
+    assert [r["fused_peak_mib"] for r in rep["fused"]] == pytest.approx([8192 / 6, 8192 / 7])
     (row,) = rep["loss"]
     assert row["methods"]["ours"]["time_vs_mcore_ce"] == pytest.approx(1.5)
     assert row["methods"]["ours"]["peak_vs_mcore_ce"] == pytest.approx(0.5)
@@ -258,8 +267,11 @@ def test_collect_passes_when_every_stage_passed_and_misses_show(tmp_path):
     (work / "trainer.log").write_text(TRAINER_GPU_OUTPUT.replace("sft: 395.6", "sft: 200.0").replace("floor 1.120", "floor 1.000"))
     rep = report.collect(work)
     assert rep["ok"] is True and rep["failed_stages"] == []
+    (work / "fused.json").unlink()  # the stage did not run: no verdict
+    rep = report.collect(work)
     assert rep["targets"] == {"mfu": pytest.approx(200 / 989), "mfu_from": "trainer", "mfu_at_least_35pct": False,
-                              "psft_within_1.1x_floor": False}
+                              "psft_within_1.1x_floor": False, "fused_memory_at_least_4x": None,
+                              "fused_time_within_1.15x": None}
     assert report.collect(tmp_path / "empty")["ok"] is False  # nothing ran: not a pass
 
 
@@ -271,7 +283,8 @@ def test_collect_takes_the_step_mfu_from_the_profile_stage_when_the_trainer_fail
     rep = report.collect(work)
     assert "trainer" not in rep and rep["failed_stages"] == ["trainer"]
     assert rep["targets"] == {"mfu": 0.3, "mfu_from": "profile", "mfu_at_least_35pct": False,
-                              "psft_within_1.1x_floor": None}
+                              "psft_within_1.1x_floor": None, "fused_memory_at_least_4x": True,
+                              "fused_time_within_1.15x": False}
     assert rep["profile"]["mfu_vs_measured_matmul"] == pytest.approx(296.7 / 800)
     assert any(line.startswith("profile: one step 2.000 s, 8192 tok/s, 296.7 TFLOP/s, MFU 30.0%")
                for line in report.summary_lines(rep))
@@ -380,7 +393,8 @@ def test_toy_run_end_to_end_on_cpu(tmp_path):
     assert files == ["gpu_check.json", "gpu_check.log", "profile.txt"]  # the device tool returns 8 at most
     rep = json.loads((out / "gpu_check.json").read_text())
     assert {k: s["status"] for k, s in rep["stages"].items()} == {
-        "install": "skipped", "env": "pass", "tests": "pass", "loss": "pass", "trainer": "pass", "profile": "pass"}
+        "install": "skipped", "env": "pass", "tests": "pass", "loss": "pass", "fused": "pass", "trainer": "pass",
+        "profile": "pass"}
     assert rep["env"]["package_from_checkout"] is True
     tests = rep["tests"]
     assert tests["failures"] == tests["errors"] == 0
@@ -391,6 +405,8 @@ def test_toy_run_end_to_end_on_cpu(tmp_path):
     assert t["psft_over_floor"] == pytest.approx(t["psft_over_sft"] / t["floor"])
     assert [(row["dtype"], sorted(row["methods"])) for row in rep["loss"]] == [  # --toy: fp32 logits only
         ("fp32", ["mcore_ce", "mcore_full", "naive", "ours", "ours_inplace"])]
+    (fused,) = rep["fused"]  # bench_fused_head.py's real JSON at toy size
+    assert fused["vocab"] == 4096 and fused["mem_ratio"] > 0 and fused["time_ratio"] > 0 and fused["grad_rel_diff"] < 1e-5
     prof = rep["profile"]
     assert sum(prof["categories"].values()) == pytest.approx(1.0) and prof["top"] and prof["params"] > 0
 
@@ -406,7 +422,8 @@ def test_a_failing_stage_is_recorded_and_the_next_ones_still_run(tmp_path):
     assert r.returncode == 1
     rep = json.loads((out / "gpu_check.json").read_text())
     assert {k: s["status"] for k, s in rep["stages"].items()} == {
-        "install": "fail", "env": "pass", "tests": "skipped", "loss": "skipped", "trainer": "skipped", "profile": "skipped"}
+        "install": "fail", "env": "pass", "tests": "skipped", "loss": "skipped", "fused": "skipped", "trainer": "skipped",
+        "profile": "skipped"}
     assert rep["stages"]["install"]["exit"] not in (0, None) and rep["failed_stages"] == ["install"]
     assert rep["env"]["imports"]["psft_megatron"]["ok"]  # the stage after the failed one ran and reported
     assert r.stdout.strip().splitlines()[-1].startswith("result: FAILED stages: install")
