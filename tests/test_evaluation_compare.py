@@ -43,6 +43,8 @@ def test_compare_runs_writes_plots_and_tables(tmp_path, capsys):
     (tmp_path / "psft" / "eval" / "step_000006" / "gen").mkdir()
     (tmp_path / "psft" / "eval" / "step_000006" / "gen" / "summary.json").write_text(
         json.dumps({"svamp/acc": 0.0625, "gsm8k/acc": 0.375}))
+    # An evaluation of the run's folder itself beside the checkpoints': the checkpoint keeps its own column.
+    (tmp_path / "psft" / "eval" / "summary.json").write_text(json.dumps({"gsm8k/acc": 0.5}))
     (tmp_path / "base_eval").mkdir()  # an evaluate --out folder on its own
     (tmp_path / "base_eval" / "summary.json").write_text(json.dumps({"gsm8k/acc": 0.125, "mmlu/acc": 0.5}))
     out = tmp_path / "cmp"
@@ -57,10 +59,10 @@ def test_compare_runs_writes_plots_and_tables(tmp_path, capsys):
     md = (out / "compare.md").read_text()
     assert "| psft | 6 | psft | 0.3333 | 1.6 | 0.06 | 0.94 | 1.12 | 0.8333 | 1.25 | 0.75 |" in md
     assert "| sft | 4 | psft | 0.75 | 1.4 | 0.04 | 0.96 | 1.08 | 1.25 |  |  |" in md
-    assert "| task/metric | psft/eval/step_000006 | base_eval |" in md
-    assert "| gsm8k/acc | 0.2500 | 0.1250 |" in md and "| mmlu/acc |  | 0.5000 |" in md
-    assert "| heldout/nll | 1.5000 |  |" in md
-    assert "| svamp/acc | 0.0625 |  |" in md and "| gen/gsm8k/acc | 0.3750 |  |" in md
+    assert "| task/metric | psft/eval | psft/eval/step_000006 | base_eval |" in md
+    assert "| gsm8k/acc | 0.5000 | 0.2500 | 0.1250 |" in md and "| mmlu/acc |  |  | 0.5000 |" in md
+    assert "| heldout/nll |  | 1.5000 |  |" in md
+    assert "| svamp/acc |  | 0.0625 |  |" in md and "| gen/gsm8k/acc |  | 0.3750 |  |" in md
 
     capsys.readouterr()
     assert compare([str(tmp_path / "nowhere"), "--out", str(out)]) == 2

@@ -6,7 +6,8 @@ A run folder is what the trainer writes (``logging.run_dir``: ``metrics.jsonl``)
 ``RUN/eval/step_000048/summary.json``), each becoming one column named ``run/sub-folder``.
 A summary inside a folder that has one of its own (``RUN/eval/step_000048/gen/summary.json``:
 the generation tasks of that checkpoint) joins that folder's column; a metric both name is
-kept under ``sub-folder/metric``.
+kept under ``sub-folder/metric``. A checkpoint's folder (``step_*``) always has a column of its
+own, even below another evaluation (``RUN/eval/summary.json`` beside ``RUN/eval/step_N/``).
 
 Curves (one PNG per metric, every run on it): the training loss, mean token entropy, clip
 fraction, the ratio range (min..max band around the mean), the gradient norm, and the held-out
@@ -83,7 +84,7 @@ def read_run(folder: str | Path, name: str | None = None) -> Run:
             summary = json.loads(path.read_text())
         except ValueError:
             raise CompareError(f"{path}: not a JSON file") from None
-        home = next((a for a in path.parent.parents if a in columns), None)
+        home = _home_column(path.parent, columns)
         if home is None:
             columns[path.parent] = dict(summary)
             continue
@@ -96,6 +97,17 @@ def read_run(folder: str | Path, name: str | None = None) -> Run:
     if not run.train and not run.eval and not run.summaries:
         raise CompareError(f"{folder}: neither metrics.jsonl nor an evaluation summary.json (from tools/evaluate.py)")
     return run
+
+
+def _home_column(folder: Path, columns: dict[Path, Any]) -> Path | None:
+    """The evaluation folder whose column a summary in ``folder`` joins: the nearest enclosing folder
+    with a summary, not crossing a checkpoint's folder (``step_*``); None: a column of its own."""
+    for a in (folder, *folder.parents):
+        if a != folder and a in columns:
+            return a
+        if a.name.startswith("step_"):
+            return None
+    return None
 
 
 def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
