@@ -46,7 +46,7 @@ FOUR_PROC = {  # run together in one 4-process launch
                     "virtual_pipeline_model_parallel_size": 2},
     "cp2_tp2_sp_fused": {"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True},
 }
-# Runs of FOUR_PROC with a loss section of their own: the fused output layer + loss (loss/fused_head.py)
+# Runs of FOUR_PROC with a loss section of their own: the fused output layer + loss (loss/fused_head_loss.py)
 # on each CP rank's share, against CP=1's unfused run.
 FOUR_PROC_LOSS = {"cp2_tp2_sp_fused": {"fused_output_layer": True}}
 

@@ -242,9 +242,10 @@ def _check_head_loss(tp_group, rank: int, tp: int, sp: bool, layers=None) -> int
             # Upstream gradient 3 (not a power of two): the announced factor enters the logits' gradient
             # before its rounding to the weight's dtype, exactly as the unfused path's. Formed for 1 and
             # scaled in backward instead, the bf16 roundings match the unfused path only for powers of two.
-            ups = {"plain": 3.0, "main_grad": 3.0, "main_grad_buffer": 3.0}
+            # plain_announced: grad_scale given but no main_grad: formed for 1 and scaled in backward.
+            ups = {"plain": 3.0, "plain_announced": 3.0, "main_grad": 3.0, "main_grad_buffer": 3.0}
             if dtype == torch.bfloat16:
-                ups.update(plain=2.0, main_grad_buffer=2.0)
+                ups.update(plain=2.0, plain_announced=2.0, main_grad_buffer=2.0)
             for up in sorted(set(ups.values())):
                 xu.grad = None
                 if layer is None:
@@ -259,12 +260,14 @@ def _check_head_loss(tp_group, rank: int, tp: int, sp: bool, layers=None) -> int
             for chunk in (None, 5, 1):
                 for mode, up in ups.items():
                     xs, Ws = xd[seq].clone().requires_grad_(), torch.nn.Parameter(Wd[rows].clone())
-                    if mode != "plain":  # megatron DDP's fp32 grad buffer, holding other micro-batches' part
+                    plain = mode.startswith("plain")
+                    if not plain:  # megatron DDP's fp32 grad buffer, holding other micro-batches' part
                         Ws.main_grad = torch.full(Ws.shape, 0.5)
                         Ws.grad_added_to_main_grad = False
-                    loss, ts = run(xs, Ws, up, chunk, grad_scale=up if mode == "main_grad" else None)
-                    gW = Ws.grad if mode == "plain" else Ws.main_grad - 0.5
-                    if mode != "plain":
+                    announce = mode in ("main_grad", "plain_announced")
+                    loss, ts = run(xs, Ws, up, chunk, grad_scale=up if announce else None)
+                    gW = Ws.grad if plain else Ws.main_grad - 0.5
+                    if not plain:
                         assert Ws.grad_added_to_main_grad is True
                     assert xs.grad.dtype == dtype and xs.grad.shape == xs.shape
                     pad = gW[max(V - rank * v_local, 0) :]
@@ -280,12 +283,14 @@ def _check_head_loss(tp_group, rank: int, tp: int, sp: bool, layers=None) -> int
                         torch.testing.assert_close(xs.grad.double(), up * gx64[seq], **FP32_TOL)
                         torch.testing.assert_close(gW.double(), up * gW64[rows], **FP32_TOL)
                     checked += 1
-        # No grad mode: the same loss and statistics, nothing to backpropagate.
-        with torch.no_grad():
-            loss, ts = fused_head_loss(x[seq], W[rows], labels, terms, tp_group=tp_group, sequence_parallel=sp,
-                                       chunk_size=4, vocab_size=V)  # fmt: skip
-        assert not loss.requires_grad
-        torch.testing.assert_close(loss.double(), loss64.detach(), **FP32_TOL)
+        # No grad mode and inference mode: the same loss and statistics, nothing to backpropagate.
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                loss, ts = fused_head_loss(x[seq], W[rows].requires_grad_(), labels, terms, tp_group=tp_group,
+                                           sequence_parallel=sp, chunk_size=4, vocab_size=V)  # fmt: skip
+            assert not loss.requires_grad
+            torch.testing.assert_close(loss.double(), loss64.detach(), **FP32_TOL)
+            torch.testing.assert_close(ts.logp[mask].double(), lp64.detach()[mask], **FP32_TOL)
         checked += 1
     return checked
 
@@ -370,7 +375,7 @@ def test_fused_function_tp1_against_unfused_and_float64():
 
 
 def test_fused_head_loss_tp1_against_unfused_and_float64():
-    assert _check_head_loss(None, 0, 1, False) == 3 * (2 * 3 * 3 + 1)
+    assert _check_head_loss(None, 0, 1, False) == 3 * (2 * 3 * 4 + 1)
     _check_head_loss_misuse()
 
 
@@ -653,7 +658,7 @@ def two_ranks() -> list[dict]:
 @pytest.mark.slow
 def test_fused_function_tp2_and_sequence_parallel(two_ranks):
     for r in two_ranks:
-        n_stats, n_loss = 3 * (2 * 3 + 4), 3 * (2 * 3 * 3 + 1)
+        n_stats, n_loss = 3 * (2 * 3 + 4), 3 * (2 * 3 * 4 + 1)
         assert r["function"] == {"sp=False": n_stats, "sp=True": n_stats, "loss sp=False": n_loss, "loss sp=True": n_loss}
 
 

@@ -1,7 +1,7 @@
 """The trainer end to end, in real processes on gloo, layouts compared with each other.
 
-- The same tiny run gives the same metrics at TP=1, PP=2 x VP=2, TP=2 x PP=2 (+SP) and
-  PP=4, every layout starting from one saved initial model. (TP=2+SP, PP=2 and DP=2 are
+- The same tiny run gives the same metrics at TP=1, PP=2 x VP=2 (with the fused output layer +
+  loss), TP=2 x PP=2 (+SP) and PP=4, every layout starting from one saved initial model. (TP=2+SP, PP=2 and DP=2 are
   compared with an independent float64 reference in ``test_trainer_reference.py``.)
 - PSFT with one mini-batch per global batch is SFT, step by step; DFT runs through the loop.
 - A run stopped (exit_after_steps) and relaunched equals an uninterrupted run; the
@@ -106,7 +106,9 @@ class Runs:
         one = {"global_batch_size": 4, "mini_batch_size": 4, "train_steps": 6, "sft_warmup_steps": 0}
         layouts = {
             "tp1": (1, {}),
-            "pp2_vp2": (2, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}),
+            # The interleaved schedule with the fused output layer + loss (the last virtual stage's chunk
+            # writes the output weight's main_grad in its forward): against TP=1's unfused run.
+            "pp2_vp2_fused": (2, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}),
             "tp2pp2_sp": (4, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
                               "sequence_parallel": True}),
             # More than 2 stages: the middle stages must keep the packed rows' attention boundaries.
@@ -114,7 +116,10 @@ class Runs:
         }
         if name in layouts:
             nprocs, parallel = layouts[name]
-            return nprocs, _train, {"recipe_dict": self.recipe(name, parallel=parallel)}
+            sections: dict[str, Any] = {"parallel": parallel}
+            if name.endswith("_fused"):
+                sections["loss"] = {"fused_output_layer": True}
+            return nprocs, _train, {"recipe_dict": self.recipe(name, **sections)}
         if name in ("unfused_16", "fused_16", "fused_tp2_sp_16"):  # the fused output layer + loss, 16 steps
             sixteen = {"train_steps": 16, "sft_warmup_steps": 4}
             fused = {"fused_output_layer": name != "unfused_16"}
@@ -171,7 +176,7 @@ def test_tp1_run_switches_phase_and_snapshot_moves_ratios(runs):
     assert any(abs(r["ratio_max"] - 1) > 1e-4 or abs(r["ratio_min"] - 1) > 1e-4 for r in recs[3::2])
 
 
-@pytest.mark.parametrize("layout", ["pp2_vp2", "tp2pp2_sp", "pp4"])
+@pytest.mark.parametrize("layout", ["pp2_vp2_fused", "tp2pp2_sp", "pp4"])
 def test_layouts_match_tp1(runs, layout):
     ref = runs.get("tp1")
     got = runs.get(layout)

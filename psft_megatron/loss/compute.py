@@ -96,7 +96,9 @@ def micro_batch_loss(
     grad_scale: float | None = None,
 ) -> MicroBatchLoss:
     """Loss term and statistics of one micro-batch from vocab-parallel logits ``[s, b, V/TP]``
-    (or, with ``head``, from the hidden states through the fused output layer, see :func:`output_token_stats`).
+    (or, with ``head``, from the hidden states through the fused output layer: a pass that needs
+    gradients goes through :func:`~psft_megatron.loss.fused_head_loss.fused_head_loss`, one without
+    through :func:`output_token_stats`).
 
     ``labels``, ``loss_mask`` and ``logp_old`` are ``[s, b]``; ``logp_old`` (from the
     snapshot forward pass, see :func:`snapshot_logp`, or :data:`OWN_LOGP`) is required by objectives that

@@ -28,8 +28,9 @@ backward (the upstream gradient ``s`` of the returned scalar). Two ways:
 
 Tensor parallelism: each chunk's logp needs the whole vocabulary, so the two all-reduces of
 :func:`~psft_megatron.loss.head_chunks.combine_shards` run per chunk (``[3, c]`` floats), not
-once after the loop. Everything else (SP gather and reduce-scatter, padding, ``main_grad``)
-is as in :mod:`psft_megatron.loss.fused_head`.
+once after the loop. The SP all-gather of the hidden states and the reduce-scatter of their
+gradient both run in the forward pass here (the gradient is known there); padding and the
+``main_grad`` convention are as in :mod:`psft_megatron.loss.fused_head`.
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ from psft_megatron.loss.token_stats import TokenStats
 TokenLossFn = Callable[[torch.Tensor, slice], torch.Tensor]
 
 
-def _loss_and_grad(token_loss: TokenLossFn, logp: torch.Tensor, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum(token_loss(logp, rows))`` and its gradient with respect to ``logp`` (autograd on ``c``
-    elements: any objective of logp works without a hand-written derivative)."""
+def _loss_and_grad(
+    token_loss: TokenLossFn, logp: torch.Tensor, rows: slice, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum(token_loss(logp, rows))`` and, with ``need_grad``, its gradient with respect to ``logp``
+    (autograd on ``c`` elements: any objective of logp works without a hand-written derivative)."""
+    if not need_grad:  # also the only way under torch.inference_mode, where enable_grad records nothing
+        with torch.no_grad():
+            return token_loss(logp, rows).sum(), None
     with torch.enable_grad():  # autograd.Function.forward runs with grad disabled
         lp = logp.detach().requires_grad_()
         total = token_loss(lp, rows).sum()
@@ -95,9 +101,9 @@ class _FusedHeadLoss(torch.autograd.Function):
                     buf.zero_()
             gmax, log_s, lp, ent = combine_shards(mk, sk, tk, lk, p.in_range[c0:c1], lay)
             logp[c0:c1], entropy[c0:c1] = lp, ent
-            val, g_lp = _loss_and_grad(token_loss, lp, slice(c0, c1))
+            val, g_lp = _loss_and_grad(token_loss, lp, slice(c0, c1), want_x or want_w)
             loss += val
-            if p.active and (want_x or want_w):
+            if p.active and g_lp is not None:
                 g = p.logits_grad_(z, c0, gmax, log_s, g_lp * grad_scale if direct else g_lp)
                 p.backprop(g, z, c0, grad_x, acc)
         del p
