@@ -72,14 +72,23 @@ def _unfused(x_in: torch.Tensor, W_shard: torch.Tensor, labels, tp_group, sp: bo
     return vocab_parallel_token_stats(logits, labels, tp_group=tp_group, inplace=True, vocab_size=V)
 
 
+FN_SHAPE = (6, 2, 16, 48)  # s, b, h, padded V of the function-level checks
+
+
+def _shard(rank: int, tp: int, sp: bool) -> tuple[slice, slice, int]:
+    """This TP rank's weight rows, its sequence slice (SP) and the shard width, for FN_SHAPE."""
+    s, _, _, V_pad = FN_SHAPE
+    v_local = V_pad // tp
+    rows = slice(rank * v_local, (rank + 1) * v_local)
+    return rows, (slice(rank * s // tp, (rank + 1) * s // tp) if sp else slice(None)), v_local
+
+
 def _check_function(tp_group, rank: int, tp: int, sp: bool, layers=None) -> int:
     """fused_token_stats vs float64 and vs the unfused path; returns the number of cases checked."""
     from psft_megatron.loss import fused_token_stats
 
-    s, b, h, V_pad = 6, 2, 16, 48
-    v_local = V_pad // tp
-    rows = slice(rank * v_local, (rank + 1) * v_local)
-    seq = slice(rank * s // tp, (rank + 1) * s // tp) if sp else slice(None)
+    s, b, h, V_pad = FN_SHAPE
+    rows, seq, v_local = _shard(rank, tp, sp)
     checked = 0
     # 48: no padding; 37 splits the last shard; 13 leaves shard 1 of 2 padding only.
     for V in (V_pad, 37, 13):
@@ -203,10 +212,8 @@ def _check_head_loss(tp_group, rank: int, tp: int, sp: bool, layers=None) -> int
     """fused_head_loss (gradient formed in forward) vs float64 and vs the unfused path, every mode."""
     from psft_megatron.loss import fused_head_loss
 
-    s, b, h, V_pad = 6, 2, 16, 48
-    v_local = V_pad // tp
-    rows = slice(rank * v_local, (rank + 1) * v_local)
-    seq = slice(rank * s // tp, (rank + 1) * s // tp) if sp else slice(None)
+    s, b, h, V_pad = FN_SHAPE
+    rows, seq, v_local = _shard(rank, tp, sp)
     checked = 0
     for V in (V_pad, 37, 13):
         x, W, labels, mask, w, u = _data(s, b, h, V_pad, V, seed=V + 100)

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.loss.groups import rank_and_size, resolve_tp_group
-from psft_megatron.loss.token_stats import auto_chunk_size, softmax_grad_, stats_from_sums
+from psft_megatron.loss.token_stats import auto_chunk_size, softmax_grad_, stats_from_sums, valid_shard_columns
 
 # Auto chunking: bytes of one fp32 logits chunk [c, V/TP]. Large enough that the chunk's
 # matmuls (M = c tokens) run near full speed, small next to the logits they replace. On the
@@ -91,11 +91,7 @@ def head_layout(
     chunk = fused_chunk_size(v_local, hidden.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    v_valid = v_local
-    if vocab_size is not None:
-        if not 1 <= vocab_size <= v_local * world:
-            raise ValueError(f"vocab_size must be in [1, {v_local * world}] (the padded vocabulary), got {vocab_size}")
-        v_valid = min(max(int(vocab_size) - rank * v_local, 0), v_local)
+    v_valid = valid_shard_columns(vocab_size, v_local, rank, world)
     return HeadLayout(group=group, world=world, rank=rank, sp=sp, chunk=chunk, v_valid=v_valid)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from psft_megatron.loss.groups import rank_and_size, resolve_tp_group
-from psft_megatron.loss.token_stats import auto_chunk_size
+from psft_megatron.loss.token_stats import auto_chunk_size, valid_shard_columns
 
 __all__ = ["vocab_parallel_kl"]
 
@@ -54,11 +54,7 @@ def vocab_parallel_kl(
     group = resolve_tp_group(tp_group)
     rank, world = rank_and_size(group)
     v_local = p_logits.shape[-1]
-    v_valid = v_local
-    if vocab_size is not None:
-        if not 1 <= vocab_size <= v_local * world:
-            raise ValueError(f"vocab_size must be in [1, {v_local * world}] (the padded vocabulary), got {vocab_size}")
-        v_valid = min(max(int(vocab_size) - rank * v_local, 0), v_local)
+    v_valid = valid_shard_columns(vocab_size, v_local, rank, world)
     zp = p_logits.reshape(-1, v_local)[:, :v_valid]
     zq = q_logits.reshape(-1, v_local)[:, :v_valid]
     n = zp.shape[0]

@@ -74,6 +74,16 @@ def auto_chunk_size(vocab_local: int, device: torch.device | str = "cpu") -> int
     return max(1, budget // (4 * max(1, vocab_local)))
 
 
+def valid_shard_columns(vocab_size: int | None, v_local: int, rank: int, world: int) -> int:
+    """Leading columns of TP rank ``rank``'s vocabulary shard (``v_local`` wide) that are real
+    vocabulary, not padding (see the module docstring); ``vocab_size`` None: all of them."""
+    if vocab_size is None:
+        return v_local
+    if not 1 <= vocab_size <= v_local * world:
+        raise ValueError(f"vocab_size must be in [1, {v_local * world}] (the padded vocabulary), got {vocab_size}")
+    return min(max(int(vocab_size) - rank * v_local, 0), v_local)
+
+
 def softmax_grad_(
     out: torch.Tensor,
     z: torch.Tensor,
@@ -265,11 +275,7 @@ def vocab_parallel_token_stats(
     chunk = auto_chunk_size(v_local, logits.device) if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    v_valid = v_local
-    if vocab_size is not None:
-        if not 1 <= vocab_size <= v_local * world:
-            raise ValueError(f"vocab_size must be in [1, {v_local * world}] (the padded vocabulary), got {vocab_size}")
-        v_valid = min(max(int(vocab_size) - rank * v_local, 0), v_local)
+    v_valid = valid_shard_columns(vocab_size, v_local, rank, world)
     out = _VocabParallelTokenStats.apply(logits, labels, group, world, rank, chunk, with_entropy, inplace, v_valid)
     if with_entropy:
         return TokenStats(logp=out[0], entropy=out[1])
