@@ -128,7 +128,7 @@ class _FusedHeadTokenStats(torch.autograd.Function):
         lay = ctx.lay
         x = gather_hidden(hidden, lay)
         x2 = x.reshape(-1, x.shape[-1])
-        p = ChunkPass(x2, weight, labels, lay, with_entropy=False, entropy_grad=g_ent is not None)
+        p = ChunkPass(x2, weight, labels, lay, with_entropy=False, entropy_grad=g_ent is not None, stats=False)
         n = p.n
         f32 = dict(dtype=torch.float32, device=x2.device)
         g_lp = g_logp.reshape(-1).float() if g_logp is not None else torch.zeros(n, **f32)

@@ -19,8 +19,8 @@ backward (the upstream gradient ``s`` of the returned scalar). Two ways:
   gradient accumulated chunk by chunk straight into ``weight.main_grad`` (the fp32 grad buffer) as
   the recomputing head does in backward, and the hidden states' gradient kept, already reduced over
   TP, until backward hands it on (it replaces the hidden states the recomputing head keeps: no
-  extra memory). Backward checks that ``s`` is what was announced (one host sync per micro-batch)
-  and raises if not: by then ``main_grad`` holds a gradient for the announced factor.
+  extra memory). Backward checks that ``s`` is what was announced (on a GPU a device-side assert,
+  no host sync) and raises if not: by then ``main_grad`` holds a gradient for the announced factor.
 * otherwise the gradients are formed for ``s = 1`` and multiplied by ``s`` in backward; the weight's
   is summed in an fp32 ``[V/TP, h]`` buffer held from forward to backward (``main_grad`` may already
   hold other micro-batches' gradients, so this one's part cannot go there before ``s`` is known).
@@ -69,6 +69,20 @@ def _loss_and_grad(
         total = token_loss(lp, rows).sum()
         (g,) = torch.autograd.grad(total, lp, allow_unused=True)
     return total.detach(), (g if g is not None else torch.zeros_like(lp))
+
+
+def _check_announced(g_loss: torch.Tensor, grad_scale: float) -> None:
+    """Raise if backward's gradient ``g_loss`` is not the ``grad_scale`` announced in forward (by then
+    ``weight.main_grad`` holds a gradient for the announced factor)."""
+    fix = ("announced in forward (and used for weight.main_grad): pass the factor the schedule applies "
+           "(psft_megatron.loss.normalize.megatron_loss_grad), or grad_scale=None")  # fmt: skip
+    if g_loss.is_cuda:  # checked on the device: no host sync in the training step's backward
+        ok = (g_loss.float() - grad_scale).abs() <= 1e-6 * abs(grad_scale)
+        torch._assert_async(ok, f"the fused head's loss got a gradient other than grad_scale={grad_scale} " + fix)
+        return
+    got = float(g_loss)
+    if abs(got - grad_scale) > 1e-6 * abs(grad_scale):
+        raise RuntimeError(f"the fused head's loss got gradient {got} in backward, but grad_scale={grad_scale} was " + fix)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -125,13 +139,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         if g_loss is None:
             return (None, None) + nones
         if ctx.direct:
-            got = float(g_loss)
-            if abs(got - ctx.grad_scale) > 1e-6 * abs(ctx.grad_scale):
-                raise RuntimeError(
-                    f"the fused head's loss got gradient {got} in backward, but grad_scale={ctx.grad_scale} was "
-                    "announced in forward (and used for weight.main_grad): pass the factor the schedule applies "
-                    "(psft_megatron.loss.normalize.megatron_loss_grad), or grad_scale=None"
-                )
+            _check_announced(g_loss, ctx.grad_scale)
             return (grad_x, weight_grad_for_autograd(weight)) + nones
         if grad_x is not None:
             grad_x.mul_(g_loss.to(grad_x.dtype))

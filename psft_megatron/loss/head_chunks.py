@@ -198,11 +198,12 @@ class ChunkPass:
 
     Holds the chunk buffers (allocated once, reused): the logits of one chunk ``[c, V/TP]`` in the
     weight's dtype (if not fp32) and fp32, and cache-sized row-block buffers for the elementwise
-    passes. ``local_idx`` / ``in_range``: each label's column in this shard, and whether it owns it.
+    passes (``stats``: the buffers of :meth:`shard_sums`, which a backward pass does not run).
+    ``local_idx`` / ``in_range``: each label's column in this shard, and whether it owns it.
     """
 
     def __init__(self, x2: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lay: HeadLayout,
-                 *, with_entropy: bool, entropy_grad: bool = False):  # fmt: skip
+                 *, with_entropy: bool, entropy_grad: bool = False, stats: bool = True):  # fmt: skip
         self.x2, self.lay, self.n = x2, lay, x2.shape[0]
         self.weight = weight
         self.wv = weight[: lay.v_valid]  # padding rows never enter the matmul
@@ -217,8 +218,8 @@ class ChunkPass:
         self.low = torch.empty(rows, v, dtype=weight.dtype, device=x2.device) if low else None
         self.f32 = torch.empty(rows, v, **f32)
         self.block = min(rows, auto_chunk_size(max(v, 1), x2.device))
-        self.d_buf = torch.empty(self.block, v, **f32) if with_entropy else None
-        self.e_buf = torch.empty(self.block, v, **f32)
+        self.d_buf = torch.empty(self.block, v, **f32) if stats and with_entropy else None
+        self.e_buf = torch.empty(self.block, v, **f32) if stats else None
         self.p_buf = torch.empty(self.block, v, **f32) if entropy_grad else None
 
     def chunks(self) -> range:
