@@ -4,8 +4,8 @@
 #   bash benchmarks/fetch_gpu_wheels.sh [--dest DIR] [--check-only] [--help]
 #
 # The device machine (Python 3.12, torch 2.11 CUDA) reaches no package index, so whatever
-# its image lacks travels as wheels (/work/.library/device/README.md, "nvidia-h200" note;
-# its package list is in KINDS.md). Missing there, needed here:
+# its image lacks travels as wheels (the image's package list: benchmarks/gpu_image_packages.txt).
+# Missing there, needed here:
 #   megatron-core  the version this checkout's .venv has (cpu_compat and the tests pin the line)
 #   datasets       and of its requirements the two the image lacks: dill, multiprocess
 # Everything else the package and its tests import (torch, numpy, packaging, psutil, pyarrow,

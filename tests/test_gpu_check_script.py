@@ -10,8 +10,8 @@ the one short GPU session that runs it.
   carried wheels' Requires-Dist against what is installed, and the merged JSON (MFU against
   989 / 790 / the run's own matmul, the targets, failed and budget-skipped stages).
 - The set of carried wheels is complete: the package's dependencies and the wheels' own
-  requirements are each in the H200 image's package list (KINDS.md, where this workplace has
-  it) or carried (slow: downloads them; skips without PyPI).
+  requirements are each in the H200 image's package list (benchmarks/gpu_image_packages.txt)
+  or carried (slow: downloads them; skips without PyPI).
 - slow: the whole script end to end at toy sizes on the CPU (--toy), and tests/test_gpu.py's
   code run on the CPU (fp32, gloo), so an API change of the package shows here, not first
   in the GPU session.
@@ -38,8 +38,8 @@ from psft_megatron.model.config import ModelConfig
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 FETCH = ROOT / "benchmarks" / "fetch_gpu_wheels.sh"
-# The device machine's package list, as this workplace documents it (absent elsewhere: those checks skip).
-KINDS = Path("/work/.library/device/KINDS.md")
+# The device machine's package list, kept as data in the repository (its header says when it was read).
+IMAGE_PACKAGES = ROOT / "benchmarks" / "gpu_image_packages.txt"
 CARRIED = ("megatron-core", "datasets", "dill", "multiprocess")
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -294,14 +294,11 @@ def test_collect_takes_the_step_mfu_from_the_profile_stage_when_the_trainer_fail
 
 
 def _h200_packages() -> set[str]:
-    """The image's package names from KINDS.md's 'Python packages already there' section."""
-    if not KINDS.is_file():
-        pytest.skip(f"{KINDS} (the device machine's package list) is not on this machine")
-    text = KINDS.read_text()
-    section = text[text.index("## Python packages already there"):]
-    line = next(l for l in section.splitlines() if l.startswith("nvidia-h200:"))
-    names = line.split("Packages:", 1)[1].strip().rstrip(".")
-    return {_norm(n) for n in names.split(", ")}
+    """The GPU image's package names, one per line of benchmarks/gpu_image_packages.txt (# comments)."""
+    lines = (line.strip() for line in IMAGE_PACKAGES.read_text().splitlines())
+    names = {_norm(line) for line in lines if line and not line.startswith("#")}
+    assert "torch" in names and len(names) > 50, f"{IMAGE_PACKAGES} looks truncated"
+    return names
 
 
 def test_the_package_needs_only_what_the_image_has_or_what_is_carried():
