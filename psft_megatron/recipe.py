@@ -47,7 +47,7 @@ class RecipeConfig:
             self.parallel.validate()
             self.training.validate()
             self.optimizer.validate()
-            self.checkpoint.validate(self.training.mini_batches_per_global_batch)
+            self.checkpoint.validate(self.training.steps_per_global_batch)
             self.logging.validate()
             self.model.resolve().validate(self.parallel)
             self._validate_cross_section()

@@ -45,11 +45,11 @@ __all__ = ["build_trainer", "run", "total_steps"]
 
 
 def total_steps(recipe: RecipeConfig, data: TrainData) -> int:
-    """Optimizer steps of the run: training.train_steps, or epochs x global batches x k."""
+    """Optimizer steps of the run: training.train_steps, or epochs x global batches x k x passes."""
     t = recipe.training
     if t.train_steps is not None:
         return t.train_steps
-    k = t.mini_batches_per_global_batch
+    k = t.steps_per_global_batch
     return max(1, math.floor(t.epochs * data.loader.steps_per_epoch)) * k
 
 
@@ -124,6 +124,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         total_steps=steps,
         tokens_per_step=recipe.training.mini_batch_size * recipe.training.seq_length,
         is_logger=is_logger,
+        passes_per_snapshot=recipe.training.passes_per_snapshot,
         states=states,
         reference=reference,
     )

@@ -40,6 +40,14 @@ SFT_KL_RUNS = {
     "tp1": (1, 2, {}),
     "tp2_sp": (2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}),
 }
+# Two passes over each global batch per snapshot (k=2, so 4 optimizer steps per global batch:
+# one of SFT warm-up, two of PSFT), and the diagnostic objective psft_unweighted.
+PASSES2 = {"passes_per_snapshot": 2, "sft_warmup_steps": 4, "train_steps": 12}
+VARIANT_RUNS = {  # name: (objective, processes, micro_batch_size, parallel section, training overrides)
+    "passes2_tp1": ("psft", 1, 2, {}, PASSES2),
+    "passes2_pp2": ("psft", 2, 1, {"pipeline_model_parallel_size": 2}, PASSES2),
+    "unweighted_tp1": ("psft_unweighted", 1, 2, {}, {}),
+}
 
 
 def hf_model(out: Path) -> None:
@@ -100,9 +108,11 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: dict | None = None) -> dict:
+def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: dict | None = None,
+           training: dict | None = None) -> dict:
     """The tiny recipe of one run, starting from the converted model at ``tmp/init``."""
-    r = tiny_recipe(data, tmp / name, training=dict(TRAINING, micro_batch_size=micro), optimizer=OPTIMIZER,
+    r = tiny_recipe(data, tmp / name, training=dict(TRAINING, micro_batch_size=micro, **(training or {})),
+                    optimizer=OPTIMIZER,
                     parallel=parallel,
                     checkpoint={"init_from": str(tmp / "init"), "allow_random_init": False, "save_at_end": True,
                                 "keep_last": 1})
@@ -127,7 +137,7 @@ def reference_rows(recipe_dict: dict) -> list[list[list[dict[str, torch.Tensor]]
                        pack=r.data.pack, pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]))
     loader = PackedLoader(cached, cfg, 0, 1)
     batches = []
-    for _ in range(t.train_steps // t.mini_batches_per_global_batch):
+    for _ in range(t.train_steps // t.steps_per_global_batch):
         gb = next(loader)
         minis = []
         for mini in gb.mini_batches:
@@ -141,7 +151,7 @@ def reference_rows(recipe_dict: dict) -> list[list[list[dict[str, torch.Tensor]]
 def train_all(tmp: Path) -> dict[str, Any]:
     """Convert the starting model, train every PSFT and sft_kl run, export each final model.
 
-    Returns ``{"psft": {name: ...}, "sft_kl": {name: ...}, "recipes": ..., "final": ...,
+    Returns ``{"psft": {name: ...}, "sft_kl": {name: ...}, "variant": {name: ...}, "recipes": ..., "final": ...,
     "hf_init": path}``: each run's records (and reference-model checks), its recipe, and its
     final weights in float64 (transformers state dict)."""
     from transformers import LlamaForCausalLM
@@ -152,19 +162,22 @@ def train_all(tmp: Path) -> dict[str, Any]:
     hf_model(tmp / "hf_init")
     run_in_processes(_convert, 1, kwargs={"hf_dir": str(tmp / "hf_init"), "out": str(tmp / "init")},
                      init_process_group=False)
-    specs = {("psft", n): spec for n, spec in PSFT_RUNS.items()}
-    specs.update({("sft_kl", n): spec for n, spec in SFT_KL_RUNS.items()})
+    specs = {("psft", n): spec + ({},) for n, spec in PSFT_RUNS.items()}
+    specs.update({("sft_kl", n): spec + ({},) for n, spec in SFT_KL_RUNS.items()})
+    specs.update({("variant", n): spec[1:] for n, spec in VARIANT_RUNS.items()})
     recipes = {}
-    for (objective, name), (_, micro, par) in specs.items():
-        loss = {"name": "sft_kl", "kl_beta": KL_BETA} if objective == "sft_kl" else None
-        recipes[f"{objective}/{name}"] = recipe(data, tmp, f"{objective}_{name}", micro, par, loss)
+    for (group, name), (_, micro, par, training) in specs.items():
+        objective = VARIANT_RUNS[name][0] if group == "variant" else group
+        loss = {"name": objective, "kl_beta": KL_BETA} if objective != "psft" else None
+        recipes[f"{group}/{name}"] = recipe(data, tmp, f"{group}_{name}", micro, par, loss, training)
     trained: dict[str, Any] = {}
-    for nprocs in sorted({n for n, _, _ in specs.values()}):
-        group = {f"{o}/{name}": recipes[f"{o}/{name}"] for (o, name), (n, _, _) in specs.items() if n == nprocs}
+    for nprocs in sorted({spec[0] for spec in specs.values()}):
+        group = {f"{o}/{name}": recipes[f"{o}/{name}"] for (o, name), spec in specs.items() if spec[0] == nprocs}
         trained.update(run_in_processes(_train_all, nprocs, kwargs={"recipes": group}, timeout=600)[-1])
     run_in_processes(_export, 1, kwargs={"ckpts": {k: t["checkpoint"] for k, t in trained.items()},
                                          "root": str(tmp / "final")}, init_process_group=False)
-    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "recipes": recipes, "final": {}, "hf_init": tmp / "hf_init"}
+    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "variant": {}, "recipes": recipes, "final": {},
+                           "hf_init": tmp / "hf_init"}
     for key, t in trained.items():
         objective, name = key.split("/")
         out[objective][name] = t

@@ -32,11 +32,12 @@ class RefConfig:
     eps: float
     clip_grad: float
     sft_warmup_steps: int
-    objective: str  # psft | sft | dft | sft_kl
+    objective: str  # psft | psft_unweighted | sft | dft | sft_kl
     eps_low: float = 0.2
     eps_high: float = 0.28
     log_ratio_clamp: float = 20.0
     kl_beta: float = 0.1
+    passes: int = 1  # passes over each global batch's mini-batches per snapshot
 
 
 def lr_at(step: int, cfg: RefConfig) -> float:
@@ -89,11 +90,14 @@ def objective_terms(name: str, lp: torch.Tensor, lp_old: torch.Tensor | None, cf
         d = lp_old - lp
         kl = torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
         return -lp + cfg.kl_beta * kl, torch.ones_like(lp), torch.zeros_like(lp, dtype=torch.bool)
-    assert name == "psft" and lp_old is not None
+    assert name in ("psft", "psft_unweighted") and lp_old is not None
     r = torch.exp(torch.clamp(lp - lp_old, -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
-    loss = -torch.minimum(r, torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high))
     # Advantage +1: only ratios above 1 + eps_high have their gradient cut.
-    return loss, r.detach(), r.detach() > 1 + cfg.eps_high
+    cut = r.detach() > 1 + cfg.eps_high
+    if name == "psft_unweighted":  # the clip's mask on SFT's loss, no ratio weight
+        return torch.where(cut, torch.zeros_like(lp), -lp), r.detach(), cut
+    loss = -torch.minimum(r, torch.clamp(r, 1 - cfg.eps_low, 1 + cfg.eps_high))
+    return loss, r.detach(), cut
 
 
 def make_optimizer(model: torch.nn.Module, cfg: RefConfig) -> torch.optim.AdamW:
@@ -117,10 +121,10 @@ def train(model: Any, global_batches: list[list[list[dict[str, torch.Tensor]]]],
     for minis in global_batches:
         phase = "sft" if step < cfg.sft_warmup_steps else cfg.objective
         old = None
-        if phase in ("psft", "sft_kl"):  # the snapshot (current weights) or the reference (frozen copy)
+        if phase not in ("sft", "dft"):  # the snapshot (current weights) or the reference (frozen copy)
             with torch.no_grad():
                 old = [token_terms(frozen if phase == "sft_kl" else model, rows, vocab)[0] for rows in minis]
-        for j, rows in enumerate(minis):
+        for j, rows in [(j, rows) for _ in range(cfg.passes) for j, rows in enumerate(minis)]:
             step += 1
             lp, ent = token_terms(model, rows, vocab)
             loss_t, ratio, clipped = objective_terms(phase, lp, old[j] if old else None, cfg)

@@ -72,6 +72,21 @@ def test_sft_kl_has_sfts_gradient_where_policy_equals_reference():
     assert (g_kl[mask] < g_sft[mask]).all()  # d/dlogp of exp(d)-d-1 = 1 - exp(d) < 0 for d > 0
 
 
+def test_sft_kl_away_from_the_reference_matches_the_k3_formula():
+    """Values and gradients on both sides of the reference, in float64 from the formula: with
+    d = logp_ref - logp, loss = -logp + beta (e^d - d - 1) and d loss/d logp = -1 + beta (1 - e^d).
+    (k3 with d's sign flipped is also positive and pulls the same way: only values tell them apart.)"""
+    beta = 0.5
+    d = torch.tensor([-2.0, -0.5, -0.01, 0.3, 1.0, 2.5], dtype=torch.float64)
+    logp = torch.full_like(d, -1.5).requires_grad_()
+    out = token_losses(ObjectiveConfig(name="sft_kl", kl_beta=beta), logp, torch.ones_like(d),
+                       logp_ref=logp.detach() + d)
+    (grad,) = torch.autograd.grad(out.loss.sum(), logp)
+    x = d.tolist()
+    assert out.loss.tolist() == pytest.approx([1.5 + beta * (math.exp(v) - v - 1) for v in x], rel=1e-12)
+    assert grad.tolist() == pytest.approx([-1 + beta * (1 - math.exp(v)) for v in x], rel=1e-12)
+
+
 def test_log_ratio_clamp_keeps_ratio_finite():
     logp = torch.tensor([-1.0, -200.0], requires_grad=True)
     tl = token_losses(ObjectiveConfig(name="psft"), logp, torch.ones(2), logp_old=torch.tensor([-300.0, -1.0]))
@@ -214,3 +229,23 @@ def test_psft_trust_region_edges_match_the_formula():
     inside = r <= 1 + eps_high
     assert grad.tolist() == pytest.approx(torch.where(inside, -r, torch.zeros_like(r)).tolist(), rel=1e-12)
     assert out.clipped.tolist() == (~inside).tolist()
+
+
+def test_psft_unweighted_keeps_the_clip_and_drops_the_ratio_weight():
+    """The diagnostic objective, per token in float64: loss -logp and gradient -1 where
+    r <= 1+eps_high, loss and gradient 0 above; the same tokens as PSFT count as clipped."""
+    eps_high = 0.28
+    r = torch.tensor([0.3, 0.79, 1.0, 1.2, 1.279, 1.281, 3.0], dtype=torch.float64)
+    logp_old = torch.full_like(r, -1.0)
+    logp = (logp_old + r.log()).requires_grad_()
+    cfg = ObjectiveConfig(name="psft_unweighted", eps_high=eps_high)
+    assert cfg.needs_snapshot and not cfg.needs_reference
+    out = token_losses(cfg, logp, torch.ones_like(r), logp_old=logp_old)
+    (grad,) = torch.autograd.grad(out.loss.sum(), logp)
+    inside = [x <= 1 + eps_high for x in r.tolist()]
+    assert out.loss.tolist() == pytest.approx([-lp if i else 0.0 for lp, i in zip(logp.tolist(), inside)], rel=1e-12)
+    assert grad.tolist() == [-1.0 if i else 0.0 for i in inside]
+    assert out.clipped.tolist() == [not i for i in inside]
+    assert out.ratio.tolist() == pytest.approx(r.tolist(), rel=1e-12)
+    with pytest.raises(ValueError, match="psft_unweighted needs logp_old"):
+        token_losses(cfg, logp, torch.ones_like(r))

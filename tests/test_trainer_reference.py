@@ -27,7 +27,17 @@ from typing import Any
 import pytest
 import torch
 
-from reference_runs import KL_BETA, OPTIMIZER, PSFT_RUNS, SFT_KL_RUNS, TRAINING, VOCAB, reference_rows, train_all
+from reference_runs import (
+    KL_BETA,
+    OPTIMIZER,
+    PSFT_RUNS,
+    SFT_KL_RUNS,
+    TRAINING,
+    VARIANT_RUNS,
+    VOCAB,
+    reference_rows,
+    train_all,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +53,11 @@ def reference_config(objective: str, **extra: Any) -> Any:
     from reference_trainer import RefConfig
 
     o = OPTIMIZER
-    return RefConfig(lr=o["lr"], min_lr=o["min_lr"], warmup=o["lr_warmup_steps"], total_steps=TRAINING["train_steps"],
+    t = dict(TRAINING, **extra.pop("training", {}))
+    return RefConfig(lr=o["lr"], min_lr=o["min_lr"], warmup=o["lr_warmup_steps"], total_steps=t["train_steps"],
                      weight_decay=o["weight_decay"], betas=(o["adam_beta1"], o["adam_beta2"]), eps=o["adam_eps"],
-                     clip_grad=o["clip_grad"], sft_warmup_steps=TRAINING["sft_warmup_steps"], objective=objective,
-                     **extra)
+                     clip_grad=o["clip_grad"], sft_warmup_steps=t["sft_warmup_steps"], objective=objective,
+                     passes=t.get("passes_per_snapshot", 1), **extra)
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +66,21 @@ def reference_runs(tmp_path_factory) -> dict[str, Any]:
     return train_all(tmp_path_factory.mktemp("reference_runs"))
 
 
-def _float64_run(reference_runs: dict[str, Any], objective: str, run: str, **extra: Any) -> dict[str, Any]:
-    """The float64 reference trainer on the rows of ``objective/run``, from the same start model."""
+def _float64_run(reference_runs: dict[str, Any], objective: str, run: str, group: str | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """The float64 reference trainer on the rows of ``group/run`` (group: the objective, or
+    ``variant``), from the same start model."""
     from transformers import LlamaForCausalLM
 
     from reference_trainer import train
 
+    group = group or objective
     model = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64, attn_implementation="eager")
-    records = train(model, reference_rows(reference_runs["recipes"][f"{objective}/{run}"]), VOCAB,
+    records = train(model, reference_rows(reference_runs["recipes"][f"{group}/{run}"]), VOCAB,
                     reference_config(objective, **extra))
-    return {"ref": records, "ref_weights": model.state_dict(), "trained": reference_runs[objective],
+    return {"ref": records, "ref_weights": model.state_dict(), "trained": reference_runs[group],
             "final": {name: w for key, w in reference_runs["final"].items()
-                      for o, name in [key.split("/")] if o == objective}}
+                      for o, name in [key.split("/")] if o == group}}
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +155,35 @@ def test_sft_kl_reference_model_is_frozen(sft_kl_results, name):
     t = sft_kl_results["trained"][name]
     assert t["policy_moved"]
     assert t["reference_unchanged"] and not t["reference_in_optimizer"] and not t["reference_requires_grad"]
+
+
+# ----------------------------------------------------------------------------- variants
+# Two passes per snapshot (the second pass's ratios come from the token's own first update; the
+# snapshot pass then also scores mini-batch 1) at TP=1 and PP=2, and the diagnostic objective
+# psft_unweighted (the clip's mask, no ratio weight), each against the float64 trainer.
+
+
+@pytest.mark.parametrize("name", list(VARIANT_RUNS))
+def test_variant_matches_the_float64_reference(reference_runs, name):
+    objective, _, _, _, training = VARIANT_RUNS[name]
+    res = _float64_run(reference_runs, objective, name, group="variant", training=training)
+    got, ref = res["trained"][name]["records"], res["ref"]
+    warmup = training.get("sft_warmup_steps", TRAINING["sft_warmup_steps"])
+    assert [g["phase"] for g in got] == [r["phase"] for r in ref]
+    assert [r["phase"] for r in ref].count("sft") == warmup and len(ref) > warmup
+    assert max(r["clip_frac"] for r in ref) > 0, "the trust region must act for the comparison to mean something"
+    worst = {}
+    for g, r in zip(got, ref):
+        assert g["tokens"] == r["tokens"], f"step {r['step']}"
+        for key in METRICS:
+            err = abs(g[key] - r[key]) / max(abs(r[key]), METRIC_ATOL / METRIC_RTOL)
+            worst[key] = max(worst.get(key, 0.0), err)
+    assert all(v <= METRIC_RTOL for v in worst.values()), f"{name}: {worst}"
+    final = res["final"][name]
+    diffs = {k: float((final[k] - v).abs().max()) for k, v in res["ref_weights"].items()}
+    assert max(diffs.values()) <= WEIGHT_ATOL, max(diffs.items(), key=lambda kv: kv[1])
+    if training.get("passes_per_snapshot", 1) > 1:
+        # The second pass of mini-batch 1 no longer runs on the snapshot weights: its ratio moved.
+        k = TRAINING["global_batch_size"] // TRAINING["mini_batch_size"]
+        second_first = [r for r in ref[warmup:] if (r["step"] - warmup - 1) % (2 * k) == k]
+        assert second_first and all(r["ratio_max"] != 1.0 for r in second_first)

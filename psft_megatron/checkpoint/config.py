@@ -30,7 +30,8 @@ class CheckpointConfig:
         if self.save_interval % steps_per_global_batch:
             raise FieldError(
                 "checkpoint.save_interval",
-                f"({self.save_interval}) must be a multiple of global_batch_size / mini_batch_size = "
+                f"({self.save_interval}) must be a multiple of the optimizer steps per global batch "
+                f"(global_batch_size / mini_batch_size x training.passes_per_snapshot) = "
                 f"{steps_per_global_batch}: checkpoints are taken between global batches",
             )
         if self.keep_last < 0:

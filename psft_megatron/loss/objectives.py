@@ -199,6 +199,18 @@ def psft(logp: torch.Tensor, aux: AuxLogp, cfg: ObjectiveConfig):
     return loss, clipped
 
 
+@register_objective("psft_unweighted", needs=("snapshot",))
+def psft_unweighted(logp: torch.Tensor, aux: AuxLogp, cfg: ObjectiveConfig):
+    """A diagnostic: PSFT's clip without its ratio weighting. SFT's gradient ``-dlogp`` where
+    ``r <= 1+eps_high``, none above, so the trust region's two effects can be told apart
+    (PSFT's unclipped gradient is ``-r * dlogp``: tokens whose probability rose since the
+    snapshot are pushed harder, those that fell more softly)."""
+    if aux.logp_old is None:
+        raise ValueError("psft_unweighted needs logp_old (log-probs from the snapshot forward pass)")
+    clipped = log_ratio(logp, aux.logp_old, cfg).detach().exp() > 1.0 + cfg.eps_high
+    return torch.where(clipped, torch.zeros_like(logp), -logp), clipped
+
+
 def token_losses(
     cfg: ObjectiveConfig,
     logp: torch.Tensor,

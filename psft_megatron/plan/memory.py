@@ -168,7 +168,7 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
     k = kernels_for(impl, act_bytes)
     sh = Shape(tr.seq_length, tr.micro_batch_size, tp, cp, par.sequence_parallel, act_bytes)
     micro_batches = tr.mini_batch_size // (tr.micro_batch_size * dp)
-    kk = tr.mini_batches_per_global_batch
+    snapshot_minis = tr.snapshot_mini_batches
     layers_per_chunk = m.num_layers // (pp * chunks_per_rank)
     loss = recipe.loss
     dist_opt = recipe.optimizer.use_distributed_optimizer
@@ -221,10 +221,10 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
         other = []
         rows = tr.global_batch_size // dp
         batch = rows * tr.seq_length / cp * BATCH_BYTES_PER_TOKEN
-        if last and loss.needs_snapshot and kk > 1:
-            batch += (kk - 1) * (tr.mini_batch_size // dp) * tr.seq_length / cp * 4
+        if last and loss.needs_snapshot and snapshot_minis:
+            batch += snapshot_minis * (tr.mini_batch_size // dp) * tr.seq_length / cp * 4
         # One name for every stage (the report prints the terms as rows); only the last holds logp_old.
-        snapshot = loss.needs_snapshot and kk > 1
+        snapshot = loss.needs_snapshot and snapshot_minis > 0
         other.append(Term("batch tensors" + (", snapshot log-probs (last stage)" if snapshot else ""), batch,
                           f"{rows} rows of the global batch on this DP rank"))
         if k.attention == "unfused":

@@ -28,6 +28,10 @@ class TrainingConfig:
     epochs: float | None = None
     # The first N optimizer steps are plain SFT (no snapshot pass), then the objective below.
     sft_warmup_steps: int = 0
+    # Passes over each global batch per snapshot (PPO's epochs): with 2, the k mini-batches
+    # are trained in order, then again, all against the one snapshot's logp_old, so a
+    # token's second update sees the ratio its own first update made. 1 = the paper's PSFT.
+    passes_per_snapshot: int = 1
     seed: int = 1234
     # Save a checkpoint and stop after this many optimizer steps *of this launch* (e.g. to fit
     # a SLURM time limit); the next launch of the same recipe resumes. None = run to the end.
@@ -77,7 +81,9 @@ class TrainingConfig:
             raise FieldError("training.loss_spike_window", f"must be >= 1, got {self.loss_spike_window}")
         if self.sft_warmup_steps < 0:
             raise FieldError("training.sft_warmup_steps", f"must be >= 0, got {self.sft_warmup_steps}")
-        k = self.mini_batches_per_global_batch
+        if self.passes_per_snapshot < 1:
+            raise FieldError("training.passes_per_snapshot", f"must be >= 1, got {self.passes_per_snapshot}")
+        k = self.steps_per_global_batch
         # Checkpoints and the SFT->PSFT switch happen at global-batch boundaries, where no
         # snapshot log-probs are pending: that is what makes resume exact.
         for name in ("train_steps", "exit_after_steps", "sft_warmup_steps"):
@@ -85,8 +91,9 @@ class TrainingConfig:
             if value is not None and value % k:
                 raise FieldError(
                     f"training.{name}",
-                    f"({value}) must be a multiple of the mini-batches per global batch (global_batch_size / "
-                    f"mini_batch_size = {k}): runs switch phase, save and stop between global batches; use "
+                    f"({value}) must be a multiple of the optimizer steps per global batch (global_batch_size / "
+                    f"mini_batch_size x passes_per_snapshot = {k}): runs switch phase, save and stop between "
+                    f"global batches; use "
                     f"{value // k * k or k} or {(value // k + 1) * k}",
                 )
 
@@ -97,7 +104,21 @@ class TrainingConfig:
 
     @property
     def mini_batches_per_global_batch(self) -> int:
+        """k: the mini-batches one global batch splits into."""
         return self.global_batch_size // self.mini_batch_size
+
+    @property
+    def steps_per_global_batch(self) -> int:
+        """Optimizer steps per global batch: k mini-batches, each trained ``passes_per_snapshot`` times."""
+        return self.mini_batches_per_global_batch * self.passes_per_snapshot
+
+    @property
+    def snapshot_mini_batches(self) -> int:
+        """Mini-batches the snapshot pass scores, for an objective that needs one: all but the first
+        (it runs on the snapshot weights and reuses its own log-probs), or all k with more than one
+        pass (the first mini-batch's second pass needs them)."""
+        k = self.mini_batches_per_global_batch
+        return k if self.passes_per_snapshot > 1 else k - 1
 
 
 @dataclass

@@ -76,6 +76,7 @@ class Trainer:
     total_steps: int
     tokens_per_step: int  # positions per optimizer step: mini_batch_size x seq_length
     is_logger: bool
+    passes_per_snapshot: int = 1  # each global batch's k mini-batches are trained this many times
     states: dict[str, Stateful] = field(default_factory=dict)  # what a checkpoint saves besides the model
     # The frozen reference model's chunks (objectives that need one: sft_kl), and the current
     # global batch's reference log-probs (recomputed on resume: the reference never changes).
@@ -88,21 +89,24 @@ class Trainer:
 
 
 def _enter_global_batch(t: Trainer) -> None:
-    """Draw the next global batch (or re-draw the interrupted one) and run its snapshot pass."""
+    """Draw the next global batch (or re-draw the interrupted one) and run its snapshot pass.
+
+    The cursor walks ``k x passes`` steps: the k mini-batches in order, once per pass."""
     loader = t.data.loader
+    passes = t.passes_per_snapshot
     pending = t.cursor.pending()
     if pending is not None:  # resumed inside a global batch: draw it again, reuse its saved logp_old
         loader.load_state_dict(pending["loader_before"])
         minis = prepare_global_batch(next(loader), t.setup)
-        t.cursor.resume(minis, t.setup.device)
+        t.cursor.resume(minis * passes, t.setup.device)
     else:
         before = loader.state_dict()
         minis = prepare_global_batch(next(loader), t.setup)
         objective = t.phases.objective_at(t.progress.step)
-        logp_old = snapshot_logp_old(t.bundle.model, minis, objective, t.setup)
-        t.cursor.begin(minis, logp_old, t.progress.step, before)
+        logp_old = snapshot_logp_old(t.bundle.model, minis, objective, t.setup, passes)
+        t.cursor.begin(minis * passes, logp_old, t.progress.step, before)
     objective = t.phases.objective_at(t.cursor.start_step)
-    t.logp_ref = reference_logp(t.reference, minis, objective, t.setup)
+    t.logp_ref = reference_logp(t.reference, minis, objective, t.setup) * passes
 
 
 def _evaluate(t: Trainer, step: int, eval_records: list[dict[str, Any]]) -> None:

@@ -191,22 +191,25 @@ def prepare_global_batch(gb: GlobalBatch, setup: PassSetup) -> list[MiniBatch]:
 
 
 def snapshot_logp_old(model: list, minis: Sequence[MiniBatch], objective: ObjectiveConfig,
-                      setup: PassSetup) -> list[Sequence[torch.Tensor | None] | None]:
-    """Each mini-batch's logp_old (see :func:`train_step`), from one forward-only snapshot pass.
+                      setup: PassSetup, passes: int = 1) -> list[Sequence[torch.Tensor | None] | None]:
+    """logp_old for each of the ``k x passes`` optimizer steps of a global batch (see
+    :func:`train_step`; step ``p*k + j`` trains mini-batch ``j`` in pass ``p``), from one
+    forward-only snapshot pass in one schedule call (the pipeline fills once).
 
-    For an objective that needs a snapshot (psft), with k > 1, the pass covers mini-batches
-    2..k in one schedule call (the pipeline fills once); mini-batch 1 runs on the snapshot
-    weights and uses its own detached log-probs. Other objectives: all None.
+    For an objective that needs a snapshot (psft) the pass covers mini-batches 2..k: mini-batch 1
+    runs on the snapshot weights and uses its own detached log-probs (None). With more than one
+    pass it covers all k, as mini-batch 1's later passes no longer run on those weights.
+    Other objectives: all None.
     """
     k = len(minis)
     logp_old: list[Sequence[torch.Tensor | None] | None] = [None] * k
-    if objective.needs_snapshot and k > 1:
-        rest = [mb for mini in minis[1:] for mb in mini.micro_batches]
-        flat = snapshot(model, rest, setup)
+    first = 0 if passes > 1 else 1
+    if objective.needs_snapshot and k > first:
+        flat = snapshot(model, [mb for mini in minis[first:] for mb in mini.micro_batches], setup)
         m = len(minis[0].micro_batches)
-        for j in range(1, k):
-            logp_old[j] = flat[(j - 1) * m : j * m]
-    return logp_old
+        for j in range(first, k):
+            logp_old[j] = flat[(j - first) * m : (j - first + 1) * m]
+    return logp_old * passes
 
 
 def reference_logp(reference: list | None, minis: Sequence[MiniBatch], objective: ObjectiveConfig,
