@@ -245,6 +245,6 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
     return Plan(
         source=recipe.origin.source, gpu=gpu, gpu_assumed=gpu_assumed, world_size=world_size, tp=tp, pp=pp, vp=vp,
         cp=cp, dp=dp, sp=par.sequence_parallel, seq=tr.seq_length, micro=tr.micro_batch_size,
-        micro_batches=micro_batches, k=kk, model=m, impl=impl, recompute=_recompute_name(m), stages=stages,
+        micro_batches=micro_batches, k=tr.mini_batches_per_global_batch, model=m, impl=impl, recompute=_recompute_name(m), stages=stages,
         flops=step_flops(recipe, m), mfu=mfu, device=device, notes=notes,
     )
