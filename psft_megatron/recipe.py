@@ -40,9 +40,28 @@ class RecipeConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # The YAML file and key lines this recipe was read from (empty when built in code).
     origin: Origin = field(default_factory=Origin, init=False, repr=False, compare=False)
+    # The checks this recipe passed, each with the recipe's content it passed on (see passed()).
+    checks_passed: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def passed(self, check: str) -> bool:
+        """Whether ``check`` (a name such as ``"validate:world=8"``) passed on this recipe as it is
+        now: a field changed since then voids it. So a launch checks a recipe once, however many
+        steps of it (the launcher, :func:`psft_megatron.run.run`) ask for the check."""
+        return check in self.checks_passed and self.checks_passed[check] == to_dict(self)
+
+    def mark_passed(self, check: str) -> None:
+        """Record that ``check`` passed on the recipe as it is now."""
+        self.checks_passed[check] = to_dict(self)
 
     def validate(self, world_size: int | None = None) -> None:
-        """Every constraint that can be checked before a weight is built; ConfigError says what to change."""
+        """Every constraint that can be checked before a weight is built; ConfigError says what to change.
+
+        With ``world_size`` also the batch geometry against the data-parallel size. A recipe that
+        already passed for the same world size (and was not changed since) is not checked again.
+        """
+        check = f"validate:world={world_size}"
+        if self.passed(check):
+            return
         try:
             self.parallel.validate()
             self.training.validate()
@@ -62,6 +81,7 @@ class RecipeConfig:
             raise
         except ValueError as e:  # e.g. an unreadable model.hf_config
             raise ConfigError(f"{self.origin.where('model.hf_config')}{e}") from None
+        self.mark_passed(check)
 
     def validate_for_device(self, has_cuda: bool) -> None:
         """What megatron-core cannot do on this machine, refused before anything is built."""
@@ -115,11 +135,17 @@ class RecipeConfig:
         return to_dict(self)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """Read a YAML recipe, apply ``key.sub=value`` overrides, build and validate (world size unknown)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, world_size: int | None = None) -> RecipeConfig:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides, build and validate it: a validated recipe.
+
+    With ``world_size`` (the job's number of processes) the batch geometry is checked against it too;
+    later checks of the same recipe at that size (:func:`psft_megatron.preflight.check_launch`, run by
+    :func:`psft_megatron.run.run`) do not repeat the work. Raises :class:`ConfigError` naming the file,
+    line and field.
+    """
     recipe, origin = load_dataclass(RecipeConfig, path, overrides)
     recipe.origin = origin
-    recipe.validate()
+    recipe.validate(world_size)
     return recipe
 
 

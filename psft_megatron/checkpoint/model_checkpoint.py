@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from psft_megatron.errors import UserError
 from psft_megatron.model.build import unwrap_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.hf_config import load_hf_config_dict
@@ -66,7 +67,7 @@ HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_SUBDIR = "tokenizer"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read as asked (wrong layout, model or format)."""
 
 

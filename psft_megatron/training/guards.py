@@ -13,10 +13,12 @@ import logging
 import math
 from collections import deque
 
+from psft_megatron.errors import Diverged
+
 log = logging.getLogger("psft")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Diverged, RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
 
 

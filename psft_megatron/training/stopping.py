@@ -19,12 +19,14 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
+# The exit status of a launch that stopped early on a signal or its time budget, after saving.
+from psft_megatron.errors import EXIT_PREEMPTED
+
 log = logging.getLogger("psft")
 
+__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "StopPolicy"]
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Exit status of a launch that stopped early on a signal or its time budget, after saving:
-# EX_TEMPFAIL, "try again" (the sbatch script requeues on it).
-EXIT_PREEMPTED = 75
 
 
 class StopPolicy:
