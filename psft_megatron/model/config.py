@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from psft_megatron.config.load import FieldError, build_dataclass, check_choices
+from psft_megatron.model.architectures import FAMILIES
 from psft_megatron.model.hf_config import model_fields_from_hf
 from psft_megatron.runtime.config import ParallelConfig
 
-__all__ = ["ModelConfig", "RopeScaling"]
+__all__ = ["Family", "ModelConfig", "RopeScaling"]
+
+# The registered families (psft_megatron.model.architectures): the one list of them.
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
 
 # Training choices, never read from an HF config.
 _RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config",
@@ -39,13 +43,14 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3/3.1, Qwen2/2.5, Mistral).
+    """Architecture of a Llama-style decoder; ``family`` is one registered in
+    :mod:`psft_megatron.model.architectures` (Llama 2/3/3.1, Qwen2/2.5, Mistral).
 
     All of these share RMSNorm, SwiGLU MLP, RoPE and grouped-query attention; they
     differ in QKV bias (Qwen2), tied embeddings and RoPE scaling.
     """
 
-    family: Literal["llama", "qwen2", "mistral"] = "llama"
+    family: Family = "llama"
     num_layers: int = 0
     hidden_size: int = 0
     ffn_hidden_size: int = 0
