@@ -171,7 +171,7 @@ def test_unsupported_model_type_names_exactly_the_registered_families(tmp_path, 
     line = text.splitlines().index(f"  hf_config: {folder}") + 1
     with pytest.raises(ConfigError) as e:  # a recipe: the file and line of model.hf_config
         load_recipe(recipe)
-    assert str(e.value).startswith(f"{recipe}:{line}: ") and "unsupported architecture" in str(e.value)
+    assert str(e.value).startswith(f"{recipe}:{line}: model.hf_config: {folder}: unsupported architecture")
     assert _listed_model_types(str(e.value)) == MODEL_TYPES
 
 
