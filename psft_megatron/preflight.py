@@ -31,7 +31,7 @@ def save_dir_of(recipe: RecipeConfig) -> Path:
 def checkpoint_bytes(recipe: RecipeConfig) -> int:
     """Bytes of one training checkpoint: weights in their dtype, Adam's two fp32 moments, and
     the fp32 main copy of bf16 weights (RNG states and JSON are negligible)."""
-    model = recipe.model.resolve()
+    model = recipe.resolved_model
     per_param = (2 + 4 if model.params_dtype == "bf16" else 4) + 8
     return model.num_parameters() * per_param
 
@@ -84,7 +84,7 @@ def preflight(recipe: RecipeConfig) -> None:
         raise ConfigError(
             f"{where('checkpoint.save_dir')}checkpoint.save_dir: {save_dir} has {free / 2**30:.1f} GiB free, but one "
             f"checkpoint of this model takes about {need / 2**30:.1f} GiB (weights, Adam moments"
-            f"{', fp32 main weights' if recipe.model.resolve().params_dtype == 'bf16' else ''}); free space or "
+            f"{', fp32 main weights' if recipe.resolved_model.params_dtype == 'bf16' else ''}); free space or "
             "point checkpoint.save_dir at a larger disk"
         )
 

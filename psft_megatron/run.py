@@ -62,7 +62,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    model_cfg = recipe.model.resolve()  # reads model.hf_config once, if set
+    model_cfg = recipe.resolved_model  # model.hf_config was read once, when the recipe was validated
     data = build_data(recipe.data, recipe.training, recipe.parallel, env)
     built = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
     if built.transformer_impl == "local":

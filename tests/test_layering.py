@@ -3,9 +3,11 @@
     errors                       UserError, Diverged and the exit statuses (no project imports)
     config                       typed YAML -> dataclasses
     runtime | loss | data        independent of each other
-    model
+    model                        model.architectures: one module per family (config mapping, weight
+                                 table as plain data, own transforms, model types); nothing else
+                                 of the project at run time
     checkpoint
-    conversion
+    conversion                   consumes the families' weight tables: expansion, generic transforms, streaming
     evaluation
     training
     recipe                       composes every section's config
@@ -132,6 +134,18 @@ def test_imports_flow_down(path):
         if other and other != me and LAYERS[other] >= LAYERS[me]:
             problems.append(f"{where}: {other} (layer {LAYERS[other]}) is not below {me} (layer {LAYERS[me]})")
     assert not problems, "\n".join(problems)
+
+
+ARCHITECTURES = PACKAGE / "model" / "architectures"
+
+
+@pytest.mark.parametrize("path", sorted(ARCHITECTURES.glob("*.py")), ids=lambda p: p.name)
+def test_family_modules_are_plain_data(path):
+    """A family module is data and small functions: at run time it imports only its own package, so
+    ``model.config`` can import the registry, and the converters (above) consume the tables."""
+    outside = [f"{path.name}:{line} imports {target}" for target, line, _, typing_only in _imports(path)
+               if not typing_only and not target.startswith("psft_megatron.model.architectures")]
+    assert not outside, "\n".join(outside)
 
 
 def test_the_rule_catches_an_upward_import(tmp_path, monkeypatch):

@@ -156,7 +156,7 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
 
     ``device="cpu"`` plans a CPU run (the local spec, CPU chunk sizes): what the tests measure.
     """
-    m = recipe.model.resolve()
+    m = recipe.resolved_model
     par, tr = recipe.parallel, recipe.training
     tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
     vp = par.virtual_pipeline_model_parallel_size
