@@ -146,6 +146,12 @@ class RecipeConfig:
             raise FieldError("training.eval_interval", "is set but data.eval lists no held-out source")
         if t.eval_at_start and not self.data.eval:
             raise FieldError("training.eval_at_start", "is true but data.eval lists no held-out source")
+        if self.model.lora is not None and not self.checkpoint.init_from:
+            raise FieldError(
+                "model.lora",
+                "needs checkpoint.init_from: the full checkpoint (tools/convert_hf_to_megatron.py) the adapters "
+                "train on, or a LoRA checkpoint to continue",
+            )
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and t.seq_length % tp:
             raise FieldError(

@@ -19,11 +19,13 @@ import yaml
 from megatron.core import parallel_state as ps
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer
+from psft_megatron.checkpoint.lora import LORA_BASE, lora_base_for
 from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
 from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.model.build import build_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.init import init_layout_independent
+from psft_megatron.model.lora.state import BaseModelView
 from psft_megatron.preflight import check_launch, save_dir_of
 from psft_megatron.recipe import RecipeConfig
 from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
@@ -72,17 +74,16 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         log.info("model: %s", built.description)
     steps = total_steps(recipe, data)
 
-    checkpointer = Checkpointer(
-        recipe.checkpoint,
-        save_dir_of(recipe),
-        model_cfg,
-        meta={"tokenizer": recipe.data.tokenizer},
-    )
+    meta = {"tokenizer": recipe.data.tokenizer}
+    if model_cfg.lora is not None:  # checkpoints hold the adapters and point at the full base they adapt
+        meta[LORA_BASE] = str(lora_base_for(recipe.checkpoint.init_from))
+    checkpointer = Checkpointer(recipe.checkpoint, save_dir_of(recipe), model_cfg, meta=meta,
+                                adapter_seed=recipe.training.seed)
     checkpointer.find_resume_point()
     # Before the optimizer copies the weights into its fp32 main params.
     if not checkpointer.load_initial_weights(built.chunks):
         init_layout_independent(built.chunks, recipe.training.seed)  # the same random model at every layout
-    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference else None
+    reference = _build_reference(recipe, model_cfg, built.chunks) if recipe.loss.needs_reference else None
     bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
     progress = TrainProgress()
     cursor = BatchCursor(
@@ -128,10 +129,16 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     )
 
 
-def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig) -> list:
+def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig, chunks: list) -> list:
     """The frozen reference model (the run's starting weights) for objectives that need one:
     the same layout, forward-only, never in the optimizer. Costs one more copy of the weights
-    per rank (no gradients, no optimizer state) and a forward pass per global batch."""
+    per rank (no gradients, no optimizer state) and a forward pass per global batch.
+
+    With LoRA the reference is the base model: the trained ``chunks`` with their adapters switched
+    off (:class:`BaseModelView`), no copy of the weights."""
+    if model_cfg.lora is not None:
+        log.info("reference model for %s: the base model (the LoRA model with its adapters off)", recipe.loss.name)
+        return [BaseModelView(c) for c in chunks]
     ref = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
     if recipe.checkpoint.init_from:
         load_model_checkpoint(ref.chunks, recipe.checkpoint.init_from)
