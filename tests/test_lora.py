@@ -216,8 +216,12 @@ def _layouts_worker(root: str) -> dict[str, Any]:
 
     import torch.distributed as dist
 
-    from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, model_config_of, read_meta
-    from psft_megatron.checkpoint.model_checkpoint import save_model_checkpoint
+    from psft_megatron.checkpoint.model_checkpoint import (
+        load_model_checkpoint,
+        model_config_of,
+        read_meta,
+        save_model_checkpoint,
+    )
     from psft_megatron.evaluation.response_nll import score_file
     from psft_megatron.evaluation.session import load_scoring_model
     from psft_megatron.model.build import build_model
