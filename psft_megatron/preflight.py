@@ -19,6 +19,7 @@ from psft_megatron.checkpoint.model_checkpoint import CheckpointError, read_meta
 from psft_megatron.checkpoint.train_checkpoint import complete_checkpoints
 from psft_megatron.config.load import ConfigError
 from psft_megatron.data.sources import resolve_format
+from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.recipe import RecipeConfig
 
 __all__ = ["check_launch", "checkpoint_bytes", "preflight", "save_dir_of"]
@@ -33,8 +34,6 @@ def checkpoint_bytes(recipe: RecipeConfig) -> int:
     """Bytes of one training checkpoint: weights in their dtype, Adam's two fp32 moments, and
     the fp32 main copy of bf16 weights (RNG states and JSON are negligible). A LoRA run saves
     its adapters only."""
-    from psft_megatron.model.lora.count import adapter_parameters_per_model
-
     model = recipe.resolved_model
     per_param = (2 + 4 if model.params_dtype == "bf16" else 4) + 8
     params = adapter_parameters_per_model(model) if model.lora is not None else model.num_parameters()

@@ -20,7 +20,7 @@ from megatron.core import parallel_state as ps
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer
 from psft_megatron.checkpoint.lora import LORA_BASE, lora_base_for
-from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
+from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, read_meta
 from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.model.build import build_model
 from psft_megatron.model.config import ModelConfig
@@ -76,7 +76,8 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
 
     meta = {"tokenizer": recipe.data.tokenizer}
     if model_cfg.lora is not None:  # checkpoints hold the adapters and point at the full base they adapt
-        meta[LORA_BASE] = str(lora_base_for(recipe.checkpoint.init_from))
+        init = recipe.checkpoint.init_from
+        meta[LORA_BASE] = str(lora_base_for(init, read_meta(init)))
     checkpointer = Checkpointer(recipe.checkpoint, save_dir_of(recipe), model_cfg, meta=meta,
                                 adapter_seed=recipe.training.seed)
     checkpointer.find_resume_point()

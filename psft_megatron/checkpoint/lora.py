@@ -42,12 +42,9 @@ def base_checkpoint(ckpt: str | Path, meta: dict[str, Any], override: str | Path
     return base
 
 
-def lora_base_for(init_from: str | Path) -> Path:
-    """The base a LoRA run started from ``init_from`` trains on: ``init_from`` itself when it is a
-    full checkpoint, else the base that LoRA checkpoint points at (absolute)."""
-    from psft_megatron.checkpoint.model_checkpoint import read_meta
-
-    meta = read_meta(init_from)
+def lora_base_for(init_from: str | Path, meta: dict[str, Any]) -> Path:
+    """The base a LoRA run started from ``init_from`` (whose ``psft_meta.json`` is ``meta``) trains on:
+    ``init_from`` itself when it is a full checkpoint, else the base that LoRA checkpoint points at (absolute)."""
     if is_lora_meta(meta):
         return base_checkpoint(init_from, meta).resolve()
     return Path(init_from).resolve()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.plan.gpus import USABLE_FRACTION, GiB
 from psft_megatron.plan.memory import Plan
 
@@ -23,8 +24,6 @@ def format_plan(plan: Plan) -> str:
                f"{m.hidden_size}, {m.num_attention_heads} heads / {m.query_groups} KV groups, ffn {m.ffn_hidden_size}, "
                f"vocabulary {m.vocab_size} (padded {m.padded_vocab_size}), {m.params_dtype}")
     if m.lora is not None:
-        from psft_megatron.model.lora.count import adapter_parameters_per_model
-
         out.append(f"  LoRA: rank {m.lora.rank}, alpha {m.lora.alpha:g} on {', '.join(m.lora.target_modules)}: "
                    f"{adapter_parameters_per_model(m) / 1e6:.1f}M adapter parameters train, the base is frozen")
     out.append(f"  layout: TP {plan.tp}{' + SP' if plan.sp else ''} x PP {plan.pp}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from psft_megatron.config.load import FieldError
+from psft_megatron.model.lora.targets import resolve_targets
 
 __all__ = ["ALL_PROJECTIONS", "LoRAConfig"]
 
@@ -47,8 +48,6 @@ class LoRAConfig:
 
     def validate(self, family: str) -> None:
         """Check the fields and that every target exists in ``family``; FieldError names the field."""
-        from psft_megatron.model.lora.targets import resolve_targets
-
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise FieldError("model.lora.rank", f"must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
