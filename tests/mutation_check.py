@@ -86,6 +86,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "mine = mini[0:per_rank]",
            ("tests/test_data_loader.py",), "every DP rank reads the same rows"),
     # ---- checkpoint and run outputs
+    Mutant("cursor_rows_of_rank_1", "psft_megatron/training/batch_cursor.py",
+           "start = self.dp_rank * (self.mini_batch_size // self.dp_size) + micro_index * self.micro_batch_size",
+           "start = self.dp_rank * self.micro_batch_size + micro_index * self.micro_batch_size",
+           ("tests/test_batch_cursor.py",
+            "tests/test_faults.py::test_signal_finishes_the_step_saves_and_resumes_bit_identical"),
+           "a resume inside a global batch gives rank 0's second micro-batch rank 1's logp_old (DP=2, 2+ micro-batches "
+           "per rank and mini-batch; issue #21's surviving mutant)"),
     Mutant("resume_skips_data_position", "psft_megatron/checkpoint/checkpointer.py",
            "            obj.load_state_dict(saved[name])\n",
            "            pass\n",
