@@ -2,8 +2,8 @@
 
 - SIGKILL at three steps, relaunched until done: the records and final weights equal a
   clean run's bit for bit (only work since the last checkpoint is redone).
-- SIGTERM (and SIGUSR1 on one rank of two, each with two micro-batches per mini-batch; and
-  inside the second pass of ``training.passes_per_snapshot: 2``): the step in flight finishes,
+- SIGUSR1 on one rank of two (each with two micro-batches per mini-batch), and SIGTERM inside
+  the second pass of ``training.passes_per_snapshot: 2``: the step in flight finishes,
   every rank saves, exit 75; the relaunch continues inside the same global batch and ends
   bit-identical to an uninterrupted run at the same layout. The rank signals itself as a chosen
   step begins (the test-only hook ``PSFT_TEST_SIGNAL_AT_STEP``), so the stop lands where the
@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
@@ -175,6 +175,7 @@ def test_sigkill_at_three_steps_then_relaunch_equals_a_clean_run(clean, data, tm
 
 def _clean_run(tmp: Path, data: Path, nproc: int, training: dict[str, Any]) -> dict[str, Any]:
     """An uninterrupted run at a layout: its records and final weights."""
+    tmp.mkdir(parents=True, exist_ok=True)
     recipe = _write_recipe(tmp, data, "run", checkpoint={"save_interval": 0, "save_at_end": True}, training=training)
     results = _wait(_launch(recipe, nproc=nproc))
     assert [c for c, _ in results] == [0] * nproc, [e[-2000:] for _, e in results]
@@ -184,8 +185,6 @@ def _clean_run(tmp: Path, data: Path, nproc: int, training: dict[str, Any]) -> d
 # name: (signal, processes, the rank that signals itself, training overrides, the step the signal
 # arrives in: the stop comes after it). Each stop falls inside a global batch (asserted below).
 SIGNAL_CASES = {
-    # k = 4 (global batch 2 is steps 5..8); the default layout, so the reference is `clean`.
-    "sigterm": (signal.SIGTERM, 1, 0, {}, 6),
     # DP=2 with 2 micro-batches of 1 row per rank and mini-batch (k = 2: global batch 3 is steps 5, 6);
     # one rank only is signalled: the other learns of it at the step boundary.
     "sigusr1_dp2_two_micro_batches": (signal.SIGUSR1, 2, 1, {"mini_batch_size": 4, "micro_batch_size": 1}, 5),
@@ -196,25 +195,10 @@ SIGNAL_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def layout_references(data, tmp_path_factory) -> Callable[[str], dict[str, Any]]:
-    """The uninterrupted run of a signal case's layout, launched when a case first needs it."""
-    refs: dict[str, dict[str, Any]] = {}
-
-    def get(name: str) -> dict[str, Any]:
-        if name not in refs:
-            _, nproc, _, training, _ = SIGNAL_CASES[name]
-            refs[name] = _clean_run(tmp_path_factory.mktemp(f"clean_{name}"), data, nproc, training)
-        return refs[name]
-
-    return get
-
-
 @pytest.mark.parametrize("case", list(SIGNAL_CASES))
-def test_signal_finishes_the_step_saves_and_resumes_bit_identical(request, layout_references, data, tmp_path, case):
+def test_signal_finishes_the_step_saves_and_resumes_bit_identical(data, tmp_path, case):
     sig, nproc, signalled, training, at_step = SIGNAL_CASES[case]
-    # The default layout's uninterrupted run is the module's `clean` one.
-    reference = request.getfixturevalue("clean") if not training else layout_references(case)
+    reference = _clean_run(tmp_path / "clean", data, nproc, training)
     recipe = _write_recipe(tmp_path, data, "run", checkpoint={"save_interval": 0, "save_at_end": True},
                            training=training)
     settings = dict(TRAINING, **training)
