@@ -37,7 +37,6 @@ MB = 2**20
 # Runs in a fresh interpreter: imports, baseline RSS, the conversion, peak RSS.
 _RUNNER = r"""
 import json, resource, sys, time
-sys.path.insert(0, {root!r})
 kind, src, dst = sys.argv[1:4]
 import torch
 if kind == "load_all":
@@ -65,7 +64,7 @@ print("RESULT " + json.dumps({{"seconds": seconds, "baseline_kb": base, "peak_kb
 
 
 def run(kind: str, src: Path, dst: Path) -> dict[str, float]:
-    code = _RUNNER.format(root=str(ROOT))
+    code = _RUNNER.format()  # the template's {{ }} are literal braces
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run([sys.executable, "-c", code, kind, str(src), str(dst)], capture_output=True, text=True,
                           env=env, timeout=1200)

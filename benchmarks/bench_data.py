@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,17 +31,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from psft_megatron.data.cache import open_cache
+from psft_megatron.data.config import DataSourceConfig
+from psft_megatron.data.encode import iter_tokenized
+from psft_megatron.data.loader import LoaderConfig, PackedLoader
+from psft_megatron.data.packing import packing_efficiency
+from psft_megatron.data.prepare import prepare_dataset
+from psft_megatron.data.templates import load_template
+from psft_megatron.data.tokenizer import load_tokenizer
 
-from psft_megatron.data.cache import open_cache  # noqa: E402
-from psft_megatron.data.config import DataSourceConfig  # noqa: E402
-from psft_megatron.data.encode import iter_tokenized  # noqa: E402
-from psft_megatron.data.loader import LoaderConfig, PackedLoader  # noqa: E402
-from psft_megatron.data.packing import packing_efficiency  # noqa: E402
-from psft_megatron.data.prepare import prepare_dataset  # noqa: E402
-from psft_megatron.data.templates import load_template  # noqa: E402
-from psft_megatron.data.tokenizer import load_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

@@ -42,18 +42,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from psft_megatron.testing.multiproc import run_in_processes
 
-from bench_loss import MMAP_ENV, PeakMeter  # noqa: E402  (the same memory probe as the loss benchmark)
-
-from psft_megatron.testing.multiproc import run_in_processes  # noqa: E402
+from bench_loss import MMAP_ENV, PeakMeter  # (the same memory probe as the loss benchmark)
 
 METHODS = ("unfused", "fused")
 RECOMPUTE = "recompute"

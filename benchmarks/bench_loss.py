@@ -36,16 +36,13 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from psft_megatron.testing.multiproc import run_in_processes  # noqa: E402
+from psft_megatron.testing.multiproc import run_in_processes
 
 METHODS = ("ours", "ours_inplace", "naive", "mcore_ce", "mcore_full")
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}

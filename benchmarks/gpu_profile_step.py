@@ -27,12 +27,9 @@ import argparse
 import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PEAK_TFLOPS = 989.0  # H200 SXM dense bf16, as bench_trainer.py's default --peak-tflops
 

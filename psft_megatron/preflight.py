@@ -3,7 +3,7 @@
 :meth:`RecipeConfig.validate <psft_megatron.recipe.RecipeConfig.validate>` checks the recipe
 itself; this checks what it points at: the starting checkpoint exists and is one, local
 data files exist, the run and checkpoint folders can be written, and the checkpoint disk
-has room for one checkpoint. ``launch/pretrain_psft.py --validate-only`` runs both, so a
+has room for one checkpoint. ``psft-train --validate-only`` runs both, so a
 job that would fail on these fails in a second on a login node, not after queueing.
 Nothing here writes to disk.
 """
@@ -20,7 +20,7 @@ from psft_megatron.config.load import ConfigError
 from psft_megatron.data.sources import resolve_format
 from psft_megatron.recipe import RecipeConfig
 
-__all__ = ["checkpoint_bytes", "preflight", "save_dir_of"]
+__all__ = ["check_launch", "checkpoint_bytes", "preflight", "save_dir_of"]
 
 
 def save_dir_of(recipe: RecipeConfig) -> Path:
@@ -31,7 +31,7 @@ def save_dir_of(recipe: RecipeConfig) -> Path:
 def checkpoint_bytes(recipe: RecipeConfig) -> int:
     """Bytes of one training checkpoint: weights in their dtype, Adam's two fp32 moments, and
     the fp32 main copy of bf16 weights (RNG states and JSON are negligible)."""
-    model = recipe.model.resolve()
+    model = recipe.resolved_model
     per_param = (2 + 4 if model.params_dtype == "bf16" else 4) + 8
     return model.num_parameters() * per_param
 
@@ -84,6 +84,24 @@ def preflight(recipe: RecipeConfig) -> None:
         raise ConfigError(
             f"{where('checkpoint.save_dir')}checkpoint.save_dir: {save_dir} has {free / 2**30:.1f} GiB free, but one "
             f"checkpoint of this model takes about {need / 2**30:.1f} GiB (weights, Adam moments"
-            f"{', fp32 main weights' if recipe.model.resolve().params_dtype == 'bf16' else ''}); free space or "
+            f"{', fp32 main weights' if recipe.resolved_model.params_dtype == 'bf16' else ''}); free space or "
             "point checkpoint.save_dir at a larger disk"
         )
+
+
+def check_launch(recipe: RecipeConfig, world_size: int, has_cuda: bool | None) -> None:
+    """Everything a launch checks before it builds a weight, once per launch: the recipe at
+    ``world_size`` (:meth:`RecipeConfig.validate`), what this machine can run
+    (:meth:`RecipeConfig.validate_for_device`; skipped when ``has_cuda`` is None, as for
+    ``--validate-only`` on a login node without GPUs) and the files and folders it names
+    (:func:`preflight`). The launcher calls it before :func:`psft_megatron.run.run` does; the
+    second call finds the recipe checked (and unchanged) and does nothing. Raises :class:`ConfigError`.
+    """
+    check = f"launch:world={world_size},cuda={has_cuda}"
+    if recipe.passed(check):
+        return
+    recipe.validate(world_size)  # nothing to do for a recipe load_recipe validated at this size
+    if has_cuda is not None:
+        recipe.validate_for_device(has_cuda)
+    preflight(recipe)
+    recipe.mark_passed(check)

@@ -6,10 +6,15 @@ Each section's dataclass lives next to its component (``model.config.ModelConfig
 them and checks the rules that span sections (batch geometry against the world size,
 sequence parallelism against the sequence length, what this machine can run). Every
 error, single-field or cross-field, starts with the file and line of the field to change.
+
+``model.hf_config`` is read once per recipe: :attr:`RecipeConfig.resolved_model` reads it the
+first time (``load_recipe``'s validation) and keeps what it read, so the checks, the plan, the
+preflight and the build that follow all see one resolved model without opening the file again.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,16 +45,67 @@ class RecipeConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     # The YAML file and key lines this recipe was read from (empty when built in code).
     origin: Origin = field(default_factory=Origin, init=False, repr=False, compare=False)
+    # The checks this recipe passed, each with the recipe's content it passed on (see passed()).
+    checks_passed: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # (model.hf_config, the architecture read from it): the file read once, see resolved_model.
+    _hf_architecture: tuple[str, ModelConfig] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def passed(self, check: str) -> bool:
+        """Whether ``check`` (a name such as ``"validate:world=8"``) passed on this recipe as it is
+        now: a field changed since then voids it. So a launch checks a recipe once, however many
+        steps of it (the launcher, :func:`psft_megatron.run.run`) ask for the check."""
+        return check in self.checks_passed and self.checks_passed[check] == to_dict(self)
+
+    def mark_passed(self, check: str) -> None:
+        """Record that ``check`` passed on the recipe as it is now."""
+        self.checks_passed[check] = to_dict(self)
+
+    @property
+    def resolved_model(self) -> ModelConfig:
+        """``model`` with the architecture from ``model.hf_config`` filled in: what builds, plans and
+        checkpoints use. ``model`` itself keeps what the recipe says.
+
+        The file is read the first time and kept for this recipe (a launch reads it once); the merge
+        with ``model`` is redone on every call without I/O, so a later change to ``model`` shows (a
+        new ``hf_config`` path is read). An unreadable or unsupported file raises :class:`ConfigError`
+        naming ``model.hf_config``'s line.
+        """
+        model = self.model
+        if not model.hf_config or model.resolved:
+            return model.resolve()  # nothing to read
+        if self._hf_architecture is None or self._hf_architecture[0] != model.hf_config:
+            self._hf_architecture = (model.hf_config, self._read_hf_architecture(model.hf_config))
+        return model.filled_from(self._hf_architecture[1])
+
+    def _read_hf_architecture(self, path: str) -> ModelConfig:
+        where = self.origin.where("model.hf_config")
+        try:
+            return ModelConfig.from_hf(path)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where}model.hf_config: {path} is not valid JSON: {e}") from None
+        except KeyError as e:
+            raise ConfigError(f"{where}model.hf_config: {path} lacks the field {e}") from None
+        except OSError as e:  # FileNotFoundError names the path
+            raise ConfigError(f"{where}model.hf_config: {e}") from None
+        except (ValueError, TypeError) as e:  # an unsupported architecture or feature, a field of the wrong type
+            raise ConfigError(f"{where}model.hf_config: {path}: {e}") from None
 
     def validate(self, world_size: int | None = None) -> None:
-        """Every constraint that can be checked before a weight is built; ConfigError says what to change."""
+        """Every constraint that can be checked before a weight is built; ConfigError says what to change.
+
+        With ``world_size`` also the batch geometry against the data-parallel size. A recipe that
+        already passed for the same world size (and was not changed since) is not checked again.
+        """
+        check = f"validate:world={world_size}"
+        if self.passed(check):
+            return
         try:
             self.parallel.validate()
             self.training.validate()
             self.optimizer.validate()
             self.checkpoint.validate(self.training.steps_per_global_batch)
             self.logging.validate()
-            self.model.resolve().validate(self.parallel)
+            self.resolved_model.validate(self.parallel)
             self._validate_cross_section()
             self.data.validate(self.training.seq_length)
             if world_size is not None:
@@ -62,6 +118,7 @@ class RecipeConfig:
             raise
         except ValueError as e:  # e.g. an unreadable model.hf_config
             raise ConfigError(f"{self.origin.where('model.hf_config')}{e}") from None
+        self.mark_passed(check)
 
     def validate_for_device(self, has_cuda: bool) -> None:
         """What megatron-core cannot do on this machine, refused before anything is built."""
@@ -115,11 +172,17 @@ class RecipeConfig:
         return to_dict(self)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """Read a YAML recipe, apply ``key.sub=value`` overrides, build and validate (world size unknown)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, world_size: int | None = None) -> RecipeConfig:
+    """Read a YAML recipe, apply ``key.sub=value`` overrides, build and validate it: a validated recipe.
+
+    With ``world_size`` (the job's number of processes) the batch geometry is checked against it too;
+    later checks of the same recipe at that size (:func:`psft_megatron.preflight.check_launch`, run by
+    :func:`psft_megatron.run.run`) do not repeat the work. Raises :class:`ConfigError` naming the file,
+    line and field.
+    """
     recipe, origin = load_dataclass(RecipeConfig, path, overrides)
     recipe.origin = origin
-    recipe.validate()
+    recipe.validate(world_size)
     return recipe
 
 

@@ -23,7 +23,7 @@ from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.model.build import BuiltModel, build_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.init import init_layout_independent
-from psft_megatron.preflight import preflight, save_dir_of
+from psft_megatron.preflight import check_launch, save_dir_of
 from psft_megatron.recipe import RecipeConfig
 from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
 from psft_megatron.training.batch_cursor import BatchCursor
@@ -55,15 +55,13 @@ def total_steps(recipe: RecipeConfig, data: TrainData) -> int:
 def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     """Build this rank's data, model, optimizer and run components for ``recipe``, resumed from
     the latest checkpoint when there is one. Needs :func:`init_model_parallel` and :func:`set_seed`."""
-    recipe.validate(env.world_size)
-    recipe.validate_for_device(env.device.type == "cuda")
-    preflight(recipe)
+    check_launch(recipe, env.world_size, has_cuda=env.device.type == "cuda")  # done already when launched
     run_dir = Path(recipe.logging.run_dir)
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
-    model_cfg = recipe.model.resolve()  # reads model.hf_config once, if set
+    model_cfg = recipe.resolved_model  # model.hf_config was read once, when the recipe was validated
     t = recipe.training
     data = build_data(recipe.data, t, recipe.parallel, env)
     built = _build_policy_model(recipe, model_cfg, env)

@@ -1,10 +1,15 @@
-"""Every command-line tool, given bad input, stops with one line that says what to fix.
+"""Every entry point, given bad input, stops with one line that says what to fix.
 
-Each case runs a tool as a real process (``python tools/X.py ...``) and checks: exit
-status 2, exactly one stderr line starting with ``error:`` that names the offending path
-(and the OS error where one is involved), no traceback anywhere, and no output left
-behind. Usage errors (an unknown flag, a missing argument) exit 2 through argparse, and
-every tool's ``--help`` documents the exit status.
+The entry points: the console scripts of pyproject.toml's ``[project.scripts]``
+(``psft-train``, ``psft-evaluate``, ...), ``python -m psft_megatron.train``, and the path
+wrappers the README calls (``launch/pretrain_psft.py``, ``tools/*.py``). Each case runs one as
+a real process, from a folder outside the repository (an installed package works from any
+folder), and checks: exit status 2, exactly one stderr line starting with ``error:`` that
+names the offending path or option (and the OS error where one is involved), no traceback
+anywhere, and no output left behind. Every entry point has at least one such case
+(``test_every_entry_point_has_a_bad_input_case``). Usage errors (an unknown flag, a missing
+argument) exit 2 through argparse, and every command's ``--help`` exits 0 and documents the
+exit status.
 
 Inputs, built in tmp_path: a tiny random Llama saved by transformers, its conversion by
 the CLI (the one successful run here), damaged copies of both, and the synthetic data
@@ -19,12 +24,14 @@ The trainer's own error cases are in tests/test_faults.py and tests/test_trainer
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +45,10 @@ from psft_megatron.conversion.errors import ConversionError, describe, writing_t
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("convert_hf_to_megatron", "convert_megatron_to_hf", "prepare_data", "score")
+# pip puts the console scripts beside the interpreter (the virtual environment's bin/).
+BIN = Path(sys.executable).parent
+CONSOLE_SCRIPTS = tuple(sorted(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]))
+PATH_WRAPPERS = tuple(sorted(str(p.relative_to(ROOT)) for d in ("launch", "tools") for p in (ROOT / d).glob("*.py")))
 
 
 @dataclass
@@ -61,15 +72,39 @@ BAD_INPUT = [
     "data:read_only_out", "data:out_under_a_file", "data:missing_tokenizer", "data:missing_source_yaml",
     "score:missing_checkpoint", "score:missing_data", "score:checkpoint_is_a_file",
 ]
+# One or more bad-input cases per entry point beyond the tools above (named by entry point first).
+ENTRY_BAD_INPUT = [
+    "psft-train:missing_recipe", "psft-plan:unknown_gpu", "psft-convert-hf:missing_folder",
+    "psft-export-hf:missing_checkpoint", "psft-convert-gguf:missing_gguf", "psft-prepare-data:missing_tokenizer",
+    "psft-evaluate:missing_checkpoint", "psft-evaluate:nll_checkpoint_is_a_file", "psft-compare:missing_run",
+    "-m psft_megatron.train:missing_recipe", "launch/pretrain_psft.py:unknown_key",
+    "tools/convert_gguf_to_hf.py:output_exists", "tools/evaluate.py:bad_data_option",
+    "tools/compare_runs.py:folder_without_runs", "tools/make_tiny_dataset.py:out_under_a_file",
+    "tools/make_tiny_dataset.py:no_samples",
+]
 USAGE = [f"{tool}:{kind}" for tool in TOOLS for kind in ("no_arguments", "unknown_flag")]
-HELP = [f"{tool}:help" for tool in TOOLS]
+HELP = [f"{tool}:help" for tool in TOOLS] + [f"{script}:help" for script in CONSOLE_SCRIPTS] + \
+    ["-m psft_megatron.train:help"]
 
 
-def _tool(tool: str, args: list[Any], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "tools" / f"{tool}.py"), *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+def _command(tool: str) -> list[str]:
+    """The command line of an entry point: a console script, ``-m MODULE``, a file path, or a tools/ name."""
+    if tool.startswith("psft-"):
+        return [str(BIN / tool)]
+    if tool.startswith("-m "):
+        return [sys.executable, "-m", tool[3:]]
+    return [sys.executable, str(ROOT / (tool if "/" in tool else f"tools/{tool}.py"))]
+
+
+def _tool(tool: str, args: list[Any], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run an entry point from ``cwd`` (outside the repository), as a user would: no PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "PYTHONPATH")}
+    env.update(OMP_NUM_THREADS="1")
+    cmd = [*_command(tool), *map(str, args)]
+    if not Path(cmd[0]).exists():
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]} not found: `pip install -e .` installs it")
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
@@ -276,8 +311,61 @@ def work(tmp_path_factory, tiny_data, read_only, hf_model, small_disk) -> dict[s
         cases[f"{tool}:no_arguments"] = Case(tool, [], ["the following arguments are required"])
         cases[f"{tool}:unknown_flag"] = Case(tool, [*required[tool], "--no-such-flag"],
                                              ["unrecognized arguments: --no-such-flag"])
-        cases[f"{tool}:help"] = Case(tool, ["--help"])
-    return {"cases": cases, "mg": mg, "broken": broken}
+    for name in HELP:
+        cases[name] = Case(name.rsplit(":", 1)[0], ["--help"])
+    cases.update(_entry_point_cases(root, tiny_data, a_file, score_data))
+    return {"cases": cases, "mg": mg, "broken": broken, "cwd": tmp_path_factory.mktemp("elsewhere")}
+
+
+def _entry_point_cases(root: Path, tiny_data: Path, a_file: Path, score_data: Path) -> dict[str, Case]:
+    """ENTRY_BAD_INPUT's cases: each entry point's own bad input, checked before any weight is built."""
+    tiny = ROOT / "recipes" / "tiny_cpu.yaml"
+    runs = root / "no_runs_here"
+    runs.mkdir()
+    existing = root / "existing_hf"
+    existing.mkdir()
+    evaluate_ok = importlib.util.find_spec("lm_eval") and importlib.util.find_spec("math_verify")
+    return {
+        "psft-train:missing_recipe": Case("psft-train", [root / "none.yaml"],
+                                          [f"bad recipe: recipe file not found: {root / 'none.yaml'}"]),
+        "psft-plan:unknown_gpu": Case("psft-plan", [tiny, "--gpu", "b300"], ["--gpu b300: unknown GPU; use one of"]),
+        "psft-convert-hf:missing_folder": Case("psft-convert-hf", ["--hf", root / "no_hf", "--out", root / "e1"],
+                                               [f"{root / 'no_hf'} does not exist"], absent=[root / "e1"]),
+        "psft-export-hf:missing_checkpoint": Case("psft-export-hf", ["--ckpt", root / "no_ckpt", "--out", root / "e2"],
+                                                  [f"{root / 'no_ckpt'} does not exist"], absent=[root / "e2"]),
+        "psft-convert-gguf:missing_gguf": Case("psft-convert-gguf", ["--gguf", root / "no.gguf", "--out", root / "e3"],
+                                               [f"{root / 'no.gguf'}: no such file (--gguf)"], absent=[root / "e3"]),
+        "psft-prepare-data:missing_tokenizer": Case(
+            "psft-prepare-data", ["--tokenizer", root / "no_tok", "--path", tiny_data / "train.jsonl",
+                                  "--out", root / "e4"], [f"{root / 'no_tok'}: tokenizer path not found"],
+            absent=[root / "e4"]),
+        "psft-evaluate:missing_checkpoint": Case(
+            "psft-evaluate", ["--ckpt", root / "no_ckpt", "--tasks", "gsm8k", "--out", root / "e5"],
+            [f"{root / 'no_ckpt'} does not exist (--ckpt)" if evaluate_ok else "not installed"], absent=[root / "e5"]),
+        "psft-evaluate:nll_checkpoint_is_a_file": Case(
+            "psft-evaluate", ["--mode", "nll", "--ckpt", a_file, "--data", score_data, "--out", root / "e6.jsonl"],
+            [f"{a_file} is a file, not a checkpoint directory"], absent=[root / "e6.jsonl"]),
+        "psft-compare:missing_run": Case("psft-compare", [root / "no_run", "--out", root / "e7"],
+                                         [f"{root / 'no_run'}: run folder not found"]),
+        "-m psft_megatron.train:missing_recipe": Case("-m psft_megatron.train", [root / "none.yaml"],
+                                                      ["bad recipe: recipe file not found"]),
+        "launch/pretrain_psft.py:unknown_key": Case(
+            "launch/pretrain_psft.py", [tiny, "training.trian_steps=4", "--validate-only"],
+            ["bad recipe: command-line override: unknown key training.trian_steps"]),
+        "tools/convert_gguf_to_hf.py:output_exists": Case(
+            "tools/convert_gguf_to_hf.py", ["--gguf", root / "no.gguf", "--out", existing],
+            [f"{existing} exists; choose another output folder"]),
+        "tools/evaluate.py:bad_data_option": Case(
+            "tools/evaluate.py", ["--ckpt", root / "no_ckpt", "--tasks", "gsm8k", "--data", "gsm8k", "--out", root / "e8"],
+            ["--data 'gsm8k': expected KEY=VALUE" if evaluate_ok else "not installed"], absent=[root / "e8"]),
+        "tools/compare_runs.py:folder_without_runs": Case("tools/compare_runs.py", [runs, "--out", root / "e9"],
+                                                          [f"{runs}: neither metrics.jsonl nor an evaluation summary.json"]),
+        "tools/make_tiny_dataset.py:out_under_a_file": Case("tools/make_tiny_dataset.py", [a_file / "tiny"],
+                                                            ["Not a directory", f"{a_file / 'tiny'}"]),
+        "tools/make_tiny_dataset.py:no_samples": Case("tools/make_tiny_dataset.py", [root / "e10", "--train", "0"],
+                                                      ["--train 0", "need at least one training sample"],
+                                                      absent=[root / "e10"]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -287,10 +375,11 @@ def results(work) -> dict[str, subprocess.CompletedProcess]:
 
     def run_all(names: list[str]) -> dict[str, subprocess.CompletedProcess]:
         # The slow starts (megatron-core imported) first, so the quick ones fill the gaps.
-        heavy = ("hf:ok", "hf:disk_full", "mg:not_a_checkpoint", "mg:truncated_distcp", "mg:corrupt_common_pt")
+        heavy = ("hf:ok", "hf:disk_full", "mg:not_a_checkpoint", "mg:truncated_distcp", "mg:corrupt_common_pt",
+                 "psft-train:missing_recipe", "-m psft_megatron.train:missing_recipe", "launch/pretrain_psft.py:unknown_key")
         names = sorted(names, key=lambda n: n not in heavy)
         with ThreadPoolExecutor(max_workers=4) as pool:
-            futures = {n: pool.submit(_tool, cases[n].tool, cases[n].args) for n in names}
+            futures = {n: pool.submit(_tool, cases[n].tool, cases[n].args, work["cwd"]) for n in names}
             return {n: f.result() for n, f in futures.items()}
 
     runnable = [n for n, c in cases.items() if c.skip is None]
@@ -307,8 +396,16 @@ def results(work) -> dict[str, subprocess.CompletedProcess]:
     return out
 
 
+def test_every_entry_point_has_a_bad_input_case():
+    """A new console script or path wrapper needs a case here (the tools/ names of BAD_INPUT count)."""
+    tools_cases = {f"tools/{tool}.py" for tool in TOOLS}
+    covered = {name.rsplit(":", 1)[0] for name in ENTRY_BAD_INPUT} | tools_cases
+    assert set(CONSOLE_SCRIPTS) | set(PATH_WRAPPERS) | {"-m psft_megatron.train"} <= covered
+    assert {name.split(":")[0] for name in BAD_INPUT} == {"hf", "mg", "data", "score"}  # the TOOLS' cases
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BAD_INPUT)
+@pytest.mark.parametrize("name", BAD_INPUT + ENTRY_BAD_INPUT)
 def test_bad_input_is_one_error_line(name, work, results):
     case = work["cases"][name]
     if case.skip:

@@ -19,6 +19,7 @@ the one short GPU session that runs it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -42,8 +43,16 @@ FETCH = ROOT / "benchmarks" / "fetch_gpu_wheels.sh"
 IMAGE_PACKAGES = ROOT / "benchmarks" / "gpu_image_packages.txt"
 CARRIED = ("megatron-core", "datasets", "dill", "multiprocess")
 
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check_report as report  # noqa: E402
+
+def _benchmark(name: str):
+    """benchmarks/NAME.py, loaded by path: benchmarks/ holds scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = _benchmark("gpu_check_report")
 
 no_gpu_here = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the script would run for real")
 
@@ -156,9 +165,7 @@ def test_trainer_figures_from_bench_trainer_output():
 
 
 def test_profile_step_counts_model_flops_as_bench_trainer_does():
-    import bench_trainer
-    import gpu_profile_step
-
+    bench_trainer, gpu_profile_step = _benchmark("bench_trainer"), _benchmark("gpu_profile_step")
     args = SimpleNamespace(layers=24, hidden=2048, seq=4096, ffn=None, heads=None, kv_groups=None, vocab=384, impl="local",
                            mini=4, micro=1, tp=1, k=4, with_kl=False)
     ours = gpu_profile_step._recipe(Path("d"), Path("r"), args, gpu=True)["model"]

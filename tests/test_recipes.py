@@ -175,3 +175,43 @@ def test_cpu_refuses_what_needs_cuda():
         r.validate_for_device(has_cuda=False)
     assert "distributed_optimizer" not in str(refused.value)
     load_recipe(RECIPES / "tiny_cpu.yaml").validate_for_device(has_cuda=False)
+
+
+def test_a_launch_checks_its_recipe_once(tiny_data, tmp_path, monkeypatch):
+    """load_recipe returns a recipe validated at the job's size; the launcher's check_launch adds the
+    device and file checks, and run()'s own call (build_trainer) finds it all done. A change to any
+    field voids what passed, so an edited recipe is checked again."""
+    import psft_megatron.preflight as preflight
+    from psft_megatron.recipe import RecipeConfig
+
+    calls = {"recipe": 0, "files": 0}
+    cross_section, files = RecipeConfig._validate_cross_section, preflight.preflight
+
+    def counted_cross_section(self):
+        calls["recipe"] += 1
+        cross_section(self)
+
+    def counted_files(recipe):
+        calls["files"] += 1
+        files(recipe)
+
+    monkeypatch.setattr(RecipeConfig, "_validate_cross_section", counted_cross_section)
+    monkeypatch.setattr(preflight, "preflight", counted_files)
+    overrides = [f"data.train[0].path={tiny_data / 'train.jsonl'}", f"data.eval[0].path={tiny_data / 'eval.jsonl'}",
+                 f"data.tokenizer={tiny_data / 'tokenizer'}", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"logging.run_dir={tmp_path / 'run'}"]
+    r = load_recipe(RECIPES / "tiny_cpu.yaml", overrides, world_size=2)
+    assert calls == {"recipe": 1, "files": 0}
+    preflight.check_launch(r, 2, has_cuda=False)  # the launcher
+    preflight.check_launch(r, 2, has_cuda=False)  # run() -> build_trainer
+    assert calls == {"recipe": 1, "files": 1}
+    # Another world size is another check: TP=2 x DP=4 needs mini_batch_size 4 >= 2 x 4.
+    with pytest.raises(ConfigError, match=r"training.mini_batch_size \(4\) is not a multiple of .* = 2 x 4 = 8"):
+        preflight.check_launch(r, 8, has_cuda=False)
+    r.training.mini_batch_size = 3  # an edit after loading: checked again, and refused
+    with pytest.raises(ConfigError, match=r"mini_batch_size"):
+        preflight.check_launch(r, 2, has_cuda=False)
+    r.training.mini_batch_size = 4  # back as loaded: what passed then holds again
+    calls.update(recipe=0, files=0)
+    preflight.check_launch(r, 2, has_cuda=False)
+    assert calls == {"recipe": 0, "files": 0}

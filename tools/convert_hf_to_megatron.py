@@ -1,61 +1,15 @@
-"""Convert a Hugging Face model folder into a psft_megatron model checkpoint.
+"""psft-convert-hf by path: convert a Hugging Face model folder into a psft_megatron checkpoint.
 
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out CKPT_DIR [--vocab-divisible-by 128] [--overwrite]
 
-HF_DIR holds config.json, weights (*.safetensors, sharded or not, or pytorch_model*.bin)
-and tokenizer files. CKPT_DIR gets ``model/`` (megatron dist checkpoint, loads at any
-TP/PP), ``psft_meta.json``, ``hf_config.json`` and ``tokenizer/``; it appears only when
-complete. Runs as one process (no torchrun) and streams tensor by tensor.
-
-Exit status: 0 done (prints a JSON report); 2 the input cannot be converted exactly or
-the output cannot be written (a missing, unsupported or corrupt config.json or weight
-file, an existing CKPT_DIR without --overwrite, an unwritable or full disk): one
-"error: ..." line on stderr names the file and what to change, no traceback; 2 also for
-bad usage (argparse prints the usage first); 1 an internal error (a traceback follows:
-please report it).
+The command: ``psft-convert-hf`` (``psft_megatron/cli/convert_hf.py``).
+Its --help lists the options and the exit statuses. This file keeps the path that the
+README, job scripts and users call; it needs the package installed (``pip install -e .``).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hf", required=True, help="HF model folder")
-    parser.add_argument("--out", required=True, help="output checkpoint directory")
-    parser.add_argument("--vocab-divisible-by", type=int, default=128, help="pad the vocabulary to a multiple of this")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from psft_megatron.runtime.quiet import quiet_known_warnings
-
-    quiet_known_warnings()
-
-    # Torch-free checks first: a wrong path or config fails in a second, before megatron is imported.
-    from psft_megatron.conversion.checks import check_hf_folder, check_output_dir
-    from psft_megatron.conversion.errors import ConversionError
-
-    try:
-        check_hf_folder(args.hf)
-        check_output_dir(args.out, args.overwrite)
-        from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
-
-        report = convert_hf_to_megatron(
-            args.hf, args.out, make_vocab_size_divisible_by=args.vocab_divisible_by, overwrite=args.overwrite
-        )
-    except (ConversionError, OSError) as e:  # OSError: e.g. FileExistsError for an existing --out
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    print(json.dumps(report))
-    return 0
-
+from psft_megatron.cli.convert_hf import main
 
 if __name__ == "__main__":  # the dist-checkpoint writer may start a spawn-context process: keep this guard
     sys.exit(main())

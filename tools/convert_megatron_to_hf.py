@@ -1,73 +1,15 @@
-"""Export a psft_megatron model checkpoint (converter output or a trainer step_NNNNNN/) as an HF folder.
+"""psft-export-hf by path: export a psft_megatron checkpoint as a Hugging Face folder.
 
-    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR \
-        [--dtype auto|float32|bfloat16|float16] [--tokenizer DIR] [--max-shard-size-gb 5] [--overwrite]
+    python tools/convert_megatron_to_hf.py --ckpt CKPT_DIR --out HF_DIR [--dtype auto] [--tokenizer DIR] [--overwrite]
 
-Works for a checkpoint saved at any TP/PP. HF_DIR gets safetensors shards with
-``model.safetensors.index.json``, ``config.json`` and the tokenizer files; vocabulary
-padding is trimmed. ``--dtype auto`` keeps the dtype of the HF config that travelled
-with the checkpoint (else the checkpoint's). Runs as one process, layer by layer.
-
-Exit status: 0 done (prints a JSON report); 2 the checkpoint cannot be exported or the
-output cannot be written (CKPT_DIR missing or not a checkpoint, a corrupt or truncated
-checkpoint file, tensors that do not fit its config, an existing HF_DIR without
---overwrite, an unwritable or full disk): one "error: ..." line on stderr names the file
-and what to change, no traceback; 2 also for bad usage (argparse prints the usage first);
-1 an internal error (a traceback follows).
+The command: ``psft-export-hf`` (``psft_megatron/cli/export_hf.py``).
+Its --help lists the options and the exit statuses. This file keeps the path that the
+README, job scripts and users call; it needs the package installed (``pip install -e .``).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint directory (holds psft_meta.json and model/)")
-    parser.add_argument("--out", required=True, help="output HF folder")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the checkpoint's)")
-    parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from psft_megatron.runtime.quiet import quiet_known_warnings
-
-    quiet_known_warnings()
-
-    # Torch-free checks first: a wrong path fails in a second, before megatron is imported.
-    from psft_megatron.conversion.checks import check_checkpoint_dir, check_output_dir
-    from psft_megatron.conversion.errors import ConversionError
-
-    try:
-        check_checkpoint_dir(args.ckpt)
-        check_output_dir(args.out, args.overwrite)
-        from psft_megatron.checkpoint.model_checkpoint import CheckpointError  # imports megatron-core
-        from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
-
-        try:
-            report = convert_megatron_to_hf(
-                args.ckpt,
-                args.out,
-                dtype=args.dtype,
-                tokenizer_dir=args.tokenizer,
-                max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-                overwrite=args.overwrite,
-            )
-        except CheckpointError as e:  # psft_meta.json missing or unreadable: the same one line
-            raise ConversionError(str(e)) from None
-    except (ConversionError, OSError) as e:  # OSError: e.g. FileExistsError for an existing --out
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2
-    print(json.dumps(report))
-    return 0
-
+from psft_megatron.cli.export_hf import main
 
 if __name__ == "__main__":  # the dist-checkpoint machinery may start a spawn-context process: keep this guard
     sys.exit(main())

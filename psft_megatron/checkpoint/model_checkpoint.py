@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from psft_megatron.errors import UserError
 from psft_megatron.model.build import unwrap_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.hf_config import load_hf_config_dict
@@ -66,7 +67,7 @@ HF_CONFIG_FILE = "hf_config.json"
 TOKENIZER_SUBDIR = "tokenizer"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read as asked (wrong layout, model or format)."""
 
 
@@ -163,7 +164,10 @@ def read_meta(dir: str | Path) -> dict[str, Any]:
 def model_config_of(meta: dict[str, Any]) -> ModelConfig:
     """The checkpoint's :class:`ModelConfig`, resolved (a recipe may have stored only ``hf_config``)."""
     cfg = ModelConfig.from_dict(meta["model"])
-    return cfg.resolve() if cfg.hf_config and not cfg.num_layers else cfg
+    if cfg.hf_config and not cfg.num_layers:  # saved before resolving: read its hf_config now
+        return cfg.resolve()
+    cfg.resolved = True  # saved resolved: its hf_config only records where it came from
+    return cfg
 
 
 def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:

@@ -12,12 +12,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, TypeVar
 
+from psft_megatron.errors import UserError
+
 __all__ = ["ConversionError", "describe", "size_text", "writing_to", "wrapped"]
 
 E = TypeVar("E", bound=BaseException)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """The input cannot be converted exactly, or the output cannot be written; the message says why."""
 
 

@@ -28,9 +28,10 @@ from psft_megatron.checkpoint.model_checkpoint import (
 from psft_megatron.conversion.checks import check_free_space, check_hf_folder, check_output_dir
 from psft_megatron.conversion.errors import ConversionError, writing_to
 from psft_megatron.conversion.hf_io import HFCheckpointReader, copy_tokenizer_files
-from psft_megatron.conversion.registry import IGNORED_HF_SUFFIXES, WeightMapping, expand
+from psft_megatron.conversion.registry import IGNORED_HF_SUFFIXES, expand
 from psft_megatron.conversion.session import single_process_megatron
 from psft_megatron.conversion.streaming import slots_of, stream_save
+from psft_megatron.model.architectures.base import TensorTransform
 from psft_megatron.model.build import build_meta_model
 from psft_megatron.model.config import ModelConfig
 
@@ -49,20 +50,20 @@ def _checkpoint_dtype(reader: HFCheckpointReader) -> str:
 def expected_hf_shapes(cfg: ModelConfig, slots: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """HF tensor name -> shape, derived by running each export transform on meta tensors."""
     shapes = {}
-    for name, hf_names, m in expand(cfg):
-        outs = m.fn.to_hf(torch.empty(slots[name].shape, device="meta"), cfg)
+    for name, hf_names, fn in expand(cfg):
+        outs = fn.to_hf(torch.empty(slots[name].shape, device="meta"), cfg)
         shapes.update({h: tuple(t.shape) for h, t in zip(hf_names, outs)})
     return shapes
 
 
 def plan_hf_to_megatron(
     cfg: ModelConfig, slots: dict[str, Any], reader: HFCheckpointReader
-) -> dict[str, tuple[tuple[str, ...], WeightMapping]]:
-    """Megatron name -> (HF names, mapping), after checking the HF tensors fit exactly.
+) -> dict[str, tuple[tuple[str, ...], TensorTransform]]:
+    """Megatron name -> (HF names, transform), after checking the HF tensors fit exactly.
 
     Raises :class:`ConversionError` listing missing, unexpected or mis-shaped tensors.
     """
-    plan = {name: (hf, m) for name, hf, m in expand(cfg)}
+    plan = {name: (hf, fn) for name, hf, fn in expand(cfg)}
     if set(plan) != set(slots):
         raise ConversionError(
             f"weight mapping for {cfg.family} does not cover the megatron model: "
@@ -126,8 +127,8 @@ def convert_hf_to_megatron(
         plan = plan_hf_to_megatron(cfg, slots, reader)
 
         def produce(name: str) -> torch.Tensor:
-            hf_names, m = plan[name]
-            return m.fn.to_megatron([reader.get(h) for h in hf_names], cfg, padded)
+            hf_names, fn = plan[name]
+            return fn.to_megatron([reader.get(h) for h in hf_names], cfg, padded)
 
         dtype = next(iter(slots.values())).dtype
         need = sum(s.dtype.itemsize * math.prod(s.shape) for s in slots.values())

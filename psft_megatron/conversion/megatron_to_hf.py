@@ -182,12 +182,12 @@ def convert_megatron_to_hf(
         else:
             raise ValueError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
 
-        entries = {name: (hf, m) for name, hf, m in expand(cfg)}
+        entries = {name: (hf, fn) for name, hf, fn in expand(cfg)}
         if set(entries) != set(slots):
             raise ConversionError(f"weight mapping for {cfg.family} does not cover the megatron model")
         plan = []
-        for name, (hf_names, m) in entries.items():
-            outs = m.fn.to_hf(torch.empty(slots[name].shape, device="meta"), cfg)
+        for name, (hf_names, fn) in entries.items():
+            outs = fn.to_hf(torch.empty(slots[name].shape, device="meta"), cfg)
             plan += [(h, tuple(t.shape), out_dtype) for h, t in zip(hf_names, outs)]
 
         need = sum(out_dtype.itemsize * math.prod(shape) for _, shape, _ in plan)
@@ -196,8 +196,8 @@ def convert_megatron_to_hf(
             writer = SafetensorsWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
             for group in load_groups(meta_model, model_dir):  # read errors arrive as ConversionError
                 for name, tensor in group.items():
-                    hf_names, m = entries[name]
-                    for h, t in zip(hf_names, m.fn.to_hf(tensor, cfg)):
+                    hf_names, fn = entries[name]
+                    for h, t in zip(hf_names, fn.to_hf(tensor, cfg)):
                         writer.write(h, t.to(out_dtype))
                 del group
             writer.close()

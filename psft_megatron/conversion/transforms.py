@@ -1,9 +1,10 @@
-"""Tensor transforms between HF and Megatron layouts, both directions.
+"""The generic tensor transforms between HF and Megatron layouts, both directions.
 
-Each transform maps the HF tensors of one mapping entry to the *TP=1* Megatron
-tensor and back. The Megatron dist checkpoint stores TP-independent global
-tensors, and megatron-core's own sharded state dict splits them per TP rank on
-load, so no transform here needs to know the TP size:
+A family's weight table (:mod:`psft_megatron.model.architectures`) names one of these by
+string, or one of its own (``Architecture.transforms``). Each maps the HF tensors of one
+mapping row to the *TP=1* Megatron tensor and back. The Megatron dist checkpoint stores
+TP-independent global tensors, and megatron-core's own sharded state dict splits them per TP
+rank on load, so no transform here needs to know the TP size:
 
 * QKV: Megatron's ``linear_qkv`` holds, per query group (key/value head), that
   group's query heads, then its key head, then its value head. Splitting rows
@@ -18,13 +19,12 @@ load, so no transform here needs to know the TP size:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from psft_megatron.model.architectures.base import TensorTransform
 from psft_megatron.model.config import ModelConfig
 
-__all__ = ["Transform", "TRANSFORMS", "qkv_merge", "qkv_split"]
+__all__ = ["TRANSFORMS", "qkv_merge", "qkv_split"]
 
 
 def qkv_merge(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -62,40 +62,18 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-@dataclass(frozen=True)
-class Transform:
-    """A named HF <-> Megatron transform. ``to_megatron(hf_tensors, cfg, padded_vocab)`` and ``to_hf(t, cfg)``."""
-
-    name: str
-    num_hf: int  # how many HF tensors feed one Megatron tensor
-
-    def to_megatron(self, hf: list[torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> torch.Tensor:
-        if self.name == "direct":
-            return hf[0]
-        if self.name == "qkv":
-            return qkv_merge(hf[0], hf[1], hf[2], cfg)
-        if self.name == "gate_up":
-            return torch.cat([hf[0], hf[1]], dim=0)
-        if self.name == "vocab":
-            return _pad_rows(hf[0], padded_vocab)
-        raise KeyError(self.name)
-
-    def to_hf(self, t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
-        if self.name == "direct":
-            return [t]
-        if self.name == "qkv":
-            return list(qkv_split(t, cfg))
-        if self.name == "gate_up":
-            gate, up = torch.chunk(t, 2, dim=0)
-            return [gate.contiguous(), up.contiguous()]
-        if self.name == "vocab":
-            return [t[: cfg.vocab_size].contiguous()]
-        raise KeyError(self.name)
+def _gate_up_split(t: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    gate, up = torch.chunk(t, 2, dim=0)
+    return [gate.contiguous(), up.contiguous()]
 
 
-TRANSFORMS = {
-    "direct": Transform("direct", 1),
-    "qkv": Transform("qkv", 3),
-    "gate_up": Transform("gate_up", 2),
-    "vocab": Transform("vocab", 1),
+TRANSFORMS: dict[str, TensorTransform] = {
+    "direct": TensorTransform("direct", 1, lambda hf, cfg, padded: hf[0], lambda t, cfg: [t]),
+    "qkv": TensorTransform(
+        "qkv", 3, lambda hf, cfg, padded: qkv_merge(hf[0], hf[1], hf[2], cfg), lambda t, cfg: list(qkv_split(t, cfg))
+    ),
+    "gate_up": TensorTransform("gate_up", 2, lambda hf, cfg, padded: torch.cat([hf[0], hf[1]], dim=0), _gate_up_split),
+    "vocab": TensorTransform(
+        "vocab", 1, lambda hf, cfg, padded: _pad_rows(hf[0], padded), lambda t, cfg: [t[: cfg.vocab_size].contiguous()]
+    ),
 }

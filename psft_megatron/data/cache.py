@@ -37,13 +37,14 @@ import numpy as np
 
 from psft_megatron.data.store import combine_digests, content_fingerprint
 from psft_megatron.data.types import SkipReport, TokenizedSample
+from psft_megatron.errors import UserError
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 _FLUSH_TOKENS = 1 << 20  # bound the writer's memory: flush every ~1M tokens
 
 
-class CacheError(RuntimeError):
+class CacheError(UserError, RuntimeError):
     """Base class for cache problems."""
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from psft_megatron.errors import UserError
+
 from .types import Provenance, SkipReport
 
 OnError = Literal["raise", "skip"]
@@ -49,7 +51,7 @@ LENGTH_REASONS = frozenset({TOO_LONG, PROMPT_TOO_LONG})
 FATAL_REASONS = frozenset({SOURCE, TEMPLATE, TOKENIZER})
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A problem with one input record (or a whole file / template), with its location.
 
     Attributes:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psft_megatron.errors import UserError
 from psft_megatron.evaluation.report import side_by_side
 
 __all__ = ["CURVES", "Run", "compare_runs", "final_metrics_table", "read_run"]
@@ -38,7 +39,7 @@ CURVES = [
 ]
 
 
-class CompareError(ValueError):
+class CompareError(UserError, ValueError):
     """A run folder that cannot be read; one line naming it."""
 
 

@@ -18,6 +18,7 @@ import yaml
 
 from psft_megatron.conversion.checks import check_checkpoint_dir
 from psft_megatron.conversion.errors import ConversionError
+from psft_megatron.errors import UserError
 
 __all__ = [
     "EvalInputError",
@@ -34,7 +35,7 @@ __all__ = [
 META_FILE = "psft_meta.json"  # psft_megatron.checkpoint.model_checkpoint.META_FILE (that module imports torch)
 
 
-class EvalInputError(ValueError):
+class EvalInputError(UserError, ValueError):
     """A bad evaluation input; the message is one line naming the path or option and what to change."""
 
 

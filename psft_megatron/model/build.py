@@ -246,14 +246,13 @@ def build_model(
     for the fused output layer + loss (see :mod:`psft_megatron.model.gpt`) instead of logits.
 
     Needs megatron's parallel state (``init_model_parallel``) and, for reproducible
-    init, ``set_seed``. Resolves ``model.hf_config`` and validates first. The
+    init, ``set_seed``. ``model`` is resolved (``ModelConfig.resolve``); it is validated first. The
     chunks are in ``model.params_dtype``, on the GPU when CUDA is available and
     on the CPU otherwise (``use_cpu_initialization``).
     """
     from megatron.core import parallel_state
 
     parallel = parallel or ParallelConfig()
-    model = model.resolve()
     model.validate(parallel)
     impl = select_transformer_impl(model.transformer_impl)
     config = transformer_config(model, parallel, impl=impl, overrides=config_overrides)
@@ -295,7 +294,6 @@ def build_meta_model(model: ModelConfig, impl: str = "local") -> Any:
     the exact dist-checkpoint keys, shapes and shardings megatron would use,
     without holding weights. Needs megatron's parallel state at TP=PP=1.
     """
-    model = model.resolve()
     model.validate(ParallelConfig())
     config = transformer_config(model, ParallelConfig(), impl=impl, perform_initialization=False)
     vocab = model.padded_vocab_size

@@ -2,7 +2,9 @@
 
 A recipe either lists the fields or points ``hf_config`` at a Hugging Face
 ``config.json`` (or the folder holding it); :meth:`ModelConfig.resolve` fills the
-fields from it, keeping any field the recipe sets explicitly.
+fields from it, keeping any field the recipe sets explicitly. A launch resolves once
+(``RecipeConfig.resolved_model``) and passes the resolved config on: nothing that builds,
+plans or checks a model reads the file again.
 
 :meth:`ModelConfig.validate` checks every constraint against the parallel layout
 before any weight is built, so a bad recipe fails in a second with a message naming
@@ -12,15 +14,19 @@ the field to change rather than deep inside megatron-core on hundreds of ranks.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from psft_megatron.config.load import FieldError, build_dataclass, check_choices
+from psft_megatron.config.load import FieldError, build_dataclass, check_choices, to_dict
+from psft_megatron.model.architectures import FAMILIES
 from psft_megatron.model.hf_config import model_fields_from_hf
 from psft_megatron.runtime.config import ParallelConfig
 
-__all__ = ["ModelConfig", "RopeScaling"]
+__all__ = ["Family", "ModelConfig", "RopeScaling"]
+
+# The registered families (psft_megatron.model.architectures): the one list of them.
+Family = Literal[FAMILIES]  # type: ignore[valid-type]
 
 # Training choices, never read from an HF config.
 _RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config",
@@ -39,13 +45,14 @@ class RopeScaling:
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-family decoder (Llama 2/3/3.1, Qwen2/2.5, Mistral).
+    """Architecture of a Llama-style decoder; ``family`` is one registered in
+    :mod:`psft_megatron.model.architectures` (Llama 2/3/3.1, Qwen2/2.5, Mistral).
 
     All of these share RMSNorm, SwiGLU MLP, RoPE and grouped-query attention; they
     differ in QKV bias (Qwen2), tied embeddings and RoPE scaling.
     """
 
-    family: Literal["llama", "qwen2", "mistral"] = "llama"
+    family: Family = "llama"
     num_layers: int = 0
     hidden_size: int = 0
     ffn_hidden_size: int = 0
@@ -79,6 +86,9 @@ class ModelConfig:
     # the rest keep everything.
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
+    # Set by resolve(): the fields already hold hf_config's architecture, so resolving again reads
+    # nothing. Derived state, not a recipe key (not saved; a dataclasses.replace copy drops it).
+    resolved: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # straight from YAML or an HF config
@@ -124,22 +134,36 @@ class ModelConfig:
         return cls(**model_fields_from_hf(config_json))
 
     def resolve(self) -> "ModelConfig":
-        """Return a copy with the architecture filled from ``hf_config`` (if set).
+        """Return a copy with the architecture filled from ``hf_config`` (if set), marked resolved.
 
         Architecture fields the recipe set to a non-default value win over the HF
         file; the training choices (params_dtype, transformer_impl,
-        make_vocab_size_divisible_by) always come from the recipe.
+        make_vocab_size_divisible_by) always come from the recipe. Reads the file once;
+        a config this returned is resolved already, and resolving it again reads nothing.
         """
-        if not self.hf_config:
-            return dataclasses.replace(self)
-        from_hf = ModelConfig.from_hf(self.hf_config)
+        if self.hf_config and not self.resolved:
+            return self.filled_from(ModelConfig.from_hf(self.hf_config))
+        out = dataclasses.replace(self)
+        out.resolved = True
+        return out
+
+    def filled_from(self, from_hf: "ModelConfig") -> "ModelConfig":
+        """A copy whose architecture fields left at their defaults take ``from_hf``'s values (no I/O).
+
+        ``from_hf`` is the architecture read from ``hf_config`` (:meth:`from_hf`); the training
+        choices always stay this config's.
+        """
         defaults = ModelConfig()
         merged = {}
         for f in dataclasses.fields(self):
+            if not f.init:
+                continue
             mine = getattr(self, f.name)
             take_hf = f.name not in _RECIPE_ONLY and mine == getattr(defaults, f.name)
             merged[f.name] = getattr(from_hf, f.name) if take_hf else mine
-        return ModelConfig(**merged)
+        out = ModelConfig(**merged)
+        out.resolved = True
+        return out
 
     def validate(self, parallel: ParallelConfig | None = None) -> None:
         """Check every architecture and layout constraint; raise :class:`FieldError` naming the field.
@@ -153,7 +177,12 @@ class ModelConfig:
                      "max_position_embeddings", "make_vocab_size_divisible_by"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                hint = " (or set model.hf_config to take it from a config.json)" if not self.hf_config else ""
+                if not self.hf_config:
+                    hint = " (or set model.hf_config to take it from a config.json)"
+                elif not self.resolved:  # e.g. recipe.model passed where recipe.resolved_model belongs
+                    hint = " (model.hf_config is set but this config was not resolved: pass ModelConfig.resolve()'s copy)"
+                else:
+                    hint = ""
                 raise FieldError(f"model.{name}", f"must be a positive integer, got {value!r}{hint}")
         if self.norm_epsilon <= 0:
             raise FieldError("model.norm_epsilon", f"must be > 0, got {self.norm_epsilon}")
@@ -272,7 +301,8 @@ class ModelConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe keys (derived state such as ``resolved`` left out)."""
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":

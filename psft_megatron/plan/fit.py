@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 from psft_megatron.config.load import ConfigError
@@ -15,9 +16,9 @@ __all__ = ["check_fits"]
 
 def _with(recipe: RecipeConfig, **sections: dict) -> RecipeConfig:
     """A copy of ``recipe`` with some fields of some sections replaced."""
-    changed = {name: replace(getattr(recipe, name), **fields) for name, fields in sections.items()}
-    out = replace(recipe, **changed)
-    out.origin = recipe.origin
+    out = copy.copy(recipe)  # keeps the origin and the model.hf_config already read
+    for name, fields in sections.items():
+        setattr(out, name, replace(getattr(recipe, name), **fields))
     return out
 
 
@@ -74,7 +75,7 @@ def check_fits(plan: Plan, recipe: RecipeConfig) -> None:
     best = None
     for field_name, advice, changed in _candidates(recipe, plan, biggest.name):
         try:
-            changed.model.resolve().validate(changed.parallel)
+            changed.resolved_model.validate(changed.parallel)
         except Exception:  # a remedy the layout rules refuse is no remedy
             continue
         alt = plan_recipe(changed, plan.world_size, plan.gpu, mfu=plan.mfu, device=plan.device)

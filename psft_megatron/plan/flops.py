@@ -29,7 +29,7 @@ def forward_flops_per_token(m: ModelConfig, seq: int) -> dict[str, float]:
 
 def step_flops(recipe: RecipeConfig, m: ModelConfig | None = None) -> dict[str, float]:
     """FLOPs per optimizer step (whole job): model FLOPs, and hardware FLOPs with recompute."""
-    m = m or recipe.model.resolve()
+    m = m or recipe.resolved_model
     tr = recipe.training
     f = forward_flops_per_token(m, tr.seq_length)
     fwd = f["layers"] + f["head"]

@@ -156,7 +156,7 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
 
     ``device="cpu"`` plans a CPU run (the local spec, CPU chunk sizes): what the tests measure.
     """
-    m = recipe.model.resolve()
+    m = recipe.resolved_model
     par, tr = recipe.parallel, recipe.training
     tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
     vp = par.virtual_pipeline_model_parallel_size
@@ -245,6 +245,6 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
     return Plan(
         source=recipe.origin.source, gpu=gpu, gpu_assumed=gpu_assumed, world_size=world_size, tp=tp, pp=pp, vp=vp,
         cp=cp, dp=dp, sp=par.sequence_parallel, seq=tr.seq_length, micro=tr.micro_batch_size,
-        micro_batches=micro_batches, k=kk, model=m, impl=impl, recompute=_recompute_name(m), stages=stages,
+        micro_batches=micro_batches, k=tr.mini_batches_per_global_batch, model=m, impl=impl, recompute=_recompute_name(m), stages=stages,
         flops=step_flops(recipe, m), mfu=mfu, device=device, notes=notes,
     )

@@ -16,6 +16,7 @@ from psft_megatron.data.errors import SOURCE, DataError
 from psft_megatron.data.loader import LoaderConfig, PackedLoader
 from psft_megatron.data.prepare import prepare_dataset
 from psft_megatron.data.types import SkipReport
+from psft_megatron.errors import UserError
 from psft_megatron.runtime.config import ParallelConfig
 from psft_megatron.runtime.distributed import DistEnv
 from psft_megatron.training.config import TrainingConfig
@@ -23,7 +24,7 @@ from psft_megatron.training.config import TrainingConfig
 log = logging.getLogger("psft")
 
 
-class DataSetupError(RuntimeError):
+class DataSetupError(UserError, RuntimeError):
     """Another rank (rank 0) failed to prepare the data; its message is included."""
 
 

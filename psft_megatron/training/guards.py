@@ -13,12 +13,13 @@ import logging
 import math
 from collections import deque
 
+from psft_megatron.errors import Diverged
 from psft_megatron.training.config import TrainingConfig
 
 log = logging.getLogger("psft")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Diverged, RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
 
 

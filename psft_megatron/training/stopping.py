@@ -26,14 +26,15 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+# The exit status of a launch that stopped early on a signal or its time budget, after saving.
+from psft_megatron.errors import EXIT_PREEMPTED
 from psft_megatron.training.config import TrainingConfig
 
 log = logging.getLogger("psft")
 
+__all__ = ["EXIT_PREEMPTED", "STOP_SIGNALS", "SelfSignalForTests", "StopPolicy", "TEST_SIGNAL_ENV"]
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Exit status of a launch that stopped early on a signal or its time budget, after saving:
-# EX_TEMPFAIL, "try again" (the sbatch script requeues on it).
-EXIT_PREEMPTED = 75
 
 # TEST ONLY. "N" or "N:SIGNAME" (default SIGTERM): this rank sends itself that signal with
 # os.kill as optimizer step N (1-based) begins; the step then runs to its end and the launch

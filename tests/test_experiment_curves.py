@@ -1,0 +1,61 @@
+"""experiments/psft_long/curves.py: windowed and running token-weighted means of metrics.jsonl rows,
+checked against means computed here, and a resumed run's repeated step counted once."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CURVES = runpy.run_path(str(ROOT / "experiments" / "psft_long" / "curves.py"))
+
+
+def _write(run: Path, rows: list[dict]) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _step(step: int, entropy: float, tokens: int, logp: float = -1.0, clip: float = 0.0) -> dict:
+    return {"step": step, "phase": "psft", "loss": -logp, "entropy": entropy, "mean_logp": logp,
+            "clip_frac": clip, "ratio_max": 1.0 + clip, "tokens": tokens}
+
+
+def test_window_means_weight_each_step_by_its_tokens(tmp_path):
+    rows = [_step(1, 1.0, 100), _step(2, 0.5, 300), _step(3, 0.2, 50), _step(4, 0.4, 150), _step(5, 0.9, 10)]
+    _write(tmp_path / "a", rows)
+    train, _ = CURVES["read_metrics"](tmp_path / "a")
+    got = CURVES["window_means"](train, "entropy", 2)
+    expected = [(2, (1.0 * 100 + 0.5 * 300) / 400), (4, (0.2 * 50 + 0.4 * 150) / 200), (5, 0.9)]
+    assert [s for s, _ in got] == [s for s, _ in expected]
+    assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-12)
+    steps, values = CURVES["running_mean"](train, "entropy", 3)
+    assert steps == [1, 2, 3, 4, 5]
+    assert values[2] == pytest.approx((100 + 150 + 10) / 450, rel=1e-12)
+    assert values[4] == pytest.approx((0.2 * 50 + 0.4 * 150 + 0.9 * 10) / 210, rel=1e-12)
+
+
+def test_a_resumed_step_counts_once_and_eval_rows_are_apart(tmp_path):
+    rows = [_step(1, 1.0, 10), _step(2, 9.0, 10),  # step 2 redone after a resume: the later row wins
+            {"step": 2, "loss": 1.2, "entropy": 0.8, "tokens": 40, "split": "eval"},
+            _step(2, 0.5, 10), _step(3, 0.25, 10, clip=0.5)]
+    _write(tmp_path / "b", rows)
+    train, evals = CURVES["read_metrics"](tmp_path / "b")
+    assert [r["step"] for r in train] == [1, 2, 3] and train[1]["entropy"] == 0.5
+    assert [(e["step"], e["loss"]) for e in evals] == [(2, 1.2)]
+    assert train[2]["nll"] == 1.0  # -mean_logp
+
+
+def test_the_markdown_tables_hold_each_runs_numbers(tmp_path):
+    _write(tmp_path / "sft", [_step(s, 1.0 / s, 10) for s in range(1, 5)] +
+           [{"step": 4, "loss": 1.5, "entropy": 0.7, "kl": 0.01, "tokens": 5, "split": "eval"}])
+    _write(tmp_path / "psft", [_step(s, 2.0 / s, 10, clip=0.1) for s in range(1, 5)])
+    assert CURVES["main"]([str(tmp_path), "--runs", "sft", "psft", "--window", "2", "--out", str(tmp_path / "o"),
+                           "--no-plots"]) == 0
+    md = (tmp_path / "o" / "curves.md").read_text()
+    assert f"| sft | {(1 + 0.5) / 2:.3f} | {(1 / 3 + 0.25) / 2:.3f} |" in md
+    assert f"| psft | {(2 + 1) / 2:.3f} | {(2 / 3 + 0.5) / 2:.3f} |" in md
+    assert "| sft | 1.500 |" in md and "| sft | 0.010 |" in md  # held-out NLL and KL at step 4
+    assert "| psft | 1.1 | 1.1 |" in md  # max ratio
