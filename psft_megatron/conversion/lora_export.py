@@ -166,6 +166,7 @@ def export_peft_adapter(
         tensors[f"{PEFT_PREFIX}{module}.lora_{ab}.weight"] = t.contiguous()
     with layout.atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_model.safetensors").chmod(0o644)  # readable by a server running as another user
         with open(tmp / "adapter_config.json", "w") as f:
             json.dump(peft_config(adapters.config, base_model), f, indent=2)
     report = {"seconds": time.perf_counter() - start, "tensors": len(tensors), "rank": adapters.config.lora.rank,
