@@ -99,8 +99,8 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_trainer.py::test_stop_and_resume_equals_uninterrupted",),
            "a resumed run restarts the data stream"),
     Mutant("keep_last_off_by_one", "psft_megatron/checkpoint/train_checkpoint.py",
-           "    for _, p in steps[:-keep_last]:\n",
-           "    for _, p in steps[:-keep_last - 1]:\n",
+           "    for s, p in steps[:-keep_last]:\n",
+           "    for s, p in steps[:-keep_last - 1]:\n",
            ("tests/test_trainer_behaviour.py",), "keep_last keeps one checkpoint too many"),
     # ---- LoRA (issue #24): each planted by hand and caught before it was recorded here
     Mutant("lora_no_dh_allreduce", "psft_megatron/model/lora/layers.py",
