@@ -62,7 +62,10 @@ LORA_RUNS = {  # name: (objective, processes, micro_batch_size, parallel section
     "tp1": ("psft", 1, 2, {}, {}),
     # stopped after step 4 (checkpoint: adapters + their optimizer state), relaunched: bit-exact with tp1
     "tp1_resume": ("psft", 1, 2, {}, {}),
-    "tp2_sp": ("psft", 2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {}),
+    # init_from tp1's final (LoRA) checkpoint: its base and adapters, a fresh optimizer, 8 more steps
+    "tp1_continue": ("psft", 1, 2, {}, {}),
+    # also the evaluator's KL to the start, which for LoRA is the base (the adapters switched off)
+    "tp2_sp": ("psft", 2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"training": EVAL_KL}),
     "pp2_vp2": ("psft", 2, 2, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, {}),
     "cp2": ("psft", 2, 2, {"context_parallel_size": 2}, {}),
     # DP=2: megatron's distributed optimizer over the adapters, and the fused output layer (frozen weight)
@@ -126,6 +129,9 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
             stopped["training"]["exit_after_steps"] = 4
             first = _train_all({name.removesuffix("_resume") + "_stopped": stopped})
             env = init_distributed()
+        if name.endswith("_continue"):  # init_from the checkpoint its namesake (trained before it) ended with
+            recipe_dict = copy.deepcopy(recipe_dict)
+            recipe_dict["checkpoint"]["init_from"] = out[name.removesuffix("_continue")]["checkpoint"]
         recipe = recipe_from_dict(copy.deepcopy(recipe_dict))
         init_model_parallel(recipe.parallel)
         set_seed(recipe.training.seed)
@@ -139,7 +145,7 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
         opt_params = {id(p) for g in trainer.bundle.optimizer.param_groups for p in g["params"]}
         result = train(trainer)
         out[name] = {"records": result.records, "eval": result.eval_records,
-                     "checkpoint": str(result.last_checkpoint)}
+                     "checkpoint": str(result.last_checkpoint), "init_from": recipe.checkpoint.init_from}
         if name.endswith("_resume"):
             out[name]["records"] = next(iter(first.values()))["records"] + result.records
         if lora:
