@@ -163,7 +163,7 @@ class Checkpointer:
         meta = {"model": self.model_config, "step": step, **self.meta}
         self.last = save_training_checkpoint(
             self.save_dir, step, model, optimizer, scheduler, train_state, meta, keep_last=self.cfg.keep_last,
-            shards=shards,
+            shards=shards, keep_every=self.cfg.keep_every,
         )
         self.hf_copy.after_save(self.last, step, final=step == self._final_step)
         return self.last
