@@ -2,14 +2,15 @@
 
 :meth:`RecipeConfig.validate <psft_megatron.recipe.RecipeConfig.validate>` checks the recipe
 itself; this checks what it points at: the starting checkpoint exists and is one, local
-data files exist, the run and checkpoint folders can be written, and the checkpoint disk
-has room for one checkpoint. ``psft-train --validate-only`` runs both, so a
+data files exist, the run and checkpoint folders can be written, the checkpoint disk
+has room for one checkpoint, and the experiment trackers it asks for are installed. ``psft-train --validate-only`` runs both, so a
 job that would fail on these fails in a second on a login node, not after queueing.
 Nothing here writes to disk.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,8 +20,11 @@ from psft_megatron.checkpoint.train_checkpoint import complete_checkpoints
 from psft_megatron.config.load import ConfigError
 from psft_megatron.data.sources import resolve_format
 from psft_megatron.recipe import RecipeConfig
+from psft_megatron.training.trackers import missing_packages
 
 __all__ = ["check_launch", "checkpoint_bytes", "preflight", "save_dir_of"]
+
+log = logging.getLogger("psft")
 
 
 def save_dir_of(recipe: RecipeConfig) -> Path:
@@ -59,6 +63,9 @@ def _existing_parent(path: Path) -> Path:
 def preflight(recipe: RecipeConfig) -> None:
     """Raise :class:`ConfigError` (file:line of the field, what to change) for the first problem found."""
     where = recipe.origin.where
+    for field, module, extra in missing_packages(recipe.logging.wandb, recipe.logging.mlflow):
+        raise ConfigError(f"{where(field)}{field} is set but {module} is not installed: "
+                          f"pip install -e \".[{extra}]\" (or remove {field})")
     save_dir = save_dir_of(recipe)
     resuming = save_dir.is_dir() and bool(complete_checkpoints(save_dir))
     init = recipe.checkpoint.init_from
@@ -78,6 +85,11 @@ def preflight(recipe: RecipeConfig) -> None:
         problem = _writable(folder)
         if problem:
             raise ConfigError(f"{where(field)}{field}: cannot write {folder}: {problem}")
+    hf_dir = recipe.checkpoint.save_hf_dir
+    problem = _writable(Path(hf_dir)) if recipe.checkpoint.save_hf and hf_dir else None
+    if problem:  # an HF copy is a by-product: its failures are warnings, never a stop (checkpoint/hf_copy.py)
+        log.warning("%scheckpoint.save_hf_dir: cannot write %s: %s; the HF copies will fail (training and its "
+                    "checkpoints are not affected)", where("checkpoint.save_hf_dir"), hf_dir, problem)
     need = checkpoint_bytes(recipe)
     free = shutil.disk_usage(_existing_parent(save_dir)).free
     if free < need:

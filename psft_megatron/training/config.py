@@ -7,6 +7,7 @@ from typing import Literal
 
 from psft_megatron.config.load import FieldError, check_choices
 from psft_megatron.data.loader import check_batch_sizes
+from psft_megatron.training.trackers.config import MlflowConfig, WandbConfig
 
 
 @dataclass
@@ -163,13 +164,19 @@ class OptimConfig:
 
 @dataclass
 class LoggingConfig:
-    """Run directory, console and TensorBoard logging."""
+    """Run directory, console, TensorBoard and experiment-tracker logging."""
 
     run_dir: str = "runs/psft"
     log_interval: int = 1  # optimizer steps between console lines
     tensorboard: bool = True
     progress_bar: bool = True
+    # Experiment trackers beside TensorBoard (off unless set; optional extras .[wandb] / .[mlflow]).
+    wandb: WandbConfig | None = None
+    mlflow: MlflowConfig | None = None
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise FieldError("logging.log_interval", f"must be >= 1, got {self.log_interval}")
+        for tracker in (self.wandb, self.mlflow):
+            if tracker is not None:
+                tracker.validate()
