@@ -116,8 +116,10 @@ def _evaluate(t: Trainer, step: int, eval_records: list[dict[str, Any]]) -> None
         eval_records.append(ev)
         t.metrics.write(ev, prefix="eval")
         if t.is_logger:
-            kl = f" kl to start {ev['kl']:.4f}" if "kl" in ev else ""
-            log.info("eval step %d: loss %.4f entropy %.4f%s", step, ev["loss"], ev["entropy"], kl)
+            parts = [f"loss {ev['loss']:.4f} entropy {ev['entropy']:.4f}"] if "loss" in ev else []
+            parts += [f"kl to start {ev['kl']:.4f}"] if "kl" in ev else []
+            parts += [f"{k} {v:.4f}" for k, v in ev.items() if "/" in k]  # lm-eval tasks: TASK/METRIC
+            log.info("eval step %d: %s", step, ", ".join(parts))
 
 
 def train(t: Trainer) -> TrainResult:
