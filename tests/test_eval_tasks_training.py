@@ -10,11 +10,11 @@ Two launches:
    scoring rows, and per-item log-likelihoods of MMLU (one subject) and TruthfulQA MC1 on the task
    files the trainer renders (the same package function, the same data);
 2. two processes: (a) scoring rows with the pieces ``psft-evaluate`` uses (``load_scoring_model``,
-   the driver, the Megatron scorer) at PP=2 and at PP=1 x DP=2; (b) the same model fine-tuned 4
+   the driver, the Megatron scorer) at PP=2, PP=2 x VP=2 and PP=1 x DP=2; (b) the same model fine-tuned 4
    steps at PP=2 x VP=2 (the interleaved schedule: scoring groups topped up to PP micro-batches) and
    at TP=2 with ``eval_at_start`` and the two tasks every 4 steps, on GSM8K conversations; (c) the ``psft-evaluate --pp 2`` command itself on the converted checkpoint.
 
-Checked: PP=2 and PP=1 row scores equal each other and the float64 reference; ``psft-evaluate
+Checked: PP=2 (with and without VP) and PP=1 row scores equal each other and the float64 reference; ``psft-evaluate
 --pp 2``'s per-item task log-likelihoods and both training layouts' at step 0 equal lm-eval's
 ``hf`` backend on the starting model, with identical accuracy; at step 4 the two layouts agree;
 metrics.jsonl carries ``TASK/acc`` on the eval records, equal to lm-eval's results file of the
@@ -114,8 +114,9 @@ def prepare(root: str) -> dict[str, Any]:
     return {"scores": scores, "acc": {t: res["results"][t]["acc,none"] for t in LM_EVAL_TASKS}, "docs": docs}
 
 
-def _score(ckpt: str, pp: int) -> list[list[tuple[float, bool]]] | None:
-    """The rows scored as psft-evaluate scores a checkpoint: loaded at PP=pp, driven from rank 0."""
+def _score(ckpt: str, pp: int, vp: int | None = None) -> list[list[tuple[float, bool]]] | None:
+    """The rows scored as psft-evaluate scores a checkpoint: loaded at PP=pp (x VP=vp: the
+    interleaved schedule, as a trainer's chunks run it), driven from rank 0."""
     from psft_megatron.evaluation.driver import Driver
     from psft_megatron.evaluation.scoring import LOGLIK, MegatronScorer, loglik_handler
     from psft_megatron.evaluation.session import load_scoring_model
@@ -123,7 +124,7 @@ def _score(ckpt: str, pp: int) -> list[list[tuple[float, bool]]] | None:
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed, teardown
 
     init_distributed()  # as psft-evaluate (evaluation/job.py): the CPU routes (cpu_compat) come with it
-    parallel = ParallelConfig(pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp)
     init_model_parallel(parallel)
     set_seed(0)  # megatron's model-parallel RNG tracker, which attention enters even in eval mode
     model = load_scoring_model(ckpt, parallel)
@@ -148,7 +149,8 @@ def train_and_score(root: str, recipes: dict[str, dict]) -> dict[str, Any]:
     from psft_megatron.recipe import recipe_from_dict
     from psft_megatron.run import run
 
-    out: dict[str, Any] = {"score_pp2": _score(f"{root}/mg", 2), "score_pp1_dp2": _score(f"{root}/mg", 1)}
+    out: dict[str, Any] = {"score_pp2": _score(f"{root}/mg", 2), "score_pp1_dp2": _score(f"{root}/mg", 1),
+                           "score_pp2_vp2": _score(f"{root}/mg", 2, vp=2)}
     for name, r in recipes.items():
         result = run(recipe_from_dict(copy.deepcopy(r)))
         out[name] = {"records": result.records, "eval": result.eval_records}
@@ -158,7 +160,7 @@ def train_and_score(root: str, recipes: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
-def _recipe(root: Path, name: str, parallel: dict) -> dict:
+def _recipe(root: Path, name: str, parallel: dict, batch_size: int) -> dict:
     gsm8k = SHARED / "data" / "gsm8k"
     return {
         "model": {"hf_config": str(root / "hf"), "params_dtype": "fp32", "transformer_impl": "local"},
@@ -166,7 +168,7 @@ def _recipe(root: Path, name: str, parallel: dict) -> dict:
         "training": {"seq_length": 256, "global_batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 1,
                      "train_steps": STEPS, "seed": 7, "eval_interval": STEPS, "eval_at_start": True, "eval_rows": 2,
                      "eval_tasks": TASKS, "eval_tasks_data_root": str(SHARED / "data"), "eval_tasks_limit": LIMIT,
-                     "eval_tasks_batch_size": 2},
+                     "eval_tasks_batch_size": batch_size},
         "optimizer": {"lr": 1e-3, "lr_warmup_steps": 0, "weight_decay": 0.0},
         "loss": {"name": "psft"},
         "data": {"train": [{"path": str(gsm8k / "train.jsonl"), "adapter": "gsm8k", "limit": 24}],
@@ -183,16 +185,20 @@ def runs(tmp_path_factory) -> dict[str, Any]:
         pytest.skip("needs ../shared (SmolLM2 tokenizer, GSM8K, MMLU and TruthfulQA data)")
     root = tmp_path_factory.mktemp("eval_tasks")
     refs = run_in_processes(prepare, 1, timeout=600, init_process_group=False, kwargs={"root": str(root)})[0]
+    # Two batch sizes: the layouts' step-4 scores agree although they batch the rows differently.
     recipes = {"pp2_vp2": _recipe(root, "pp2_vp2", {"pipeline_model_parallel_size": 2,
-                                                    "virtual_pipeline_model_parallel_size": 2}),
-               "tp2": _recipe(root, "tp2", {"tensor_model_parallel_size": 2})}
+                                                    "virtual_pipeline_model_parallel_size": 2}, batch_size=1),
+               "tp2": _recipe(root, "tp2", {"tensor_model_parallel_size": 2}, batch_size=2)}
     ranks = run_in_processes(train_and_score, 2, timeout=900, kwargs={"root": str(root), "recipes": recipes})
     return {"root": root, "refs": refs, "rank0": ranks[0], "last": ranks[-1]}
 
 
-def test_pp2_row_scores_equal_pp1_and_float64(runs):
+@pytest.mark.parametrize("layout", ["score_pp2", "score_pp2_vp2"])
+def test_pp2_row_scores_equal_pp1_and_float64(runs, layout):
+    """The scorer's calls hold 4, 4 and 1 rows in batches of 2: at PP=2 the last call is a pipeline
+    group of one micro-batch (under VP=2 topped up with a filler micro-batch)."""
     want = runs["refs"]["scores"]
-    pp2, pp1 = runs["rank0"]["score_pp2"], runs["rank0"]["score_pp1_dp2"]
+    pp2, pp1 = runs["rank0"][layout], runs["rank0"]["score_pp1_dp2"]
     assert len(pp2) == len(pp1) == len(want) == 9
     for i, (a, b, w) in enumerate(zip(pp2, pp1, want)):
         assert len(a) == len(b) == len(w)
