@@ -63,9 +63,22 @@ def test_math_verify_verdicts_and_mean_at_n():
     assert not wrong, wrong
     # n samples of one problem: the filter hands process_results the list of n generations.
     doc = {"answer": "18"}
-    assert process_results_math(doc, ["#### 18"]) == {"acc": 1.0, "pass_at_n": 1.0}
-    assert process_results_math(doc, [["#### 18", "#### 7", "\\boxed{18}", "no"]]) == {"acc": 0.5, "pass_at_n": 1.0}
-    assert process_results_math(doc, [["#### 17", "19"]]) == {"acc": 0.0, "pass_at_n": 0.0}
+    assert process_results_math(doc, ["#### 18"]) == {"acc": 1.0, "pass_at_n": 1.0, "distinct_answers": 1.0}
+    assert process_results_math(doc, [["#### 18", "#### 7", "\\boxed{18}", "no"]]) == {
+        "acc": 0.5, "pass_at_n": 1.0, "distinct_answers": 3.0}  # 18, 7 and "no answer"
+    assert process_results_math(doc, [["#### 17", "19"]]) == {"acc": 0.0, "pass_at_n": 0.0, "distinct_answers": 2.0}
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_distinct_answers_counts_equal_answers_once():
+    from psft_megatron.evaluation.math_answers import distinct_answers
+
+    # The same number written four ways is one answer; a wrong one and two without any answer add two.
+    same = ["The answer is 18.", "#### 18.0", "so $\\frac{36}{2}$", "\\boxed{18}"]
+    assert distinct_answers(same) == 1
+    assert distinct_answers(same + ["#### 7", "I do not know", "no idea"]) == 3
+    assert distinct_answers(["#### 1", "#### 2", "#### 3", "#### 4"]) == 4
+    assert distinct_answers(["nothing", "here"]) == 1
 
 
 def test_vocab_parallel_kl_and_argmax_at_one_rank():

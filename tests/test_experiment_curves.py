@@ -59,3 +59,19 @@ def test_the_markdown_tables_hold_each_runs_numbers(tmp_path):
     assert f"| psft | {(2 + 1) / 2:.3f} | {(2 / 3 + 0.5) / 2:.3f} |" in md
     assert "| sft | 1.500 |" in md and "| sft | 0.010 |" in md  # held-out NLL and KL at step 4
     assert "| psft | 1.1 | 1.1 |" in md  # max ratio
+
+
+def test_best_kept_step_is_the_lowest_evaluated_nll_among_checkpoints_on_disk(tmp_path):
+    best = runpy.run_path(str(ROOT / "experiments" / "psft_long" / "best_step.py"))["best_kept_step"]
+    run = tmp_path / "sft"
+    evals = {0: 1.43, 32: 1.05, 64: 0.99, 96: 1.01, 128: 1.10, 160: 1.01}
+    _write(run, [{"step": s, "split": "eval", "loss": v, "entropy": 1.0} for s, v in evals.items()]
+           + [_step(s, 1.0, 10) for s in range(1, 161)])
+    for s in (96, 160):  # kept: every 96th and the latest; step 64 (the overall best) was pruned
+        (run / "checkpoints" / f"step_{s:06d}").mkdir(parents=True)
+    assert best(run) == "step_000096"  # 1.01 ties with 160: the earlier one
+    (run / "checkpoints" / "step_000064").mkdir()
+    assert best(run) == "step_000064"
+    with (run / "metrics.jsonl").open("a") as f:  # a resumed run re-evaluated step 64: the last row counts
+        f.write(json.dumps({"step": 64, "split": "eval", "loss": 1.2, "entropy": 1.0}) + "\n")
+    assert best(run) == "step_000096"

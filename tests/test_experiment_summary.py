@@ -85,3 +85,37 @@ def test_paired_interval_matches_a_bootstrap_written_here(summarize):
     assert d == pytest.approx(sum(per_item.values()) / len(ids), abs=1e-12)
     assert (lo, hi) == pytest.approx((boots[50], boots[1949]), abs=1e-12)
     assert lo < d < hi
+
+
+def _sampled(folder: Path, task: str, rows: list[tuple[float, float, float]]) -> None:
+    """A sampled task's samples file: acc (mean@n), pass_at_n and distinct_answers per item."""
+    out = folder / "lm_eval" / "model" / f"samples_{task}_2026-12-05T00-00-00.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"doc_id": i, "acc": a, "pass_at_n": p, "distinct_answers": d}) + "\n"
+                           for i, (a, p, d) in enumerate(rows)))
+
+
+def test_named_runs_against_a_chosen_baseline_with_pass_at_n_and_distinct_answers(tmp_path, summarize):
+    run, _ = summarize
+    out = tmp_path / "runs"
+    base = [(0.25, 1.0, 3.0), (0.0, 0.0, 1.0), (0.5, 1.0, 4.0)]
+    other = [(0.125, 1.0, 5.0), (0.0, 0.0, 3.0), (0.375, 1.0, 6.0)]  # 2 more distinct answers everywhere
+    _heldout(out / "start", [(3.0, 0.0, 10)])
+    for name, rows in (("long_sft", base), ("long_psft", other)):
+        _heldout(out / name / "eval" / "step_000096", [(1.0, 0.1, 10)])
+        _sampled(out / name / "eval" / "step_000096" / "svamp", "psft_svamp_n8", rows)
+    text = run(str(out), "--runs", "long_sft", "long_psft", "--baseline", "long_sft", "--out", str(tmp_path / "t.md"))
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "| step" in line}
+    assert set(rows) == {"start", "long_sft", "long_psft"}
+    header = next(line for line in text.splitlines() if line.startswith("| model | checkpoint"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in rows["long_psft"].strip("|").split("|")]
+    got = dict(zip(cols, cells))
+    assert got["SVAMP mean@8"] == f"{(0.125 + 0.375) / 3:.3f}"
+    assert got["SVAMP pass@8"] == f"{2 / 3:.3f}"
+    assert got["SVAMP distinct answers of 8"] == f"{14 / 3:.3f}"
+    assert "Differences to long_sft" in text
+    diffs = {(line.split(" | ")[0].strip("| "), line.split(" | ")[1]): line
+             for line in text.splitlines() if line.count(" | ") == 4}
+    assert "| +2.000 | [+2.000, +2.000] | higher |" in diffs[("long_psft", "SVAMP distinct answers of 8")]
+    assert "no difference" in diffs[("long_psft", "SVAMP pass@8")]

@@ -85,6 +85,9 @@ PLAN
 # end at PSFT's KL to the start model: see docs/experiments.md).
 LONG="training.train_steps=608 training.sft_warmup_steps=32 training.eval_interval=32 training.eval_kl_to_start=true checkpoint.save_interval=32 checkpoint.keep_last=1 checkpoint.keep_every=96"
 LOWLR=${LOWLR:-1e-5}
+# In order of need: SFT and PSFT at the paper's k = 8; k = 32 and the clip-without-weight diagnostic,
+# where the probes found the objectives differ; the seeds; the lower-lr SFT (its lr is chosen from PSFT
+# k = 8's final KL, so it starts after that run has finished); SFT-KL.
 long() {
     run_plan <<PLAN
 long/sft $LONG loss.name=sft training.global_batch_size=32
@@ -93,13 +96,84 @@ long/psft_k32 $LONG loss.name=psft training.global_batch_size=32
 long/unweighted_k32 $LONG loss.name=psft_unweighted training.global_batch_size=32
 long/sft_seed2 $LONG loss.name=sft training.global_batch_size=32 training.seed=2
 long/psft_k8_seed2 $LONG loss.name=psft training.global_batch_size=8 training.seed=2
-long/psft_k32_seed2 $LONG loss.name=psft training.global_batch_size=32 training.seed=2
-long/sft_kl $LONG loss.name=sft_kl training.global_batch_size=32
 long/sft_lowlr $LONG loss.name=sft training.global_batch_size=32 optimizer.lr=$LOWLR optimizer.min_lr=$(python3 -c "print($LOWLR / 10)")
+long/sft_kl $LONG loss.name=sft_kl training.global_batch_size=32
+long/psft_k32_seed2 $LONG loss.name=psft training.global_batch_size=32 training.seed=2
 PLAN
 }
 
-stages=("${@:-prepare probe long}")
+# The evaluations at the end of the long runs, and at the step where SFT's held-out NLL is lowest
+# (among the kept checkpoints): held-out GSM8K NLL, entropy and KL to the start model; HH-RLHF
+# harmless NLL and entropy; MMLU (MMLU_LIMIT per subject); SVAMP with GEN_SAMPLES samples per problem
+# at the paper's sampling (temperature 0.7, top-p 0.95): mean@n, pass@n and distinct answers, plus
+# greedy accuracy. EVAL_RUNS narrows the runs; every evaluation already written is skipped.
+START=runs/psft_vs_sft/smollm2_megatron
+LONG_OUT=$OUT/long
+read -ra EVAL_RUNS <<< "${EVAL_RUNS:-sft psft_k8 psft_k32 unweighted_k32 sft_seed2 psft_k8_seed2 psft_k32_seed2 sft_kl sft_lowlr}"
+HELDOUT_LIMIT=${HELDOUT_LIMIT:-64}  # GSM8K test problems / HH-RLHF harmless conversations
+MMLU_LIMIT=${MMLU_LIMIT:-5}         # questions per MMLU subject (57 subjects)
+GEN_LIMIT=${GEN_LIMIT:-16}          # SVAMP problems
+GEN_SAMPLES=${GEN_SAMPLES:-8}
+
+evaluate_checkpoint() {
+    local ckpt=$1 dest=$2
+    local common=(--ckpt "$ckpt" --data-root "$SHARED/data")
+    [[ -f $dest/heldout.jsonl ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest" --ref "$START" \
+            --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$HELDOUT_LIMIT"
+    [[ -f $dest/hh_harmless/summary.json ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest/hh_harmless" \
+            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
+    [[ -f $dest/mmlu/summary.json ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest/mmlu" --tasks mmlu --limit "$MMLU_LIMIT"
+    [[ -f $dest/svamp/summary.json ]] ||
+        python tools/evaluate.py "${common[@]}" --out "$dest/svamp" --tasks svamp --limit "$GEN_LIMIT" \
+            --num-samples "$GEN_SAMPLES" --temperature 0.7 --top-p 0.95 --max-gen-toks 256 --gen-batch-size 16
+}
+
+# The steps evaluated: the last kept checkpoint of SFT and the one with SFT's lowest held-out NLL.
+eval_steps() {
+    cat "$LONG_OUT/sft/checkpoints/latest"
+    python experiments/psft_long/best_step.py "$LONG_OUT/sft"
+}
+
+evaluate() {
+    local step name
+    finished long/sft || { echo "evaluate: long/sft has not finished"; return 1; }
+    evaluate_checkpoint "$START" "$LONG_OUT/start"
+    for step in $(eval_steps | sort -u); do
+        for name in "${EVAL_RUNS[@]}"; do
+            finished "long/$name" && [[ -d $LONG_OUT/$name/checkpoints/$step ]] || continue
+            evaluate_checkpoint "$LONG_OUT/$name/checkpoints/$step" "$LONG_OUT/$name/eval/$step"
+        done
+    done
+}
+
+# Tables, plots and each run's metrics.jsonl under docs/experiments/long (the probes' with PROBES=1).
+report() {
+    local docs=docs/experiments/long name present=() step
+    for name in "${EVAL_RUNS[@]}"; do
+        [[ -f $LONG_OUT/$name/metrics.jsonl ]] || continue
+        present+=("$name")
+        mkdir -p "$docs/$name" && cp "$LONG_OUT/$name/metrics.jsonl" "$docs/$name/"
+    done
+    python experiments/psft_long/curves.py "$LONG_OUT" --runs "${present[@]}" --window 32 --out "$docs" \
+        --title "GSM8K, 608 steps"
+    if finished long/sft; then
+        for step in $(eval_steps | sort -u); do
+            python experiments/psft_vs_sft/summarize.py "$LONG_OUT" --runs "${present[@]}" --step "$step" \
+                --out "$docs/results_$step.md"
+        done
+    fi
+    if [[ ${PROBES:-0} == 1 ]]; then
+        python experiments/psft_long/curves.py "$OUT/probe" --runs sft psft_k8 psft_k32 unweighted_k32 \
+            sft_2pass psft_k8_2pass sft_lr8e-5 psft_k32_lr8e-5 --window 16 --out "$docs/probe" --title "GSM8K probes"
+        python experiments/psft_long/curves.py "$OUT/probe" --runs math_sft math_psft_k32 --window 16 \
+            --out "$docs/probe_math" --title "MATH probes"
+    fi
+}
+
+stages=("${@:-prepare probe long evaluate report}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"

@@ -29,6 +29,9 @@ METRICS = (
     ("KL to start", "heldout:kl", False),
     ("SVAMP acc", "task:psft_svamp", True),
     ("ASDiv acc", "task:psft_asdiv", True),
+    ("SVAMP mean@8", "task:psft_svamp_n8", True),
+    ("SVAMP pass@8", "task:psft_svamp_n8:pass_at_n", True),
+    ("SVAMP distinct answers of 8", "task:psft_svamp_n8:distinct_answers", None),
     ("MMLU acc", "task:psft_mmlu", True),
     ("TruthfulQA MC1", "task:psft_truthfulqa_mc1", True),
     ("HH harmless NLL", "hh:nll", False),
@@ -40,7 +43,8 @@ Items = dict[object, tuple[float, float]]  # item id -> (value x weight, weight)
 
 def _task_items(folder: Path) -> dict[str, Items]:
     """Per task, each item's accuracy (weight 1), from this folder and the ones below it (each group
-    of tasks is its own evaluate.py call). MMLU's subjects join one ``psft_mmlu`` task."""
+    of tasks is its own evaluate.py call). MMLU's subjects join one ``psft_mmlu`` task. A sampled
+    task's other per-item metrics come as ``TASK:pass_at_n`` and ``TASK:distinct_answers``."""
     out: dict[str, Items] = {}
     for path in sorted(folder.glob("**/lm_eval/**/samples_*.jsonl")):
         task = re.sub(r"_\d{4}-\d{2}-\d{2}T.*$", "", path.stem.removeprefix("samples_"))
@@ -48,6 +52,9 @@ def _task_items(folder: Path) -> dict[str, Items]:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             out.setdefault(group, {})[(task, row["doc_id"])] = (float(row["acc"]), 1.0)
+            for extra in ("pass_at_n", "distinct_answers"):
+                if extra in row and task.endswith(tuple(f"_n{n}" for n in range(2, 65))):
+                    out.setdefault(f"{group}:{extra}", {})[(task, row["doc_id"])] = (float(row[extra]), 1.0)
     return out
 
 
@@ -112,6 +119,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out_dir", type=Path, help="the experiment's run folder (runs/psft_vs_sft)")
     p.add_argument("--out", type=Path, required=True, help="markdown file to write")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), help=f"run folders to compare (default: {' '.join(RUNS)})")
+    p.add_argument("--baseline", default="sft", help="the run the others are compared with (default: sft)")
     p.add_argument("--step", default=None, help="checkpoint to compare (default: each run's last evaluated one)")
     p.add_argument("--start", type=Path, default=None,
                    help="the start model's evaluation folder (default: OUT_DIR/start)")
@@ -120,7 +129,7 @@ def main() -> None:
 
     start = args.start or args.out_dir / "start"
     columns: dict[str, tuple[str, dict[str, Items]]] = {"start": ("step 0", read_evaluation(start))}
-    for run in RUNS:
+    for run in args.runs:
         evals = sorted((args.out_dir / run / "eval").glob("step_*"))
         chosen = [e for e in evals if args.step is None or e.name == args.step]
         if chosen:
@@ -135,13 +144,13 @@ def main() -> None:
     counts = {n: len(next(c[1][k] for c in columns.values() if k in c[1])) for n, k, _ in present}
     lines += ["", "Items per metric: " + ", ".join(f"{n} {c}" for n, c in counts.items()) + ".", ""]
 
-    lines += ["Differences to SFT (paired bootstrap, 95% interval, "
+    lines += [f"Differences to {args.baseline} (paired bootstrap, 95% interval, "
               f"{BOOTSTRAP} resamples of the items):", "",
               "| model | metric | difference | 95% interval | reading |", "| --- | --- | --- | --- | --- |"]
-    if "sft" in columns:
-        sft = columns["sft"][1]
+    if args.baseline in columns:
+        sft = columns[args.baseline][1]
         for run, (_, items) in columns.items():
-            if run == "sft":
+            if run == args.baseline:
                 continue
             for name, key, hib in present:
                 if key in items and key in sft:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-__all__ = ["is_correct", "mean_and_pass", "parse_gold", "parse_prediction"]
+__all__ = ["distinct_answers", "is_correct", "mean_and_pass", "parse_gold", "parse_prediction"]
 
 # Seconds per parse / verify call on the main thread (math-verify's own default).
 TIMEOUT_S = 5
@@ -55,3 +55,22 @@ def mean_and_pass(gold: str, generations: Sequence[str], *, timeout: bool = True
     if not hits:
         raise ValueError("no generations to score")
     return sum(hits) / len(hits), float(any(hits))
+
+
+def distinct_answers(generations: Sequence[str], *, timeout: bool = True) -> int:
+    """How many different final answers ``generations`` give: answers math-verify judges equal
+    (``18``, ``18.0``, ``\\boxed{18}``) count once, and generations without an answer count as one
+    more answer between them. A diversity signal for sampled runs: a model whose distribution has
+    collapsed gives the same answer n times, right or wrong."""
+    classes: list[list[Any]] = []
+    unanswered = False
+    for text in generations:
+        parsed = parse_prediction(text, timeout=timeout)
+        if not parsed:
+            unanswered = True
+            continue
+        # Equal both ways: math-verify's verify(gold, pred) is not symmetric for every pair of forms.
+        if not any(verify(c, parsed, timeout_seconds=_seconds(timeout)) and verify(parsed, c, timeout_seconds=_seconds(timeout))
+                   for c in classes):
+            classes.append(parsed)
+    return len(classes) + int(unanswered)

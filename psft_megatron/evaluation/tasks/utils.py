@@ -20,7 +20,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from psft_megatron.evaluation.math_answers import mean_and_pass
+from psft_megatron.evaluation.math_answers import distinct_answers, mean_and_pass
 
 __all__ = [
     "docs_asdiv",
@@ -141,10 +141,11 @@ def docs_problem_answer(ds: datasets.Dataset) -> datasets.Dataset:
 def process_results_math(doc: dict[str, Any], results: list[Any]) -> dict[str, float]:
     """math-verify scoring of one problem. ``results[0]`` is one generation (greedy) or the list of
     ``n`` samples (``repeats: n`` with a ``take_first_k`` filter). ``acc`` = mean@n (accuracy for
-    n = 1), ``pass_at_n`` = 1 if any sample is correct."""
+    n = 1), ``pass_at_n`` = 1 if any sample is correct, ``distinct_answers`` = how many different
+    final answers the n samples give (1 for greedy)."""
     gens = results[0] if isinstance(results[0], list) else [results[0]]
     mean, passed = mean_and_pass(doc["answer"], gens)
-    return {"acc": mean, "pass_at_n": passed}
+    return {"acc": mean, "pass_at_n": passed, "distinct_answers": float(distinct_answers(gens))}
 
 
 def process_results_mc2(doc: dict[str, Any], results: list[tuple[float, bool]]) -> dict[str, float]:
