@@ -267,7 +267,7 @@ def test_weights_are_all_or_none_positive_and_train_only():
 def test_source_names_derived_unique_and_checked():
     from psft_megatron.data.config import source_names
 
-    srcs = [DataSourceConfig(path=p) for p in ("../d/gsm8k/train.jsonl", "../d/chat/train.jsonl.gz", "openai/gsm8k")]
+    srcs = [DataSourceConfig(path=p) for p in ("d/gsm8k/train.jsonl", "d/chat/train.jsonl.gz", "openai/gsm8k")]
     assert source_names(srcs) == ["train_0", "train_1", "gsm8k"]
     named = [DataSourceConfig(path="a/train.jsonl", name="task"), DataSourceConfig(path="b/train.jsonl", name="chat")]
     assert source_names(named) == ["task", "chat"]
