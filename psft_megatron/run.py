@@ -29,7 +29,7 @@ from psft_megatron.recipe import RecipeConfig
 from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
 from psft_megatron.training.batch_cursor import BatchCursor
 from psft_megatron.training.data_setup import TrainData, build_data
-from psft_megatron.training.evaluator import Evaluator
+from psft_megatron.training.evaluator import Evaluator, build_tasks
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard, TrainingDiverged
 from psft_megatron.training.loop import Trainer, TrainResult, train
 from psft_megatron.training.metrics import MetricsWriter
@@ -93,7 +93,8 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         setup=setup,
         phases=PhaseSchedule.from_config(recipe.loss, t),
         checkpointer=checkpointer,
-        evaluator=Evaluator.from_config(t, data, setup, start_model=reference),
+        evaluator=Evaluator.from_config(t, data, setup, start_model=reference,
+                                        tasks=build_tasks(t, recipe.data, model_cfg, bundle.model, run_dir)),
         metrics=metrics,
         stop=StopPolicy.from_config(t, progress.step, env.device),
         progress=progress,

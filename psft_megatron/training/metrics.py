@@ -172,6 +172,19 @@ class MetricsWriter:
         else:
             log.info(message)
 
+    def source_totals(self, step: int, totals: dict[str, int]) -> None:
+        """A console line with the response tokens trained per source since the run began (and
+        their shares), on the ``log_interval`` of :meth:`progress`; nothing with one source."""
+        if not self.enabled or len(totals) < 2 or (step % self.log_interval and step != self.total_steps):
+            return
+        all_tokens = sum(totals.values()) or 1
+        parts = ", ".join(f"{name} {n} ({100 * n / all_tokens:.1f}%)" for name, n in totals.items())
+        message = f"step {step}: response tokens trained per source so far: {parts}"
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            log.info(message)
+
     def close(self) -> None:
         """Close metrics.jsonl, TensorBoard and the bar (the trackers stay open for :meth:`finish`)."""
         if self._file is not None:
