@@ -2,14 +2,17 @@
 
 :meth:`RecipeConfig.validate <psft_megatron.recipe.RecipeConfig.validate>` checks the recipe
 itself; this checks what it points at: the starting checkpoint exists and is one, local
-data files exist, the run and checkpoint folders can be written, and the checkpoint disk
-has room for one checkpoint. ``psft-train --validate-only`` runs both, so a
-job that would fail on these fails in a second on a login node, not after queueing.
+data files exist, ``training.eval_tasks`` have lm-eval and their data, the run and checkpoint
+folders can be written, the checkpoint disk has room for one checkpoint, and the experiment
+trackers it asks for are installed. ``psft-train --validate-only`` runs both, so a job that would
+fail on these fails in a second on a login node, not after queueing.
 Nothing here writes to disk.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -19,10 +22,15 @@ from psft_megatron.checkpoint.model_checkpoint import CheckpointError, read_meta
 from psft_megatron.checkpoint.train_checkpoint import complete_checkpoints
 from psft_megatron.config.load import ConfigError
 from psft_megatron.data.sources import resolve_format
+from psft_megatron.evaluation.inputs import EvalInputError
+from psft_megatron.evaluation.tasks import check_data, default_paths, resolve_task_names
 from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.recipe import RecipeConfig
+from psft_megatron.training.trackers import missing_packages
 
 __all__ = ["check_launch", "checkpoint_bytes", "preflight", "save_dir_of"]
+
+log = logging.getLogger("psft")
 
 
 def save_dir_of(recipe: RecipeConfig) -> Path:
@@ -63,6 +71,9 @@ def _existing_parent(path: Path) -> Path:
 def preflight(recipe: RecipeConfig) -> None:
     """Raise :class:`ConfigError` (file:line of the field, what to change) for the first problem found."""
     where = recipe.origin.where
+    for field, module, extra in missing_packages(recipe.logging.wandb, recipe.logging.mlflow):
+        raise ConfigError(f"{where(field)}{field} is set but {module} is not installed: "
+                          f"pip install -e \".[{extra}]\" (or remove {field})")
     save_dir = save_dir_of(recipe)
     resuming = save_dir.is_dir() and bool(complete_checkpoints(save_dir))
     init = recipe.checkpoint.init_from
@@ -85,11 +96,17 @@ def preflight(recipe: RecipeConfig) -> None:
         for i, src in enumerate(getattr(recipe.data, split)):
             if resolve_format(src) in ("jsonl", "json", "parquet") and not Path(src.path).is_file():
                 raise ConfigError(f"{where(f'data.{split}[{i}].path')}data.{split}[{i}].path: no such file {src.path}")
+    _check_eval_tasks(recipe)
     for field, folder in (("logging.run_dir", Path(recipe.logging.run_dir)), ("checkpoint.save_dir", save_dir),
                           ("data.cache_dir", Path(recipe.data.cache_dir))):
         problem = _writable(folder)
         if problem:
             raise ConfigError(f"{where(field)}{field}: cannot write {folder}: {problem}")
+    hf_dir = recipe.checkpoint.save_hf_dir
+    problem = _writable(Path(hf_dir)) if recipe.checkpoint.save_hf and hf_dir else None
+    if problem:  # an HF copy is a by-product: its failures are warnings, never a stop (checkpoint/hf_copy.py)
+        log.warning("%scheckpoint.save_hf_dir: cannot write %s: %s; the HF copies will fail (training and its "
+                    "checkpoints are not affected)", where("checkpoint.save_hf_dir"), hf_dir, problem)
     need = checkpoint_bytes(recipe)
     free = shutil.disk_usage(_existing_parent(save_dir)).free
     if free < need:
@@ -99,6 +116,24 @@ def preflight(recipe: RecipeConfig) -> None:
             f"{', fp32 main weights' if recipe.resolved_model.params_dtype == 'bf16' else ''}); free space or "
             "point checkpoint.save_dir at a larger disk"
         )
+
+
+def _check_eval_tasks(recipe: RecipeConfig) -> None:
+    """training.eval_tasks: lm-eval is installed and the tasks' data are there."""
+    t = recipe.training
+    if not t.eval_tasks:
+        return
+    where = recipe.origin.where
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"{where('training.eval_tasks')}training.eval_tasks needs lm-eval, the eval extra: "
+                          "pip install -e \".[eval]\"")
+    try:
+        check_data(resolve_task_names(t.eval_tasks), default_paths(t.eval_tasks_data_root))
+    except EvalInputError as e:
+        missing = str(e).split(" (")[0]  # the path; the rest is psft-evaluate's --data hint
+        raise ConfigError(f"{where('training.eval_tasks_data_root')}training.eval_tasks_data_root "
+                          f"({t.eval_tasks_data_root}) lacks data training.eval_tasks need: {missing} "
+                          "(lay it out like ../shared/data: ood/mmlu/{dev,test}, ood/TruthfulQA.csv)") from None
 
 
 def check_launch(recipe: RecipeConfig, world_size: int, has_cuda: bool | None) -> None:

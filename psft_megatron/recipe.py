@@ -142,10 +142,12 @@ class RecipeConfig:
 
     def _validate_cross_section(self) -> None:
         t = self.training
-        if t.eval_interval and not self.data.eval:
-            raise FieldError("training.eval_interval", "is set but data.eval lists no held-out source")
-        if t.eval_at_start and not self.data.eval:
-            raise FieldError("training.eval_at_start", "is true but data.eval lists no held-out source")
+        if t.eval_interval and not (self.data.eval or t.eval_tasks):
+            raise FieldError("training.eval_interval", "is set but data.eval lists no held-out source "
+                             "(and training.eval_tasks none)")
+        if t.eval_at_start and not (self.data.eval or t.eval_tasks):
+            raise FieldError("training.eval_at_start", "is true but data.eval lists no held-out source "
+                             "(and training.eval_tasks none)")
         if t.eval_kl_to_start and not self.data.eval:
             raise FieldError("training.eval_kl_to_start", "is true but data.eval lists no held-out source")
         if self.model.lora is not None and not self.checkpoint.init_from:
@@ -154,6 +156,10 @@ class RecipeConfig:
                 "needs checkpoint.init_from: the full checkpoint (tools/convert_hf_to_megatron.py) the adapters "
                 "train on, or a LoRA checkpoint to continue",
             )
+        if t.eval_tasks and self.parallel.context_parallel_size > 1:
+            raise FieldError("training.eval_tasks", "cannot be scored with parallel.context_parallel_size > 1 "
+                             "(log-likelihood scoring splits no sequence over CP ranks); score saved checkpoints "
+                             "with psft-evaluate instead")
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and t.seq_length % tp:
             raise FieldError(

@@ -25,12 +25,13 @@ from psft_megatron.model.build import BuiltModel, build_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.init import init_layout_independent
 from psft_megatron.model.lora.state import BaseModelView
+from psft_megatron.plan import GPUS, detect_gpu, format_plan, plan_recipe, plan_summary
 from psft_megatron.preflight import check_launch, save_dir_of
 from psft_megatron.recipe import RecipeConfig
 from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
 from psft_megatron.training.batch_cursor import BatchCursor
 from psft_megatron.training.data_setup import TrainData, build_data
-from psft_megatron.training.evaluator import Evaluator
+from psft_megatron.training.evaluator import Evaluator, build_tasks
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard, TrainingDiverged
 from psft_megatron.training.loop import Trainer, TrainResult, train
 from psft_megatron.training.metrics import MetricsWriter
@@ -59,9 +60,10 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     the latest checkpoint when there is one. Needs :func:`init_model_parallel` and :func:`set_seed`."""
     check_launch(recipe, env.world_size, has_cuda=env.device.type == "cuda")  # done already when launched
     run_dir = Path(recipe.logging.run_dir)
+    resolved = recipe.to_dict()
     if env.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     model_cfg = recipe.resolved_model  # model.hf_config was read once, when the recipe was validated
     t = recipe.training
@@ -85,14 +87,19 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
 
     setup = PassSetup.for_model(built, model_cfg, env.device)
     is_logger = env.rank == env.world_size - 1  # the last pipeline stage holds the loss
+    metrics = MetricsWriter.from_config(recipe.logging, is_logger, steps, resumed_at=progress.step,
+                                        run_config=resolved)
+    if metrics.trackers:
+        metrics.log_plan(*_plan_for_trackers(recipe, env))
     return Trainer(
         bundle=bundle,
         data=data,
         setup=setup,
         phases=PhaseSchedule.from_config(recipe.loss, t),
         checkpointer=checkpointer,
-        evaluator=Evaluator.from_config(t, data, setup, start_model=reference),
-        metrics=MetricsWriter.from_config(recipe.logging, is_logger, steps, resumed_at=progress.step),
+        evaluator=Evaluator.from_config(t, data, setup, start_model=reference,
+                                        tasks=build_tasks(t, recipe.data, model_cfg, bundle.model, run_dir)),
+        metrics=metrics,
         stop=StopPolicy.from_config(t, progress.step, env.device),
         progress=progress,
         cursor=cursor,
@@ -115,6 +122,14 @@ def _checkpoint_meta(recipe: RecipeConfig) -> dict:
         init = recipe.checkpoint.init_from
         meta[LORA_BASE] = str(lora_base_for(init, read_meta(init)))
     return meta
+
+
+def _plan_for_trackers(recipe: RecipeConfig, env: DistEnv) -> tuple[dict, str]:
+    """The ``--plan`` summary and report of this launch (its world size; this machine's GPU, else an H100)."""
+    gpu = detect_gpu() if env.device.type == "cuda" else None
+    plan = plan_recipe(recipe, env.world_size, gpu or GPUS["h100-80gb"], gpu_assumed=gpu is None,
+                       device=env.device.type)
+    return plan_summary(plan), format_plan(plan)
 
 
 def _build_policy_model(recipe: RecipeConfig, model_cfg: ModelConfig, env: DistEnv) -> BuiltModel:
@@ -161,30 +176,42 @@ def run(recipe: RecipeConfig) -> TrainResult:
 
     Rank 0 records how the launch ended in ``<run_dir>/run_status.json`` (``finished``,
     ``stopped``, ``preempted``, ``diverged`` or ``failed``, with the step and the last
-    checkpoint), which job scripts read to decide whether to requeue. The default process
-    group is destroyed at the end only if this call created it, so a caller (a test) may
-    run several recipes in one job.
+    checkpoint), which job scripts read to decide whether to requeue; the logging rank tells
+    the experiment trackers the same, and rank 0 waits for an HF copy still being written
+    (not after a preemption). The default process group is destroyed at the end only if this
+    call created it, so a caller (a test) may run several recipes in one job.
     """
     owns_process_group = not dist.is_initialized()
     backend = None if recipe.distributed.backend == "auto" else recipe.distributed.backend
     env = init_distributed(backend, recipe.distributed.timeout_minutes)
+    trainer: Trainer | None = None
     try:
         init_model_parallel(recipe.parallel)
         set_seed(recipe.training.seed)
-        result = train(build_trainer(recipe, env))
+        trainer = build_trainer(recipe, env)
+        result = train(trainer)
     except TrainingDiverged as e:
-        _write_status(recipe, env, "diverged", reason=str(e))
+        _end_launch(recipe, env, trainer, "diverged", reason=str(e))
         raise
     except Exception as e:
-        _write_status(recipe, env, "failed", reason=f"{type(e).__name__}: {e}")
+        _end_launch(recipe, env, trainer, "failed", reason=f"{type(e).__name__}: {e}")
         raise
     finally:
         teardown(destroy_process_group=owns_process_group)
     status = "preempted" if result.preempted else ("stopped" if result.stop_reason else "finished")
-    _write_status(recipe, env, status, reason=result.stop_reason, step=result.step,
-                  checkpoint=str(result.last_checkpoint) if result.last_checkpoint else None,
-                  skipped_steps=result.skipped_steps)
+    _end_launch(recipe, env, trainer, status, reason=result.stop_reason, step=result.step,
+                checkpoint=str(result.last_checkpoint) if result.last_checkpoint else None,
+                skipped_steps=result.skipped_steps)
     return result
+
+
+def _end_launch(recipe: RecipeConfig, env: DistEnv, trainer: Trainer | None, status: str, **fields: object) -> None:
+    """How the launch ended, to run_status.json (rank 0) and the trackers (the logging rank); then the
+    wait for an HF copy in flight (rank 0; a preempted launch leaves it running on its own)."""
+    _write_status(recipe, env, status, **fields)
+    if trainer is not None:
+        trainer.metrics.finish(status, **fields)
+        trainer.checkpointer.finish(wait=status != "preempted")
 
 
 def _write_status(recipe: RecipeConfig, env: DistEnv, status: str, **fields: object) -> None:

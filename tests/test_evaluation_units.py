@@ -232,8 +232,9 @@ def test_generation_tasks_greedy_and_mean_pass_at_n(shared, tmp_path):
     results = run_tasks(lm, rendered.generate, task_manager(rendered.folder),
                         EvalSettings(apply_chat_template=False, bootstrap_iters=0))
     summary = summarize_lm_eval(results, rendered.generate)
-    assert summary == {"gsm8k/acc": 1.0, "gsm8k/pass_at_n": 1.0, "gsm8k_n4/acc@n4": 0.25,
-                       "gsm8k_n4/pass_at_n@n4": 1.0}
+    # Sampled: the gold answer once and the same wrong one three times: two distinct answers.
+    assert summary == {"gsm8k/acc": 1.0, "gsm8k/pass_at_n": 1.0, "gsm8k/distinct_answers": 1.0,
+                       "gsm8k_n4/acc@n4": 0.25, "gsm8k_n4/pass_at_n@n4": 1.0, "gsm8k_n4/distinct_answers@n4": 2.0}
     resp = results["samples"]["psft_gsm8k"][0]["resps"][0][0]
     assert resp.startswith("So the answer is") and "<|im_end|>" not in resp
 

@@ -20,9 +20,11 @@
 A module may import its own package and any lower layer, never a sibling of its layer
 or a higher one. Project imports sit at the top of a module (a function-level import
 would hide an edge from a reader); the exceptions are a ``TYPE_CHECKING`` import inside
-the same package, which never runs, and the commands in ``cli``, which import the library
+the same package, which never runs, the commands in ``cli``, which import the library
 inside functions so that ``--help`` and their torch-free input checks answer before
-megatron-core is imported (this test still checks those imports' direction).
+megatron-core is imported, and the few modules that import an optional extra at their top
+(``OPTIONAL_EXTRA``: lm-eval), which a module every training process imports loads only when
+it is used (this test still checks all those imports' direction).
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ LAYERS = {
 
 # Components whose modules may import the library inside functions (see the module docstring).
 LAZY_IMPORTS = {"cli"}
+
+# Modules that import an optional extra (lm-eval, the ``eval`` extra) at their top: any module may
+# import them inside a function, so a process that does not use them never loads the extra.
+OPTIONAL_EXTRA = {"psft_megatron.evaluation.harness", "psft_megatron.evaluation.lm_eval_model"}
 
 # psft_megatron/__init__.py runs before everything else; it only installs the megatron import hook.
 ROOT_MAY_IMPORT = {"psft_megatron.runtime.megatron_import"}
@@ -125,7 +131,7 @@ def test_imports_flow_down(path):
             if other != me:
                 problems.append(f"{where}: a TYPE_CHECKING import may only name its own package")
             continue
-        if not top and me not in LAZY_IMPORTS:
+        if not top and me not in LAZY_IMPORTS and target not in OPTIONAL_EXTRA:
             problems.append(f"{where} inside a function or class: move it to the top of the module")
         if me == "":  # the package root: importing it must stay cheap and pull in no layer
             if target not in ROOT_MAY_IMPORT:

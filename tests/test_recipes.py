@@ -20,7 +20,7 @@ RECIPES = ROOT / "recipes"
 # The world size each recipe is written for (see its header comment).
 WORLD_SIZES = {"tiny_cpu.yaml": 2, "qwen2.5_7b_math.yaml": 8, "8b_math.yaml": 8, "70b_math.yaml": 64,
                "70b_math_lora.yaml": 8, "qwen2.5_7b_math_lora.yaml": 1,
-               **{f"smollm2_gsm8k_{o}.yaml": 1 for o in ("sft", "psft", "dft", "sft_kl")}}
+               **{f"smollm2_gsm8k_{o}.yaml": 1 for o in ("sft", "psft", "dft", "sft_kl", "mix")}}
 
 
 def test_every_recipe_is_listed():
@@ -39,6 +39,12 @@ def test_paper_setting():
     assert (r.loss.name, r.loss.eps_low, r.loss.eps_high) == ("psft", 0.2, 0.28)
     assert (r.optimizer.lr, r.optimizer.weight_decay, r.optimizer.clip_grad) == (1e-6, 0.1, 1.0)
     assert r.model.resolve().qkv_bias  # from the model's config.json (model.hf_config)
+
+
+def test_mixture_recipe():
+    r = load_recipe(RECIPES / "smollm2_gsm8k_mix.yaml")
+    assert r.data.train_weights() == [0.75, 0.25]
+    assert r.training.eval_tasks == ["mmlu_anatomy", "truthfulqa_mc1"] and r.data.eval
 
 
 def test_70b_layout_fits_its_cluster():

@@ -4,7 +4,8 @@ The training loop only asks it two things per global batch, ``should_save`` and
 ``save``; the rules (interval, end of run, a launch stopping early) and the saved
 state live here. The state is gathered from the objects registered as ``states``
 (anything with ``state_dict`` / ``load_state_dict``, e.g. the data loader), so a new
-piece of resumable state is one more entry, not an edit of the loop.
+piece of resumable state is one more entry, not an edit of the loop. The HF copies of
+chosen checkpoints (``checkpoint.save_hf``) are its business too: :mod:`.hf_copy`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from psft_megatron.checkpoint.config import CheckpointConfig
+from psft_megatron.checkpoint.hf_copy import HfCopy
 from psft_megatron.checkpoint.lora import is_lora_meta
 from psft_megatron.checkpoint.model_checkpoint import CheckpointError, load_model_checkpoint
 from psft_megatron.checkpoint.train_checkpoint import (
@@ -66,6 +68,8 @@ class Checkpointer:
         self.meta = dict(meta or {})  # stored in every checkpoint's psft_meta.json (e.g. the tokenizer)
         self.last: Path | None = None
         self._candidates: list[Path] = []
+        self.hf_copy = HfCopy.from_config(cfg)
+        self._final_step: int | None = None  # the run's last step, once should_save has seen it
 
     @property
     def _resume_from(self) -> Path | None:
@@ -141,6 +145,7 @@ class Checkpointer:
         """Save at every ``save_interval`` (between global batches), at the end (``save_at_end``),
         and whenever a launch stops early (then also inside a global batch)."""
         if last_step:
+            self._final_step = step
             return self.cfg.save_at_end
         interval = self.cfg.save_interval
         return stopping or bool(at_boundary and interval and step % interval == 0)
@@ -149,8 +154,9 @@ class Checkpointer:
         """Write checkpoint ``step`` with the model, optimizer, schedule and every registered state.
 
         Refuses (on every rank) to write weights that are not finite: a checkpoint must be
-        something a run can resume from.
+        something a run can resume from. Starts the checkpoint's HF copy when one is due.
         """
+        self.hf_copy.wait()  # before this save's keep_last pruning may remove the checkpoint it reads
         bad = any(not torch.isfinite(p).all() for chunk in model for p in chunk.parameters())
         if any_rank(bad):
             raise CheckpointError(
@@ -165,4 +171,10 @@ class Checkpointer:
             self.save_dir, step, model, optimizer, scheduler, train_state, meta, keep_last=self.cfg.keep_last,
             shards=shards, keep_every=self.cfg.keep_every,
         )
+        self.hf_copy.after_save(self.last, step, final=step == self._final_step)
         return self.last
+
+    def finish(self, wait: bool = True) -> None:
+        """End of the launch: wait for the HF copy still being written (``wait``; a preempted launch
+        leaves it to finish on its own)."""
+        self.hf_copy.finish(wait)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from psft_megatron.config.load import FieldError
+from psft_megatron.config.load import FieldError, check_choices
 
 
 @dataclass
@@ -25,6 +26,16 @@ class CheckpointConfig:
     init_from: str | None = None
     # Fine-tuning random weights is almost always a mistake: refuse unless said explicitly.
     allow_random_init: bool = False
+    # Also write an HF folder (safetensors, config.json, tokenizer) of every N-th interval
+    # checkpoint and of the final one, step_NNNNNN_hf/ beside step_NNNNNN/, exported from the saved
+    # checkpoint by a background process while training goes on (0 = never). keep_last prunes it
+    # with its checkpoint; a failed export is a warning, the checkpoint stays. See checkpoint/hf_copy.py.
+    save_hf: int = 0
+    save_hf_dir: str | None = None  # the folder the HF copies go in (default: beside the checkpoints)
+    save_hf_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the model's HF dtype
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
     def validate(self, steps_per_global_batch: int = 1) -> None:
         """Checks within this section (``steps_per_global_batch``: saves fall between global batches)."""
@@ -42,6 +53,11 @@ class CheckpointConfig:
         if self.keep_every < 0 or (self.keep_every and self.save_interval and self.keep_every % self.save_interval):
             raise FieldError("checkpoint.keep_every", f"({self.keep_every}) must be 0 or a multiple of "
                              f"checkpoint.save_interval ({self.save_interval}): only saved steps can be kept")
+        if self.save_hf < 0:
+            raise FieldError("checkpoint.save_hf", f"must be >= 0 (0 = no HF copies), got {self.save_hf}")
+        if self.save_hf and not (self.save_interval or self.save_at_end):
+            raise FieldError("checkpoint.save_hf", "is set but no checkpoint is saved at an interval or at the end "
+                             "(checkpoint.save_interval: 0, save_at_end: false): set one of them, or save_hf: 0")
         if self.init_from is None and not self.allow_random_init:
             raise FieldError(
                 "checkpoint.init_from",

@@ -172,6 +172,8 @@ class MiniBatch:
     micro_batches: list[MicroBatch]
     num_loss_tokens: int  # over the whole mini-batch, all DP ranks: the normaliser
     local_num_loss_tokens: int  # this rank's micro-batches only
+    # The whole mini-batch's response tokens per training source (the loader's Sources order).
+    source_loss_tokens: tuple[int, ...] = ()
 
 
 @dataclass

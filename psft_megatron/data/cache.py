@@ -6,7 +6,8 @@ Layout of a cache directory (all flat, little-endian, memory-mappable)::
     loss_mask.bin     uint8  [n_tokens]   matching response masks
     offsets.npy       int64  [n + 1]      sample i is tokens[offsets[i]:offsets[i+1]]
     loss_tokens.npy   int64  [n]          trained label positions per sample (loss_mask[1:].sum())
-    manifest.json     identity (tokenizer, source, encode settings), counts,
+    manifest.json     identity (tokenizer, source, encode settings), counts (also the
+                      samples of each source, stored back to back in source order),
                       skip report, content fingerprint; written last
 
 Writes are atomic: everything goes to a sibling temp directory which is renamed
@@ -31,7 +32,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -71,6 +72,24 @@ class CacheManifest:
     info: dict[str, Any] = field(default_factory=dict)  # for humans (paths as given); not compared
     created_unix: float = 0.0
     format: int = CACHE_FORMAT
+    # Samples of each source, in the order the sources were given (empty: a cache written before
+    # this was recorded; see source_sample_counts).
+    source_samples: list[int] = field(default_factory=list)
+
+
+def source_sample_counts(m: CacheManifest, num_sources: int) -> list[int] | None:
+    """Samples of each of ``num_sources`` sources in a cache, or None when it does not record them
+    (a cache of several sources written before they were counted: rebuild it)."""
+    if len(m.source_samples) == num_sources:
+        return list(m.source_samples)
+    if num_sources == 1 and not m.source_samples:
+        return [m.n_samples]
+    return None
+
+
+def _usable(m: CacheManifest, want: str, num_sources: int | None) -> bool:
+    """``m`` has the wanted identity and, when ``num_sources`` is given, counts them."""
+    return m.identity_hash == want and (num_sources is None or source_sample_counts(m, num_sources) is not None)
 
 
 def identity_hash(identity: dict[str, Any]) -> str:
@@ -98,22 +117,25 @@ def write_cache(
     *,
     rebuild_stale: bool = False,
     info: dict[str, Any] | None = None,
+    source_samples: Sequence[int] | None = None,
+    num_sources: int | None = None,
 ) -> CacheManifest:
     """Stream ``samples`` into a new cache at ``cache_dir`` and publish it atomically.
 
-    ``skip_report`` is read after ``samples`` is exhausted, so pass the report the
-    ingest iterator fills. If a cache with the same identity already exists (built
-    meanwhile by someone else), it is kept and its manifest returned. If one with a
-    different identity exists, raises :class:`StaleCacheError` unless
+    ``skip_report`` and ``source_samples`` (samples per source) are read after ``samples`` is
+    exhausted, so pass what the ingest iterator fills. If a cache with the same identity already
+    exists (built meanwhile by someone else), it is kept and its manifest returned, unless it does
+    not count the ``num_sources`` sources (written before they were counted): then it is replaced.
+    If one with a different identity exists, raises :class:`StaleCacheError` unless
     ``rebuild_stale``, in which case it is replaced (readers holding maps keep them).
     """
     final = Path(cache_dir)
     want = identity_hash(identity)
     existing = read_manifest(final)
     if existing is not None:
-        if existing.identity_hash == want:
+        if _usable(existing, want, num_sources):
             return existing
-        if not rebuild_stale:
+        if existing.identity_hash != want and not rebuild_stale:
             raise StaleCacheError(_stale_message(final, existing.identity, identity))
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -123,8 +145,8 @@ def write_cache(
     except OSError as e:  # read-only or missing permission: one line naming the cache, not a traceback
         raise CacheError(f"cannot write the cache {final}: {_unwritable(final, tmp, e)}") from None
     try:
-        manifest = _write_arrays(tmp, samples, identity, want, skip_report, info or {})
-        _publish(tmp, final, want, rebuild_stale)
+        manifest = _write_arrays(tmp, samples, identity, want, skip_report, info or {}, source_samples)
+        _publish(tmp, final, want, rebuild_stale, num_sources)
     except OSError as e:  # e.g. the disk filled up; the sources' own read errors arrive as DataError
         raise CacheError(f"could not write the cache {final}: {_os_line(e)}") from None
     finally:
@@ -142,6 +164,7 @@ def _write_arrays(
     want: str,
     skip_report: SkipReport | None,
     info: dict[str, Any],
+    source_samples: Sequence[int] | None = None,
 ) -> CacheManifest:
     h_tok, h_mask = hashlib.sha256(), hashlib.sha256()
     lengths: list[int] = []
@@ -199,6 +222,7 @@ def _write_arrays(
         skip_report=_skip_dict(skip_report),
         info=json.loads(_canonical(info)),
         created_unix=time.time(),
+        source_samples=[int(n) for n in source_samples] if source_samples is not None else [len(lengths)],
     )
     # The manifest is written last inside the temp dir; the rename publishes everything at once.
     with open(tmp / MANIFEST, "w") as f:
@@ -209,7 +233,7 @@ def _write_arrays(
     return manifest
 
 
-def _publish(tmp: Path, final: Path, want: str, rebuild_stale: bool) -> None:
+def _publish(tmp: Path, final: Path, want: str, rebuild_stale: bool, num_sources: int | None = None) -> None:
     try:
         os.rename(tmp, final)
     except OSError:
@@ -217,9 +241,9 @@ def _publish(tmp: Path, final: Path, want: str, rebuild_stale: bool) -> None:
         current = read_manifest(final)
         if current is None:
             raise CacheError(f"{final} exists and is not a cache (no {MANIFEST}); refusing to replace it")
-        if current.identity_hash == want:
+        if _usable(current, want, num_sources):
             return  # someone else published the same content first; ours is discarded
-        if not rebuild_stale:
+        if current.identity_hash != want and not rebuild_stale:
             raise StaleCacheError(_stale_message(final, current.identity, {}))
         old = final.parent / f".{final.name}.stale-{uuid.uuid4().hex[:8]}"
         os.rename(final, old)  # readers briefly see no cache and keep waiting
@@ -318,18 +342,23 @@ def prepare_cache(
     rebuild_stale: bool = False,
     timeout: float = 3600.0,
     info: dict[str, Any] | None = None,
+    source_samples: Sequence[int] | None = None,
+    num_sources: int | None = None,
 ) -> CachedSamples:
     """The per-rank entry point: the writer builds the cache if needed, everyone maps it.
 
     ``make_samples`` is called only on the writer and only when no valid cache
-    exists; it returns the sample iterator and the skip report it fills. ``info``
-    is stored in the manifest for people reading it and never compared.
+    exists; it returns the sample iterator and the skip report it fills, and fills
+    ``source_samples`` (samples per source) when given. ``info`` is stored in the
+    manifest for people reading it and never compared. With ``num_sources``, a cache of
+    the same identity that does not count its sources is rebuilt by the writer.
     """
     if is_writer:
         m = read_manifest(cache_dir)
-        if m is None or m.identity_hash != identity_hash(identity):
+        if m is None or not _usable(m, identity_hash(identity), num_sources):
             samples, report = make_samples()
-            write_cache(cache_dir, samples, identity, report, rebuild_stale=rebuild_stale, info=info)
+            write_cache(cache_dir, samples, identity, report, rebuild_stale=rebuild_stale, info=info,
+                        source_samples=source_samples, num_sources=num_sources)
         return open_cache(cache_dir, identity)
     return wait_for_cache(cache_dir, identity, timeout=timeout, accept_stale_while_waiting=rebuild_stale)
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
 from psft_megatron.config.load import FieldError, build_dataclass, check_choices
@@ -64,6 +67,12 @@ class DataSourceConfig:
     long_sample: LongSamplePolicy = "drop"  # drop, or cut the response (never the prompt)
     on_error: OnError = "raise"  # raise a DataError, or skip and count in the SkipReport
     limit: int | None = None  # read only the first N records (smoke tests, debugging)
+    # data.train only: this source's share of the training rows in a weighted mixture (see
+    # psft_megatron.data.mixture). Set on every training source or on none (none: the sources are
+    # one concatenated data set). Normalised over the sources, so 3 and 1 mean 75% and 25%.
+    weight: float | None = None
+    # The source's name in metrics (tokens/NAME) and logs; default: its file name without suffixes.
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.adapter_options, dict):
@@ -82,9 +91,39 @@ class DataSourceConfig:
     def fingerprint(self) -> str:
         """A stable hash of the settings that change the produced samples (for caches)."""
         d = asdict(self)
-        for k in ("on_error", "cache_dir", "streaming"):  # do not change which samples come out
+        # These do not change which samples come out (the weight chooses rows, after the cache).
+        for k in ("on_error", "cache_dir", "streaming", "weight", "name"):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_SUFFIXES = (".gz", ".jsonl", ".json", ".parquet")
+
+
+def _derived_name(path: str) -> str:
+    """A source's default name: the last part of its path without data-file suffixes, in the
+    characters a metric name keeps (letters, digits, ``_ . -``)."""
+    name = PurePosixPath(path.rstrip("/")).name or path
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in _SUFFIXES:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                name, stripped = name[: -len(suffix)], True
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def source_names(sources: list[DataSourceConfig]) -> list[str]:
+    """Each source's name: its ``name``, else derived from its path; two derived names that
+    coincide (``gsm8k/train.jsonl`` and ``chat/train.jsonl``) get the source's index appended."""
+    derived = [_derived_name(s.path) for s in sources]
+    names = []
+    for i, (s, d) in enumerate(zip(sources, derived)):
+        if s.name is not None:
+            names.append(s.name)
+        else:
+            names.append(f"{d}_{i}" if derived.count(d) > 1 else d)
+    return names
 
 
 @dataclass
@@ -118,3 +157,37 @@ class DataConfig:
                         f"({src.max_length}) of {src.path} exceeds training.seq_length ({seq_length}); "
                         "lower max_length or raise seq_length",
                     )
+        self._validate_mixture()
+
+    def _validate_mixture(self) -> None:
+        for i, src in enumerate(self.eval):
+            if src.weight is not None:
+                raise FieldError(f"data.eval[{i}].weight", "weights mix training sources only; remove it here")
+        weighted = [src.weight is not None for src in self.train]
+        if any(weighted) and not all(weighted):
+            i = weighted.index(False)
+            raise FieldError(
+                f"data.train[{i}].weight",
+                "is missing: set a weight on every training source (a weighted mixture) or on none "
+                "(the sources concatenated into one data set)",
+            )
+        for i, src in enumerate(self.train):
+            if src.weight is not None and not (math.isfinite(src.weight) and src.weight > 0):
+                raise FieldError(f"data.train[{i}].weight", f"must be a finite number > 0, got {src.weight}")
+        for split in ("train", "eval"):
+            names = source_names(getattr(self, split))
+            for i, (src, name) in enumerate(zip(getattr(self, split), names)):
+                if src.name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", src.name):
+                    raise FieldError(f"data.{split}[{i}].name",
+                                     f"({src.name!r}) may hold only letters, digits and _ . - (it names metrics)")
+                if names.index(name) != i:
+                    raise FieldError(f"data.{split}[{i}].name",
+                                     f"{name!r} is also the name of data.{split}[{names.index(name)}]; "
+                                     "give each source its own name")
+
+    def train_weights(self) -> list[float] | None:
+        """The training sources' weights normalised to sum to 1, or None when they are not weighted."""
+        if not self.train or self.train[0].weight is None:
+            return None
+        total = sum(float(s.weight) for s in self.train)
+        return [float(s.weight) / total for s in self.train]

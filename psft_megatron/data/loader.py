@@ -23,6 +23,12 @@ Resuming
     batch, so a run may resume with a different data-parallel size and still see
     the same global stream.
 
+Weighted mixtures
+    With ``Sources`` that carry weights, each source is packed into rows of its own and an
+    epoch is the weighted, seeded interleaving of :mod:`psft_megatron.data.mixture` (its
+    docstring defines the epoch and says why weights act on rows). Either way each mini-batch
+    carries its response-token count per source (``MiniBatch.source_loss_tokens``).
+
 Randomness comes only from ``numpy.random.Generator`` objects seeded from
 ``(seed, purpose, epoch)``; no global RNG is read or changed.
 """
@@ -36,6 +42,7 @@ import numpy as np
 
 from psft_megatron.config.load import FieldError
 from psft_megatron.data.batches import GlobalBatch, MicroBatch, MiniBatch, collate
+from psft_megatron.data.mixture import Sources, epoch_rows, mixture_epoch_order, quotas
 from psft_megatron.data.packing import PackStrategy, check_lengths, pack_row, plan_packs
 from psft_megatron.data.store import SampleStore
 
@@ -126,7 +133,8 @@ class PackedLoader:
     TP ranks of a replica then hold identical micro-batches without communication.
     """
 
-    def __init__(self, store: SampleStore, config: LoaderConfig, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, store: SampleStore, config: LoaderConfig, dp_rank: int = 0, dp_size: int = 1,
+                 sources: Sources | None = None):
         config.validate(dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} outside [0, {dp_size})")
@@ -134,16 +142,34 @@ class PackedLoader:
         self.config = config
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self._row_offsets, self._row_samples = self._plan()
+        self.sources = sources or Sources.single(len(store))
+        if sum(self.sources.sample_counts) != len(store):
+            raise ValueError(f"the sources hold {sum(self.sources.sample_counts)} samples, the store {len(store)}")
+        self._row_offsets, self._row_samples, self.rows_per_source = self._plan()
         self.num_rows = len(self._row_offsets) - 1
         self.row_loss_tokens = np.add.reduceat(
             np.asarray(store.loss_tokens, dtype=np.int64)[self._row_samples], self._row_offsets[:-1]
         ) if self.num_rows else np.zeros(0, np.int64)
-        self.steps_per_epoch = self.num_rows // config.global_batch_size
+        self.row_source_loss_tokens = self._loss_tokens_by_source()
+        self.quota: np.ndarray | None = None  # rows per source in an epoch (weighted mixtures)
+        self.epoch_length = self.num_rows  # rows one epoch orders
+        if self.sources.weights is not None:
+            self.epoch_length = epoch_rows(self.rows_per_source, self.sources.weights)
+            self.quota = quotas(self.epoch_length, self.sources.weights)
+            empty = [n for n, q in zip(self.sources.names, self.quota) if q == 0]
+            if empty:
+                raise ValueError(
+                    f"source {empty[0]!r} gets none of the {self.epoch_length} rows of an epoch at its weight "
+                    f"(rows per source: {dict(zip(self.sources.names, self.rows_per_source))}); raise its weight "
+                    "or add data to the source that runs out first"
+                )
+        self.steps_per_epoch = self.epoch_length // config.global_batch_size
         if self.steps_per_epoch == 0:
             what = "packed rows" if config.pack else "samples"
+            if self.quota is not None:
+                what += " in one epoch of the mixture (one pass over the source that runs out first)"
             raise ValueError(
-                f"the data give {self.num_rows} {what} of seq_length={config.seq_length}, fewer than one "
+                f"the data give {self.epoch_length} {what} of seq_length={config.seq_length}, fewer than one "
                 f"global batch ({config.global_batch_size}); lower global_batch_size or add data"
             )
         self.epoch = 0
@@ -151,31 +177,58 @@ class PackedLoader:
         self._order_cache: tuple[int, np.ndarray] | None = None
 
     # ---- plan -------------------------------------------------------------
-    def _plan(self) -> tuple[np.ndarray, np.ndarray]:
+    def _plan(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Row offsets, the samples of the rows back to back, and rows per source (weighted:
+        each source packed on its own, its rows after the previous source's)."""
         lengths = np.asarray(self.store.lengths, dtype=np.int64)
         n = len(lengths)
         cfg = self.config
         if not cfg.pack:
             check_lengths(lengths, np.arange(n), cfg.seq_length)
-            return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64)
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, _PACK_STREAM])))
-        rows = plan_packs(lengths, cfg.seq_length, order=rng.permutation(n), strategy=cfg.pack_strategy)
+            per_source = [n] if self.sources.weights is None else list(self.sources.sample_counts)
+            return np.arange(n + 1, dtype=np.int64), np.arange(n, dtype=np.int64), per_source
+        if self.sources.weights is None:  # one data set: rows mix sources
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, _PACK_STREAM])))
+            rows = plan_packs(lengths, cfg.seq_length, order=rng.permutation(n), strategy=cfg.pack_strategy)
+            per_source = [len(rows)]
+        else:
+            rows, per_source = [], []
+            for s, members in enumerate(self.sources.sample_ranges()):
+                rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([cfg.seed, _PACK_STREAM, s])))
+                mine = plan_packs(lengths, cfg.seq_length, order=rng.permutation(members),
+                                  strategy=cfg.pack_strategy)
+                rows.extend(mine)
+                per_source.append(len(mine))
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in rows], out=offsets[1:])
         flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(offsets[-1]))
-        return offsets, flat
+        return offsets, flat, per_source
+
+    def _loss_tokens_by_source(self) -> np.ndarray:
+        """int64 ``[num_rows, sources]``: each row's response tokens from each source."""
+        n_src = len(self.sources.names)
+        src = self.sources.sample_source()[self._row_samples]
+        row = np.repeat(np.arange(self.num_rows, dtype=np.int64), np.diff(self._row_offsets))
+        counts = np.asarray(self.store.loss_tokens, dtype=np.int64)[self._row_samples]
+        flat = np.bincount(row * n_src + src, weights=counts, minlength=self.num_rows * n_src)
+        return np.rint(flat).astype(np.int64).reshape(self.num_rows, n_src)
 
     def row_samples(self, row: int) -> np.ndarray:
         """Dataset indices packed in ``row``."""
         return self._row_samples[self._row_offsets[row] : self._row_offsets[row + 1]]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of row indices used in ``epoch``."""
+        """The row indices of ``epoch`` in order: a permutation of the rows, or for a weighted
+        mixture ``epoch_length`` rows drawn by weight (see :mod:`psft_megatron.data.mixture`)."""
         if self._order_cache is None or self._order_cache[0] != epoch:
-            rng = np.random.Generator(
-                np.random.PCG64(np.random.SeedSequence([self.config.seed, _EPOCH_STREAM, epoch]))
-            )
-            self._order_cache = (epoch, rng.permutation(self.num_rows))
+            if self.quota is not None:
+                order = mixture_epoch_order(self.config.seed, epoch, self.rows_per_source, self.quota)
+            else:
+                rng = np.random.Generator(
+                    np.random.PCG64(np.random.SeedSequence([self.config.seed, _EPOCH_STREAM, epoch]))
+                )
+                order = rng.permutation(self.num_rows)
+            self._order_cache = (epoch, order)
         return self._order_cache[1]
 
     def global_batch_rows(self, epoch: int, index_in_epoch: int) -> np.ndarray:
@@ -211,6 +264,7 @@ class PackedLoader:
                     micro_batches=micros,
                     num_loss_tokens=int(self.row_loss_tokens[mini_all].sum()),
                     local_num_loss_tokens=sum(mb.num_loss_tokens for mb in micros),
+                    source_loss_tokens=tuple(int(x) for x in self.row_source_loss_tokens[mini_all].sum(axis=0)),
                 )
             )
         self.index_in_epoch += 1
@@ -230,13 +284,17 @@ class PackedLoader:
     # ---- checkpointing ----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Position and the settings the order depends on (JSON-able)."""
-        return {
+        state = {
             "epoch": self.epoch,
             "index_in_epoch": self.index_in_epoch,
             "num_rows": self.num_rows,
             "data_fingerprint": self.store.fingerprint,
             "config": {k: v for k, v in asdict(self.config).items() if k != "micro_batch_size"},
         }
+        if self.sources.weights is not None:  # absent otherwise: older checkpoints keep resuming
+            state["mixture"] = {"names": list(self.sources.names), "sample_counts": list(self.sources.sample_counts),
+                                "weights": list(self.sources.weights)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position; refuse if the data or ordering settings differ."""
@@ -246,14 +304,15 @@ class PackedLoader:
             for k, v in mine["config"].items()
             if state["config"].get(k) != v
         ]
-        for k in ("num_rows", "data_fingerprint"):
-            if state.get(k) != mine[k]:
-                problems.append(f"{k}: saved {state.get(k)!r}, now {mine[k]!r}")
+        for k in ("num_rows", "data_fingerprint", "mixture"):
+            if state.get(k) != mine.get(k):
+                problems.append(f"{k}: saved {state.get(k)!r}, now {mine.get(k)!r}")
         if problems:
             raise ValueError(
                 "cannot resume the data stream, the saved position was taken with different data or settings ("
                 + "; ".join(problems)
-                + "); resume with the same data cache and loader settings (micro_batch_size and dp_size may change)"
+                + "); resume with the same data cache, mixture weights and loader settings (micro_batch_size "
+                "and dp_size may change)"
             )
         epoch, index = int(state["epoch"]), int(state["index_in_epoch"])
         if not 0 <= index < self.steps_per_epoch:

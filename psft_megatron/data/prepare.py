@@ -61,11 +61,18 @@ def cache_identity(sources: Sequence[DataSourceConfig], tokenizer: Tokenizer, te
 
 
 def iter_sources(
-    sources: Sequence[DataSourceConfig], tokenizer: Tokenizer, template: ChatTemplate, report: SkipReport
+    sources: Sequence[DataSourceConfig], tokenizer: Tokenizer, template: ChatTemplate, report: SkipReport,
+    counts: list[int] | None = None,
 ) -> Iterator[TokenizedSample]:
-    """Samples of every source, in the given order, skips counted in ``report``."""
+    """Samples of every source, in the given order, skips counted in ``report``; ``counts`` (when
+    given) gets the number of samples of each source as it is exhausted."""
     for cfg in sources:
-        yield from iter_tokenized(cfg, tokenizer, template, report)
+        n = 0
+        for sample in iter_tokenized(cfg, tokenizer, template, report):
+            n += 1
+            yield sample
+        if counts is not None:
+            counts.append(n)
 
 
 def _not_empty(
@@ -107,12 +114,15 @@ def prepare_dataset(
     tok = load_tokenizer(tokenizer, pad=pad) if isinstance(tokenizer, (str, Path)) else tokenizer
     tpl = load_template(template, tok, template_vars)
     identity = cache_identity(sources, tok, tpl)
+    counts: list[int] = []  # samples per source, for weighted mixtures and per-source token counts
 
     def make() -> tuple[Iterator[TokenizedSample], SkipReport]:
         report = SkipReport()
-        return _not_empty(iter_sources(sources, tok, tpl, report), sources, report), report
+        counts.clear()
+        return _not_empty(iter_sources(sources, tok, tpl, report, counts), sources, report), report
 
     info = {"tokenizer": str(tok.name), "template": getattr(tpl, "name", None), "sources": [s.path for s in sources]}
     return prepare_cache(
-        cache_dir, identity, make, is_writer=is_writer, rebuild_stale=rebuild_stale, timeout=timeout, info=info
+        cache_dir, identity, make, is_writer=is_writer, rebuild_stale=rebuild_stale, timeout=timeout, info=info,
+        source_samples=counts, num_sources=len(sources),
     )

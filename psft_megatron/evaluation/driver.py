@@ -99,6 +99,11 @@ class Driver:
             dist.gather_object(local, None, dst=0, group=self.group)
         self.stopped = True
 
+    def begin(self) -> None:
+        """Make a stopped driver usable again (every rank, before rank 0's next call and the
+        others' next :meth:`serve`): a trainer evaluates at many steps over one driver."""
+        self.stopped = False
+
     def stop(self) -> None:
         """Release the workers (rank 0; safe to call twice)."""
         if self.is_driver and self.distributed and not self.stopped:

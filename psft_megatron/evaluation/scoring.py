@@ -77,17 +77,20 @@ class Group:
 
 
 def batch_groups(seqs: Sequence[Sequence[int]], order: Sequence[int], batch_size: int, per_group: int,
-                 pad_id: int, multiple: int = 1) -> list[Group]:
+                 pad_id: int, multiple: int = 1, fill: bool = False) -> list[Group]:
     """Right-padded micro-batches of the items ``order`` (indices into ``seqs``), ``per_group`` per call.
 
     Items are taken in ``order`` (longest first keeps padding small). Within a group every
     micro-batch has ``batch_size`` rows (filler rows: index -1) and the group's longest length,
-    rounded up to ``multiple``.
+    rounded up to ``multiple``. ``fill``: every group holds exactly ``per_group`` micro-batches
+    (the last one topped up with filler micro-batches), as the interleaved pipeline schedule needs.
     """
     batches = [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
     groups = []
     for g in range(0, len(batches), per_group):
         part = batches[g : g + per_group]
+        if fill:
+            part = part + [[] for _ in range(per_group - len(part))]
         s = max(len(seqs[i]) for b in part for i in b)
         s = -(-s // multiple) * multiple
         mbs = []
@@ -105,6 +108,8 @@ def batch_groups(seqs: Sequence[Sequence[int]], order: Sequence[int], batch_size
 def _row_scores(logits: torch.Tensor, mb: dict[str, torch.Tensor], rows: Sequence[Row], vocab_size: int
                 ) -> list[tuple[int, list[tuple[float, bool]]]]:
     """(row index, [(sum logp, greedy) per target]) for the real rows of one micro-batch (last stage)."""
+    if bool((mb["rows"] < 0).all()):  # an all-filler micro-batch (a topped-up interleaved group)
+        return []
     b_idx, p_idx, labels, seg = [], [], [], []
     owners: list[tuple[int, int]] = []  # (row index, number of targets)
     n_seg = 0
@@ -149,7 +154,10 @@ def score_rows(model: ScoringModel, rows: Sequence[Row], batch_size: int, pad_id
     order = sorted(range(len(rows)), key=lambda i: -len(seqs[i]))
     pp = ps.get_pipeline_model_parallel_world_size()
     out: list[tuple[int, list[tuple[float, bool]]]] = []
-    for group in batch_groups(seqs, order, batch_size, pp, pad_id, length_multiple(model)):
+    # Several chunks per rank (virtual pipeline, a trainer's model): the interleaved schedule runs
+    # whole groups of PP micro-batches.
+    interleaved = len(model.chunks) > 1
+    for group in batch_groups(seqs, order, batch_size, pp, pad_id, length_multiple(model), fill=interleaved):
         parts = pipeline_forward(model.chunks, group.microbatches,
                                  lambda logits, mb: _row_scores(logits, mb, rows, model.vocab_size))
         for part in parts:

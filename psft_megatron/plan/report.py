@@ -6,9 +6,7 @@ from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.plan.gpus import USABLE_FRACTION, GiB
 from psft_megatron.plan.memory import Plan
 
-__all__ = ["format_plan"]
-
-
+__all__ = ["format_plan", "plan_summary"]
 
 def _gib(x: float) -> str:
     return f"{x / GiB:8.2f}"
@@ -82,3 +80,22 @@ def format_plan(plan: Plan) -> str:
     for note in plan.notes:
         out.append(f"note: {note}")
     return "\n".join(out)
+
+
+def plan_summary(plan: Plan) -> dict[str, float | int | str | bool | None]:
+    """The plan's headline figures, flat (for experiment trackers): the GPU, the layout, the worst
+    stage's memory against the usable memory, FLOPs and step time per optimizer step."""
+    worst = plan.worst
+    return {
+        "gpu": plan.gpu.name + (" (assumed)" if plan.gpu_assumed else ""),
+        "world_size": plan.world_size,
+        "layout": f"TP{plan.tp}{'+SP' if plan.sp else ''} PP{plan.pp}{f' VP{plan.vp}' if plan.vp else ''} "
+                  f"CP{plan.cp} DP{plan.dp}",
+        "memory_gib": worst.total / GiB,
+        "memory_stage": worst.stage,
+        "usable_gib": plan.usable_bytes / GiB,
+        "fits": plan.fits,
+        "model_flops_per_step": plan.flops["model_per_step"],
+        "step_time_s": plan.step_seconds,
+        "mfu": plan.mfu,
+    }

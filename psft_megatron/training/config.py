@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from psft_megatron.config.load import FieldError, check_choices
 from psft_megatron.data.loader import check_batch_sizes
+from psft_megatron.evaluation.inputs import EvalInputError
+from psft_megatron.evaluation.tasks import MATH_SETS, data_key, resolve_task_names
+from psft_megatron.training.trackers.config import MlflowConfig, WandbConfig
 
 
 @dataclass
@@ -50,6 +53,17 @@ class TrainingConfig:
     # full vocabulary: how far training moved the model's predictions. Keeps a frozen copy of
     # the starting weights (shared with sft_kl's reference) and runs it on each evaluation.
     eval_kl_to_start: bool = False
+    # lm-eval log-likelihood tasks scored on the training model at each evaluation (eval_interval,
+    # eval_at_start), at the run's own layout, logged with the held-out numbers as "TASK/METRIC":
+    # the names psft-evaluate --tasks takes (mmlu, mmlu_SUBJECT, mmlu_5shot..., truthfulqa_mc1,
+    # truthfulqa_mc2; generation tasks such as gsm8k need psft-evaluate). Needs the eval extra.
+    eval_tasks: list[str] = field(default_factory=list)
+    # Their data: a folder laid out like ../shared/data (ood/mmlu/{dev,test}, ood/TruthfulQA.csv).
+    eval_tasks_data_root: str | None = None
+    # Documents per task (lm-eval's limit; None = all): a subset keeps each evaluation cheap.
+    eval_tasks_limit: int | None = None
+    # Rows per micro-batch per data-parallel replica when scoring them.
+    eval_tasks_batch_size: int = 8
     # A step whose loss or gradient norm is non-finite is skipped (no update); this many in a
     # row stop the run with an error.
     max_skipped_steps: int = 3
@@ -76,6 +90,7 @@ class TrainingConfig:
         if self.eval_kl_to_start and not (self.eval_interval or self.eval_at_start):
             raise FieldError("training.eval_kl_to_start", "is true but nothing is evaluated: set "
                              "training.eval_interval (and/or eval_at_start)")
+        self._validate_eval_tasks()
         if self.eval_rows is not None and self.eval_rows < 1:
             raise FieldError("training.eval_rows", f"must be >= 1 or null (the whole held-out split), got {self.eval_rows}")
         if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:
@@ -103,6 +118,29 @@ class TrainingConfig:
                     f"global batches; use "
                     f"{value // k * k or k} or {(value // k + 1) * k}",
                 )
+
+    def _validate_eval_tasks(self) -> None:
+        if not self.eval_tasks:
+            return
+        try:
+            names = resolve_task_names(self.eval_tasks)
+        except EvalInputError as e:
+            raise FieldError("training.eval_tasks", "names an " + str(e).replace(" (--tasks)", "")) from None
+        generation = [n for n in names if data_key(n) in MATH_SETS]
+        if generation:
+            raise FieldError("training.eval_tasks", f"lists generation tasks ({', '.join(generation)}), which do not "
+                             "run during training (only log-likelihood ones: mmlu..., truthfulqa_mc1/mc2); score a "
+                             "saved checkpoint with psft-evaluate --tasks instead")
+        if not (self.eval_interval or self.eval_at_start):
+            raise FieldError("training.eval_tasks", "are set but nothing is evaluated: set training.eval_interval "
+                             "(and/or eval_at_start)")
+        if not self.eval_tasks_data_root:
+            raise FieldError("training.eval_tasks_data_root", "must name the tasks' data folder (laid out like "
+                             "../shared/data: ood/mmlu, ood/TruthfulQA.csv)")
+        if self.eval_tasks_limit is not None and self.eval_tasks_limit < 1:
+            raise FieldError("training.eval_tasks_limit", f"must be >= 1 or null (every document), got {self.eval_tasks_limit}")
+        if self.eval_tasks_batch_size < 1:
+            raise FieldError("training.eval_tasks_batch_size", f"must be >= 1, got {self.eval_tasks_batch_size}")
 
     def validate_for_dp(self, dp_size: int) -> None:
         """Divisibility that depends on the data-parallel size."""
@@ -163,13 +201,19 @@ class OptimConfig:
 
 @dataclass
 class LoggingConfig:
-    """Run directory, console and TensorBoard logging."""
+    """Run directory, console, TensorBoard and experiment-tracker logging."""
 
     run_dir: str = "runs/psft"
     log_interval: int = 1  # optimizer steps between console lines
     tensorboard: bool = True
     progress_bar: bool = True
+    # Experiment trackers beside TensorBoard (off unless set; optional extras .[wandb] / .[mlflow]).
+    wandb: WandbConfig | None = None
+    mlflow: MlflowConfig | None = None
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise FieldError("logging.log_interval", f"must be >= 1, got {self.log_interval}")
+        for tracker in (self.wandb, self.mlflow):
+            if tracker is not None:
+                tracker.validate()

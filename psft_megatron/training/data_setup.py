@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch.distributed as dist
 
-from psft_megatron.data.batches import MicroBatch
-from psft_megatron.data.cache import CachedSamples
-from psft_megatron.data.config import DataConfig
+from psft_megatron.data.batches import MicroBatch, MiniBatch
+from psft_megatron.data.cache import CachedSamples, source_sample_counts
+from psft_megatron.data.config import DataConfig, source_names
 from psft_megatron.data.errors import SOURCE, DataError
 from psft_megatron.data.loader import LoaderConfig, PackedLoader
+from psft_megatron.data.mixture import Sources
 from psft_megatron.data.prepare import prepare_dataset
 from psft_megatron.data.types import SkipReport
 from psft_megatron.errors import UserError
@@ -41,6 +42,14 @@ class TrainData:
     dp_size: int = 1
     # The interleaved schedule needs a multiple of the pipeline size in micro-batches.
     eval_multiple: int = 1
+
+    def source_fields(self, mini: MiniBatch) -> dict[str, int]:
+        """``{"tokens/NAME": response tokens}`` of a mini-batch per training source (all DP ranks);
+        empty with one source (its count is the record's ``tokens``)."""
+        names = self.loader.sources.names
+        if len(names) < 2:
+            return {}
+        return {f"tokens/{n}": int(c) for n, c in zip(names, mini.source_loss_tokens)}
 
     def eval_micro_batches(self, max_rows: int | None) -> list[MicroBatch]:
         """This DP rank's share of the first ``max_rows`` held-out rows (None = all), the same every call.
@@ -113,6 +122,40 @@ def _data_error(split: str, data: DataConfig, e: ValueError) -> DataError:
     return DataError(paths, None, None, SOURCE, f"{split} data: {e}")
 
 
+def _sources(data: DataConfig, cached: CachedSamples) -> Sources:
+    """The training sources as the cache holds them, with their names and weights."""
+    counts = source_sample_counts(cached.manifest, len(data.train))
+    if counts is None:  # the writer rebuilds such a cache; a reader only meets one written elsewhere
+        raise _data_error("train", data, ValueError(
+            f"the cache {cached.path} does not count the samples of each source (written by an older version); "
+            "delete it or rebuild it with tools/prepare_data.py --rebuild-stale"))
+    weights = data.train_weights()
+    if weights is not None:
+        for i, n in enumerate(counts):
+            if n == 0:
+                raise DataError(data.train[i].path, None, None, SOURCE,
+                                f"data.train[{i}] gives no samples: a weighted source needs some (see the skip report)")
+    return Sources(tuple(source_names(data.train)), tuple(counts), None if weights is None else tuple(weights))
+
+
+def _log_sources(loader: PackedLoader) -> None:
+    """What the run trains on, per source (rank 0)."""
+    src = loader.sources
+    if len(src.names) < 2:
+        return
+    rows = loader.rows_per_source
+    for s, name in enumerate(src.names):
+        if loader.quota is None:
+            log.info("train source %s: %d samples (concatenated with the others, rows mix sources)",
+                     name, src.sample_counts[s])
+        else:
+            log.info("train source %s: weight %.4g, %d samples, %d rows, %d rows per epoch (%.2f passes)",
+                     name, src.weights[s], src.sample_counts[s], rows[s], loader.quota[s], loader.quota[s] / rows[s])
+    if loader.quota is not None:
+        log.info("train mixture: an epoch is %d rows (%d global batches), one pass over the source that runs "
+                 "out first", loader.epoch_length, loader.steps_per_epoch)
+
+
 def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, env: DistEnv) -> TrainData:
     """Prepare (or map) the token caches and build the DP-sharded loaders."""
     from megatron.core import parallel_state
@@ -120,7 +163,7 @@ def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, en
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
 
-    def loader(cached: CachedSamples, seed: int, one_row: bool = False) -> PackedLoader:
+    def loader(cached: CachedSamples, seed: int, one_row: bool = False, sources: Sources | None = None) -> PackedLoader:
         cfg = LoaderConfig(
             seq_length=t.seq_length,
             global_batch_size=1 if one_row else t.global_batch_size,
@@ -133,11 +176,14 @@ def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, en
         try:
             if one_row:  # eval: TrainData splits the rows over DP itself
                 return PackedLoader(cached, cfg)
-            return PackedLoader(cached, cfg, dp_rank=dp_rank, dp_size=dp_size)
+            return PackedLoader(cached, cfg, dp_rank=dp_rank, dp_size=dp_size, sources=sources)
         except ValueError as e:  # e.g. no rows at all: every rank raises the same, one line
             raise _data_error("eval" if one_row else "train", data, e) from None
 
-    train = loader(_cache(data, env, "train", t.seq_length), t.seed)
+    train_cache = _cache(data, env, "train", t.seq_length)
+    train = loader(train_cache, t.seed, sources=_sources(data, train_cache))
+    if env.rank == 0:
+        _log_sources(train)
     held_out = loader(_cache(data, env, "eval", t.seq_length), t.seed, one_row=True) if data.eval else None
     multiple = parallel.pipeline_model_parallel_size if parallel.virtual_pipeline_model_parallel_size else 1
     return TrainData(train, held_out, t.micro_batch_size, dp_rank, dp_size, multiple)

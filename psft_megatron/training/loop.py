@@ -116,8 +116,10 @@ def _evaluate(t: Trainer, step: int, eval_records: list[dict[str, Any]]) -> None
         eval_records.append(ev)
         t.metrics.write(ev, prefix="eval")
         if t.is_logger:
-            kl = f" kl to start {ev['kl']:.4f}" if "kl" in ev else ""
-            log.info("eval step %d: loss %.4f entropy %.4f%s", step, ev["loss"], ev["entropy"], kl)
+            parts = [f"loss {ev['loss']:.4f} entropy {ev['entropy']:.4f}"] if "loss" in ev else []
+            parts += [f"kl to start {ev['kl']:.4f}"] if "kl" in ev else []
+            parts += [f"{k} {v:.4f}" for k, v in ev.items() if "/" in k]  # lm-eval tasks: TASK/METRIC
+            log.info("eval step %d: %s", step, ", ".join(parts))
 
 
 def train(t: Trainer) -> TrainResult:
@@ -136,15 +138,17 @@ def train(t: Trainer) -> TrainResult:
                 _enter_global_batch(t)
             objective = t.phases.objective_at(cursor.start_step)
             j = cursor.next_mini
+            by_source = t.data.source_fields(cursor.minis[j])  # {"tokens/NAME": ...}, several sources only
             result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
             cursor.advance()
-            progress.advance(t.tokens_per_step)
+            progress.advance(t.tokens_per_step, {k.removeprefix("tokens/"): v for k, v in by_source.items()})
             step = progress.step
             loss = result.stats["loss"] if result.stats is not None else None
             t.guard.record(step, result.skipped, loss, result.grad_norm)
             if result.stats is not None:
                 rec = train_record(step, objective.name, result.stats, result.grad_norm, result.lr,
                                    t.tokens_per_step, time.monotonic() - t0)
+                rec.update(by_source)
                 if result.skipped:
                     rec["skipped"] = True
                 else:
@@ -152,6 +156,7 @@ def train(t: Trainer) -> TrainResult:
                 records.append(rec)
                 t.metrics.write(rec)
                 t.metrics.progress(rec)
+                t.metrics.source_totals(step, progress.source_tokens)
             boundary = not cursor.active
             if boundary and t.evaluator.should_evaluate(step, step - cursor.start_step):
                 _evaluate(t, step, eval_records)

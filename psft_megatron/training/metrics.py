@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl (one object per optimizer step), TensorBoard, console progress."""
+"""Run outputs: metrics.jsonl (one object per optimizer step), TensorBoard, experiment trackers
+(W&B, MLflow: :mod:`psft_megatron.training.trackers`), console progress."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from psft_megatron.training.config import LoggingConfig
+from psft_megatron.training.trackers import Tracker, build_trackers
 
 log = logging.getLogger("psft")
 
@@ -50,10 +52,16 @@ def _finite(x: Any) -> Any:
 
 
 class MetricsWriter:
-    """Writes metrics on the logging rank only; every method is a no-op elsewhere."""
+    """Writes metrics on the logging rank only; every method is a no-op elsewhere.
+
+    ``trackers`` get every record written here, the ``--plan`` summary (:meth:`log_plan`) and the
+    launch's outcome (:meth:`finish`, after :meth:`close`: the outcome is known only once the
+    loop has ended).
+    """
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, tensorboard: bool = True,
-                 log_interval: int = 1, progress_bar: bool = True, resumed_at: int = 0) -> None:
+                 log_interval: int = 1, progress_bar: bool = True, resumed_at: int = 0,
+                 trackers: list[Tracker] | None = None) -> None:
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
@@ -62,6 +70,7 @@ class MetricsWriter:
         self._file = None
         self._tb = None
         self._bar = None
+        self.trackers: list[Tracker] = list(trackers or []) if enabled else []
         if not enabled:
             return
         # A live bar only on a terminal; batch logs (SLURM, CI) get the periodic lines alone.
@@ -86,10 +95,16 @@ class MetricsWriter:
 
     @classmethod
     def from_config(cls, logging_cfg: LoggingConfig, enabled: bool, total_steps: int,
-                    resumed_at: int = 0) -> MetricsWriter:
-        """The writer of the ``logging`` section (``enabled`` on the logging rank only)."""
-        return cls(Path(logging_cfg.run_dir), enabled, total_steps, logging_cfg.tensorboard, logging_cfg.log_interval,
-                   logging_cfg.progress_bar, resumed_at=resumed_at)
+                    resumed_at: int = 0, run_config: dict[str, Any] | None = None) -> MetricsWriter:
+        """The writer of the ``logging`` section (``enabled`` on the logging rank only), with the
+        trackers it sets started there (``run_config``: the resolved recipe, their run's config)."""
+        run_dir = Path(logging_cfg.run_dir)
+        trackers = []
+        if enabled:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trackers = build_trackers(logging_cfg.wandb, logging_cfg.mlflow, run_dir, run_config or {})
+        return cls(run_dir, enabled, total_steps, logging_cfg.tensorboard, logging_cfg.log_interval,
+                   logging_cfg.progress_bar, resumed_at=resumed_at, trackers=trackers)
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         """Append one record (``step`` required) and mirror its numbers to TensorBoard."""
@@ -103,6 +118,27 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+        self._to_trackers("log", rec, prefix)
+
+    def log_plan(self, summary: dict[str, Any], text: str) -> None:
+        """Give the trackers this launch's ``--plan`` figures and report."""
+        self._to_trackers("log_plan", summary, text)
+
+    def finish(self, status: str, **fields: Any) -> None:
+        """Give the trackers how the launch ended (run_status.json's ``status`` and fields) and close them."""
+        self._to_trackers("finish", status, fields)
+        self.trackers = []
+
+    def _to_trackers(self, method: str, *args: Any) -> None:
+        # A tracker that fails (its server down, a full disk) must not stop a training run:
+        # metrics.jsonl keeps every record, so that tracker is dropped with one warning.
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as e:
+                log.warning("%s failed (%s: %s); it gets no more records in this launch (metrics.jsonl has them)",
+                            type(tracker).__name__, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.trackers.remove(tracker)
 
     def progress(self, record: dict[str, Any]) -> None:
         """A console line with throughput and ETA every ``log_interval`` steps."""
@@ -136,7 +172,21 @@ class MetricsWriter:
         else:
             log.info(message)
 
+    def source_totals(self, step: int, totals: dict[str, int]) -> None:
+        """A console line with the response tokens trained per source since the run began (and
+        their shares), on the ``log_interval`` of :meth:`progress`; nothing with one source."""
+        if not self.enabled or len(totals) < 2 or (step % self.log_interval and step != self.total_steps):
+            return
+        all_tokens = sum(totals.values()) or 1
+        parts = ", ".join(f"{name} {n} ({100 * n / all_tokens:.1f}%)" for name, n in totals.items())
+        message = f"step {step}: response tokens trained per source so far: {parts}"
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            log.info(message)
+
     def close(self) -> None:
+        """Close metrics.jsonl, TensorBoard and the bar (the trackers stay open for :meth:`finish`)."""
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
