@@ -17,12 +17,14 @@ import os
 import shutil
 from pathlib import Path
 
+from psft_megatron.checkpoint.lora import LoRACheckpointError, base_checkpoint, is_lora_meta
 from psft_megatron.checkpoint.model_checkpoint import CheckpointError, read_meta
 from psft_megatron.checkpoint.train_checkpoint import complete_checkpoints
 from psft_megatron.config.load import ConfigError
 from psft_megatron.data.sources import resolve_format
 from psft_megatron.evaluation.inputs import EvalInputError
 from psft_megatron.evaluation.tasks import check_data, default_paths, resolve_task_names
+from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.recipe import RecipeConfig
 from psft_megatron.training.trackers import missing_packages
 
@@ -38,10 +40,12 @@ def save_dir_of(recipe: RecipeConfig) -> Path:
 
 def checkpoint_bytes(recipe: RecipeConfig) -> int:
     """Bytes of one training checkpoint: weights in their dtype, Adam's two fp32 moments, and
-    the fp32 main copy of bf16 weights (RNG states and JSON are negligible)."""
+    the fp32 main copy of bf16 weights (RNG states and JSON are negligible). A LoRA run saves
+    its adapters only."""
     model = recipe.resolved_model
     per_param = (2 + 4 if model.params_dtype == "bf16" else 4) + 8
-    return model.num_parameters() * per_param
+    params = adapter_parameters_per_model(model) if model.lora is not None else model.num_parameters()
+    return params * per_param
 
 
 def _writable(path: Path) -> str | None:
@@ -77,9 +81,17 @@ def preflight(recipe: RecipeConfig) -> None:
         if not Path(init).exists():
             raise ConfigError(f"{where('checkpoint.init_from')}checkpoint.init_from: {init} does not exist")
         try:
-            read_meta(init)
-        except CheckpointError as e:
+            meta = read_meta(init)
+            if is_lora_meta(meta):
+                base_checkpoint(init, meta)
+        except (CheckpointError, LoRACheckpointError) as e:
             raise ConfigError(f"{where('checkpoint.init_from')}checkpoint.init_from: {e}") from None
+        if is_lora_meta(meta) and recipe.model.lora is None:
+            raise ConfigError(
+                f"{where('checkpoint.init_from')}checkpoint.init_from: {init} holds LoRA adapters; continue them "
+                "with model.lora set as they were trained (see its psft_meta.json), or export it merged "
+                "(psft-export-hf) and start a full fine-tune from a conversion of that"
+            )
     for split in ("train", "eval"):
         for i, src in enumerate(getattr(recipe.data, split)):
             if resolve_format(src) in ("jsonl", "json", "parquet") and not Path(src.path).is_file():

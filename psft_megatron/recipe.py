@@ -150,6 +150,12 @@ class RecipeConfig:
                              "(and training.eval_tasks none)")
         if t.eval_kl_to_start and not self.data.eval:
             raise FieldError("training.eval_kl_to_start", "is true but data.eval lists no held-out source")
+        if self.model.lora is not None and not self.checkpoint.init_from:
+            raise FieldError(
+                "model.lora",
+                "needs checkpoint.init_from: the full checkpoint (tools/convert_hf_to_megatron.py) the adapters "
+                "train on, or a LoRA checkpoint to continue",
+            )
         if t.eval_tasks and self.parallel.context_parallel_size > 1:
             raise FieldError("training.eval_tasks", "cannot be scored with parallel.context_parallel_size > 1 "
                              "(log-likelihood scoring splits no sequence over CP ranks); score saved checkpoints "

@@ -18,11 +18,13 @@ import torch.distributed as dist
 import yaml
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer
-from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
+from psft_megatron.checkpoint.lora import LORA_BASE, lora_base_for
+from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint, read_meta
 from psft_megatron.data.masks import check_model_honours_mask
 from psft_megatron.model.build import BuiltModel, build_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.init import init_layout_independent
+from psft_megatron.model.lora.state import BaseModelView
 from psft_megatron.plan import GPUS, detect_gpu, format_plan, plan_recipe, plan_summary
 from psft_megatron.preflight import check_launch, save_dir_of
 from psft_megatron.recipe import RecipeConfig
@@ -68,14 +70,16 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     data = build_data(recipe.data, t, recipe.parallel, env)
     built = _build_policy_model(recipe, model_cfg, env)
     steps = total_steps(recipe, data)
-    checkpointer = Checkpointer(recipe.checkpoint, save_dir_of(recipe), model_cfg,
-                                meta={"tokenizer": recipe.data.tokenizer})
+    checkpointer = Checkpointer(recipe.checkpoint, save_dir_of(recipe), model_cfg, meta=_checkpoint_meta(recipe),
+                                adapter_seed=t.seed)
     checkpointer.find_resume_point()
     # Before the optimizer copies the weights into its fp32 main params.
     if not checkpointer.load_initial_weights(built.chunks):
         init_layout_independent(built.chunks, t.seed)  # the same random model at every layout
-    # The frozen starting weights: sft_kl's reference and/or the evaluator's KL baseline (one copy).
-    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference or t.eval_kl_to_start else None
+    # The frozen starting weights: sft_kl's reference and/or the evaluator's KL baseline (one copy;
+    # with LoRA the base itself, the adapters switched off).
+    reference = _build_reference(recipe, model_cfg, built.chunks) \
+        if recipe.loss.needs_reference or t.eval_kl_to_start else None
     bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
     progress, cursor = TrainProgress(), BatchCursor.from_config(t)
     states = {"progress": progress, "data": data.loader, "batch": cursor}
@@ -110,6 +114,16 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     )
 
 
+def _checkpoint_meta(recipe: RecipeConfig) -> dict:
+    """What every checkpoint of the run records besides the model: the tokenizer, and for a LoRA run
+    the full base checkpoint its adapters adapt (checkpoints hold the adapters only)."""
+    meta = {"tokenizer": recipe.data.tokenizer}
+    if recipe.model.lora is not None:
+        init = recipe.checkpoint.init_from
+        meta[LORA_BASE] = str(lora_base_for(init, read_meta(init)))
+    return meta
+
+
 def _plan_for_trackers(recipe: RecipeConfig, env: DistEnv) -> tuple[dict, str]:
     """The ``--plan`` summary and report of this launch (its world size; this machine's GPU, else an H100)."""
     gpu = detect_gpu() if env.device.type == "cuda" else None
@@ -129,11 +143,19 @@ def _build_policy_model(recipe: RecipeConfig, model_cfg: ModelConfig, env: DistE
     return built
 
 
-def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig) -> list:
+def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig, chunks: list) -> list:
     """The frozen reference model (the run's starting weights) for objectives that need one and
     for the evaluator's KL to the start: the same layout, forward-only, never in the optimizer.
     Costs one more copy of the weights per rank (no gradients, no optimizer state), and a forward
-    pass per global batch (sft_kl) or per evaluation."""
+    pass per global batch (sft_kl) or per evaluation.
+
+    With LoRA the reference is the base model: the trained ``chunks`` with their adapters switched
+    off (:class:`BaseModelView`), no copy of the weights. That is the run's start when it begins
+    from a full checkpoint (B = 0); a run continuing a LoRA checkpoint measures against the base
+    under it, not against the adapters it continued from."""
+    if model_cfg.lora is not None:
+        log.info("reference model: the base model (the LoRA model with its adapters off)")
+        return [BaseModelView(c) for c in chunks]
     ref = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
     if recipe.checkpoint.init_from:
         load_model_checkpoint(ref.chunks, recipe.checkpoint.init_from)

@@ -1,7 +1,8 @@
 """The project's trainer on one tiny converted Llama, for the float64-reference tests.
 
 ``test_trainer_reference.py`` checks the trainer (PSFT at seven layouts, sft_kl at TP=1 and
-TP=2+SP) on one model, data and schedule against ``reference_trainer.py``. Its runs are
+TP=2+SP, LoRA at five layouts, resumed, and under sft_kl) on one model, data and schedule against
+``reference_trainer.py``. Its runs are
 trained here together, in one launch per process count (plus one to convert the model and
 one to export every result), because starting processes and importing megatron-core costs
 more than the runs themselves.
@@ -54,6 +55,25 @@ VARIANT_RUNS = {  # name: (objective or loss section, processes, micro_batch_siz
                             {"tensor_model_parallel_size": 2, "sequence_parallel": True}, EVAL_KL),
     "evalkl_dp2": ("psft", 2, 1, {}, EVAL_KL),  # each DP rank scores half the rows: the KL sums meet
 }
+# LoRA on every projection (rank 4, scale 2), the base frozen; a higher learning rate, as LoRA runs use.
+LORA = {"rank": 4, "alpha": 8.0}
+LORA_OPTIMIZER = {"lr": 2e-2, "min_lr": 2e-3}
+LORA_RUNS = {  # name: (objective, processes, micro_batch_size, parallel section, extra sections)
+    "tp1": ("psft", 1, 2, {}, {}),
+    # stopped after step 4 (checkpoint: adapters + their optimizer state), relaunched: bit-exact with tp1
+    "tp1_resume": ("psft", 1, 2, {}, {}),
+    # init_from tp1's final (LoRA) checkpoint: its base and adapters, a fresh optimizer, 8 more steps
+    "tp1_continue": ("psft", 1, 2, {}, {}),
+    # also the evaluator's KL to the start, which for LoRA is the base (the adapters switched off)
+    "tp2_sp": ("psft", 2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"training": EVAL_KL}),
+    "pp2_vp2": ("psft", 2, 2, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, {}),
+    "cp2": ("psft", 2, 2, {"context_parallel_size": 2}, {}),
+    # DP=2: megatron's distributed optimizer over the adapters, and the fused output layer (frozen weight)
+    "dp2_distopt_fused": ("psft", 2, 1, {}, {"optimizer": {"use_distributed_optimizer": True},
+                                              "loss": {"fused_output_layer": True}}),
+    # sft_kl: the reference is the base (the adapters switched off); only q, v and down adapted
+    "sft_kl_qv": ("sft_kl", 1, 2, {}, {"lora": {"target_modules": ["q_proj", "v_proj", "down_proj"]}}),
+}
 
 
 def variant_objective(name: str) -> str:
@@ -81,15 +101,21 @@ def _convert(hf_dir: str, out: str) -> None:
 
 
 def _export(ckpts: dict[str, str], root: str) -> None:
+    from psft_megatron.checkpoint.lora import is_lora_meta
+    from psft_megatron.checkpoint.model_checkpoint import read_meta
+    from psft_megatron.conversion.lora_export import export_peft_adapter
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
 
     for name, ckpt in ckpts.items():
-        convert_megatron_to_hf(ckpt, Path(root) / name, dtype="float32")
+        convert_megatron_to_hf(ckpt, Path(root) / name, dtype="float32")  # a LoRA checkpoint: merged
+        if is_lora_meta(read_meta(ckpt)):
+            export_peft_adapter(ckpt, Path(root) / f"{name}_peft", dtype="float32")
 
 
 def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
     """Train each recipe in this job (one rank of it); for objectives with a frozen reference
     model, also record whether it changed, sits in the optimizer or wants gradients."""
+    from psft_megatron.model.lora.state import adapter_parameters
     from psft_megatron.recipe import recipe_from_dict
     from psft_megatron.run import build_trainer
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed, teardown
@@ -98,17 +124,39 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
     out = {}
     for name, recipe_dict in recipes.items():
         env = init_distributed()
+        if name.endswith("_resume"):  # a first launch that stops after 4 steps, saving its checkpoint
+            stopped = copy.deepcopy(recipe_dict)
+            stopped["training"]["exit_after_steps"] = 4
+            first = _train_all({name.removesuffix("_resume") + "_stopped": stopped})
+            env = init_distributed()
+        if name.endswith("_continue"):  # init_from the checkpoint its namesake (trained before it) ended with
+            recipe_dict = copy.deepcopy(recipe_dict)
+            recipe_dict["checkpoint"]["init_from"] = out[name.removesuffix("_continue")]["checkpoint"]
         recipe = recipe_from_dict(copy.deepcopy(recipe_dict))
         init_model_parallel(recipe.parallel)
         set_seed(recipe.training.seed)
         trainer = build_trainer(recipe, env)
+        lora = recipe.model.lora is not None
+        # The adapters' first values (global tensors at TP=PP=1) for the float64 reference.
+        initial = {n: p.detach().clone() for n, p in adapter_parameters(trainer.bundle.model)} \
+            if lora and env.world_size == 1 else None
         reference = trainer.reference or []
         ref_before = [p.detach().clone() for c in reference for p in c.parameters()]
         opt_params = {id(p) for g in trainer.bundle.optimizer.param_groups for p in g["params"]}
         result = train(trainer)
         out[name] = {"records": result.records, "eval": result.eval_records,
-                     "checkpoint": str(result.last_checkpoint)}
-        if reference:
+                     "checkpoint": str(result.last_checkpoint), "init_from": recipe.checkpoint.init_from}
+        if name.endswith("_resume"):
+            out[name]["records"] = next(iter(first.values()))["records"] + result.records
+        if lora:
+            frozen = [p for c in trainer.bundle.model for n, p in c.named_parameters() if "lora_" not in n]
+            out[name].update(
+                initial_adapters=initial,
+                base_requires_grad=any(p.requires_grad for p in frozen),
+                base_in_optimizer=any(id(p) in opt_params for p in frozen),
+                optimizer_params=sum(p.numel() for g in trainer.bundle.optimizer.param_groups for p in g["params"]),
+            )
+        elif reference:
             ref_after = [p.detach().clone() for c in reference for p in c.parameters()]
             policy = [p.detach() for c in trainer.bundle.model for p in c.parameters()]
             out[name].update(
@@ -122,18 +170,20 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
 
 
 def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: dict | None = None,
-           training: dict | None = None) -> dict:
+           training: dict | None = None, lora: dict | None = None, optimizer: dict | None = None) -> dict:
     """The tiny recipe of one run, starting from the converted model at ``tmp/init``."""
     r = tiny_recipe(data, tmp / name, training=dict(TRAINING, micro_batch_size=micro, **(training or {})),
-                    optimizer=OPTIMIZER,
+                    optimizer=dict(OPTIMIZER, **(optimizer or {})),
                     parallel=parallel,
                     checkpoint={"init_from": str(tmp / "init"), "allow_random_init": False, "save_at_end": True,
                                 "keep_last": 1})
     r["model"] = {"hf_config": str(tmp / "hf_init"), "params_dtype": "fp32", "transformer_impl": "local"}
+    if lora is not None:
+        r["model"]["lora"] = lora
     if not r["training"].get("eval_interval"):
         r["data"]["eval"] = []
     if loss:
-        r["loss"] = loss
+        r["loss"] = dict(r["loss"], **loss)
     return r
 
 
@@ -184,9 +234,10 @@ def eval_rows(recipe_dict: dict) -> list[dict[str, torch.Tensor]]:
 def train_all(tmp: Path) -> dict[str, Any]:
     """Convert the starting model, train every PSFT and sft_kl run, export each final model.
 
-    Returns ``{"psft": {name: ...}, "sft_kl": {name: ...}, "variant": {name: ...}, "recipes": ..., "final": ...,
-    "hf_init": path}``: each run's records (and reference-model checks), its recipe, and its
-    final weights in float64 (transformers state dict)."""
+    Returns ``{"psft": {name: ...}, "sft_kl": {name: ...}, "variant": {name: ...}, "lora": {name: ...},
+    "recipes": ..., "final": ..., "peft": ..., "hf_init": path}``: each run's records (and reference-model
+    checks), its recipe, its final weights in float64 (transformers state dict; LoRA runs merged) and
+    for LoRA runs the exported PEFT adapter's tensors."""
     from transformers import LlamaForCausalLM
 
     from psft_megatron.data.synthetic import write_tiny_dataset
@@ -198,8 +249,17 @@ def train_all(tmp: Path) -> dict[str, Any]:
     specs = {("psft", n): spec + ({},) for n, spec in PSFT_RUNS.items()}
     specs.update({("sft_kl", n): spec + ({},) for n, spec in SFT_KL_RUNS.items()})
     specs.update({("variant", n): spec[1:] for n, spec in VARIANT_RUNS.items()})
+    specs.update({("lora", n): (procs, micro, par, {}) for n, (_, procs, micro, par, _) in LORA_RUNS.items()})
     recipes = {}
     for (group, name), (_, micro, par, training) in specs.items():
+        if group == "lora":
+            objective = LORA_RUNS[name][0]
+            extra = LORA_RUNS[name][4]
+            loss = dict({"name": objective, "kl_beta": KL_BETA} if objective != "psft" else {}, **extra.get("loss", {}))
+            recipes[f"{group}/{name}"] = recipe(
+                data, tmp, f"{group}_{name}", micro, par, loss or None, dict(training, **extra.get("training", {})),
+                lora=dict(LORA, **extra.get("lora", {})), optimizer=dict(LORA_OPTIMIZER, **extra.get("optimizer", {})))
+            continue
         objective = VARIANT_RUNS[name][0] if group == "variant" else group
         if isinstance(objective, dict):
             loss = objective
@@ -212,10 +272,14 @@ def train_all(tmp: Path) -> dict[str, Any]:
         trained.update(run_in_processes(_train_all, nprocs, kwargs={"recipes": group}, timeout=600)[-1])
     run_in_processes(_export, 1, kwargs={"ckpts": {k: t["checkpoint"] for k, t in trained.items()},
                                          "root": str(tmp / "final")}, init_process_group=False)
-    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "variant": {}, "recipes": recipes, "final": {},
-                           "hf_init": tmp / "hf_init"}
+    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "variant": {}, "lora": {}, "recipes": recipes, "final": {},
+                           "peft": {}, "hf_init": tmp / "hf_init"}
     for key, t in trained.items():
         objective, name = key.split("/")
         out[objective][name] = t
         out["final"][key] = LlamaForCausalLM.from_pretrained(tmp / "final" / key, dtype=torch.float64).state_dict()
+        if objective == "lora":
+            from safetensors.torch import load_file
+
+            out["peft"][key] = load_file(tmp / "final" / f"{key}_peft" / "adapter_model.safetensors")
     return out

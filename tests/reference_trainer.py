@@ -9,6 +9,10 @@ exclusions (1-D tensors and biases), clipping by the global gradient norm, and t
 warm-up + cosine learning rate from its formula. Nothing here imports megatron or the
 project's loss, optimizer or training code; only the rows come from the project's loader
 (the tests' common input).
+
+LoRA (:func:`add_lora`): each targeted ``nn.Linear`` of the HF model computes
+``W x + scale * B (A x)`` with the base frozen, written from the definition; the trainer then
+trains A and B alone.
 """
 
 from __future__ import annotations
@@ -100,6 +104,33 @@ def objective_terms(name: str, lp: torch.Tensor, lp_old: torch.Tensor | None, cf
     return loss, r.detach(), cut
 
 
+class LoRALinear(torch.nn.Module):
+    """``base(x) + scale * (x A^T) B^T``, the base frozen (float64, from LoRA's definition)."""
+
+    def __init__(self, base: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = torch.nn.Parameter(a.to(base.weight.dtype).clone())
+        self.lora_B = torch.nn.Parameter(b.to(base.weight.dtype).clone())
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scale * (x @ self.lora_A.T) @ self.lora_B.T
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scale * self.lora_B @ self.lora_A
+
+
+def add_lora(model: torch.nn.Module, adapters: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+    """Freeze ``model`` and wrap each module named in ``adapters`` (``model.layers.0.self_attn.q_proj``:
+    its starting ``(A, B)``) in :class:`LoRALinear`."""
+    model.requires_grad_(False)
+    for name, (a, b) in adapters.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), a, b, scale))
+
+
 def make_optimizer(model: torch.nn.Module, cfg: RefConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -114,9 +145,11 @@ def train(model: Any, global_batches: list[list[list[dict[str, torch.Tensor]]]],
           cfg: RefConfig) -> list[dict[str, float]]:
     """Train ``model`` (float64) on global batches of mini-batches of rows; one record per optimizer step."""
     opt = make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters alone
     # sft_kl's reference: a frozen copy of the starting weights.
     frozen = copy.deepcopy(model).requires_grad_(False) if cfg.objective == "sft_kl" else None
+    if frozen is not None:  # under LoRA the reference is the base: the adapters' B = 0 at the start
+        assert all(float(m.lora_B.abs().max()) == 0 for m in frozen.modules() if isinstance(m, LoRALinear))
     records, step = [], 0
     for minis in global_batches:
         phase = "sft" if step < cfg.sft_warmup_steps else cfg.objective

@@ -20,6 +20,9 @@ each part reports its own error, so one failure does not hide the others:
   uninterrupted runs agree with each other (bit for bit where CUDA is deterministic; atomics
   in the embedding's backward may not be).
 - The loss against megatron's own vocab_parallel_cross_entropy on CUDA (values and gradients).
+- LoRA in bf16 with the distributed optimizer: only the adapters are in the optimizer, each with
+  an fp32 main param; the frozen bf16 base is bit for bit the base checkpoint after training while
+  every adapter B moved; the saved checkpoint holds the adapters alone and names its base.
 
 In the pytest process, the loss layer on CUDA against float64 math on the CPU written here:
 fp32 and bf16 logits, chunked, in place, a padded vocabulary, a 128k vocabulary, PSFT's
@@ -282,6 +285,51 @@ def _loss_vs_megatron_ce() -> dict:
     }
 
 
+def _lora_bf16(recipe_dict: dict, tmp: str) -> dict:
+    """A bf16 LoRA run (the distributed optimizer) from a saved random base: what trains, and in what."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from psft_megatron.checkpoint.model_checkpoint import save_model_checkpoint
+    from psft_megatron.model.build import build_model
+    from psft_megatron.recipe import recipe_from_dict
+    from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed, teardown
+    from psft_megatron.training.loop import train
+
+    r = copy.deepcopy(recipe_dict)
+    r["model"]["transformer_impl"] = "local"
+    r["optimizer"] = {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0, "use_distributed_optimizer": True}
+    r["checkpoint"] = {"init_from": f"{tmp}/lora_base", "save_at_end": True}
+    r["logging"]["run_dir"] = f"{tmp}/lora_run"
+    base_recipe = recipe_from_dict(copy.deepcopy(r))
+    init_distributed()
+    init_model_parallel(base_recipe.parallel)
+    set_seed(17)
+    base = build_model(base_recipe.model, base_recipe.parallel).chunks
+    save_model_checkpoint(base, f"{tmp}/lora_base", {"model": base_recipe.model.resolve()})
+    r["model"]["lora"] = {"rank": 8, "alpha": 16}
+    trainer = _built_trainer(r)
+    before = _opt_state(trainer.bundle)
+    result = train(trainer)
+    after = _opt_state(trainer.bundle)
+    base_w = {k: v for k, v in _weights(base).items()}
+    trained_w = {k: v for k, v in _weights([c.module for c in trainer.bundle.model]).items() if "lora_" not in k}
+    ckpt = result.last_checkpoint
+    keys = FileSystemReader(str(ckpt / "model")).read_metadata().state_dict_metadata
+    teardown(destroy_process_group=False)
+    return {
+        "optimized": sorted(before), "main_dtypes": sorted({str(t["param"].dtype) for t in after.values()}),
+        "weight_dtypes": sorted({str(t["weight"].dtype) for t in after.values()}),
+        "b_moved": all(not torch.equal(before[n]["param"], after[n]["param"]) for n in before if ".lora_B." in n),
+        "base_changed": max(float((trained_w[k] - base_w[k]).abs().max()) for k in base_w),
+        "base_names_equal": sorted(base_w) == sorted(trained_w),
+        "ckpt_keys": sorted(k for k in keys if not k.endswith("_extra_state")),
+        "lora_base": json.loads((ckpt / "psft_meta.json").read_text()).get("lora_base"),
+        "base_dir": f"{tmp}/lora_base",
+    }
+
+
 def _part(fn: Callable[..., Any], *args: Any) -> dict:
     try:
         return {"ok": True, "value": fn(*args)}
@@ -296,6 +344,7 @@ def gpu_process(init_recipe: dict, resume_recipe: dict, tmp: str) -> dict:
         "init_from": _part(bf16_init_from, init_recipe),
         "resume": _part(_distributed_optimizer_resume, resume_recipe, tmp),
         "mcore_ce": _part(_loss_vs_megatron_ce),
+        "lora_bf16": _part(_lora_bf16, resume_recipe, tmp),
     }
 
 
@@ -397,6 +446,17 @@ def _inputs(s: int, b: int, v_pad: int, v: int, dtype: torch.dtype, seed: int):
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.slow  # the parts run in one NCCL process
+def test_lora_bf16_trains_the_adapters_alone_in_fp32_main_params(parts):
+    v = _value(parts, "lora_bf16")
+    assert v["optimized"] and all(".lora_A." in n or ".lora_B." in n for n in v["optimized"])
+    assert v["main_dtypes"] == ["torch.float32"] and v["weight_dtypes"] == ["torch.bfloat16"]
+    assert v["b_moved"], "every adapter's B must have left zero"
+    assert v["base_names_equal"] and v["base_changed"] == 0.0, "the frozen base must be the base checkpoint exactly"
+    assert v["ckpt_keys"] and all(".lora_A." in k or ".lora_B." in k for k in v["ckpt_keys"])
+    assert v["lora_base"] == str(Path(v["base_dir"]).resolve())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

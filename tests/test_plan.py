@@ -181,3 +181,70 @@ def test_plan_cli_prints_and_refuses(capsys):
     assert "set model.recompute_granularity: full" in err[0] and "then it fits" in err[0]
     assert main(["recipes/8b_math.yaml", "--plan", "--gpu", "b300"]) == 2
     assert "--gpu b300: unknown GPU" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- LoRA
+# recipes/70b_math_lora.yaml on one 8-GPU node and recipes/qwen2.5_7b_math_lora.yaml on one GPU; the
+# adapters against PEFT's own modules on the transformers model; the activations LoRA keeps are
+# measured against torch's profiler in tests/test_recompute.py.
+
+LORA_RECIPES = {"70b_math_lora": 8, "qwen2.5_7b_math_lora": 1}
+
+
+@pytest.mark.parametrize("name", list(LORA_RECIPES))
+def test_lora_recipes_fit_where_full_fine_tuning_cannot(name):
+    from psft_megatron.config.load import ConfigError
+    from psft_megatron.plan import check_fits
+
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    r.validate(LORA_RECIPES[name])
+    plan = plan_recipe(r, LORA_RECIPES[name], GPUS["h100-80gb"])
+    assert plan.fits and r.model.lora is not None, format_plan(plan)
+    assert "LoRA: rank 16" in format_plan(plan)
+    full = load_recipe(ROOT / "recipes" / f"{name}.yaml", ["model.lora=null", "checkpoint.init_from=x"])
+    with pytest.raises(ConfigError, match="does not fit on H100 80GB"):  # the same layout, every weight trained
+        check_fits(plan_recipe(full, LORA_RECIPES[name], GPUS["h100-80gb"]), full)
+
+
+def test_lora_weights_gradients_and_optimizer_state_per_rank():
+    """The 70B LoRA recipe at TP=8: PEFT's adapters on the transformers model (meta device), split as
+    megatron splits them (A whole and B / TP on q, k, v, gate, up; A / TP and B whole on o, down), give
+    the plan's trained parameters; frozen base weights get no gradient and no optimizer state."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from psft_megatron.plan import stage_adapter_parameters
+
+    r = load_recipe(ROOT / "recipes" / "70b_math_lora.yaml")
+    m, tp = r.model.resolve(), r.parallel.tensor_model_parallel_size
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ROOT / r.model.hf_config))
+        peft = get_peft_model(hf, LoraConfig(r=m.lora.rank, lora_alpha=m.lora.alpha,
+                                             target_modules=list(m.lora.target_modules)))
+    per_rank = 0.0
+    for name, mod in peft.named_modules():
+        if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+            a, b = mod.lora_A["default"].weight.numel(), mod.lora_B["default"].weight.numel()
+            per_rank += a / tp + b if name.endswith(("o_proj", "down_proj")) else a + b / tp
+    assert stage_adapter_parameters(m, tp, 1) == per_rank
+    plan = plan_recipe(r, 8, GPUS["h100-80gb"])
+    static = {t.name.split(" (")[0].split(",")[0]: t.bytes for t in plan.stages[0].static}
+    base = stage_parameters(m, tp, 1, 0)
+    assert static["weights"] == (base + per_rank) * 2  # bf16, base and adapters
+    assert static["gradients"] == per_rank * 4  # the adapters' fp32 main_grad alone
+    assert static["optimizer state"] == per_rank * 12  # Adam moments + fp32 main copy, adapters alone (DP=1)
+
+
+def test_lora_flops_are_forward_and_input_gradients_of_the_base():
+    """A frozen base forms no weight gradients: 2 x its forward FLOPs per token; the adapters 3 x theirs."""
+    from psft_megatron.model.lora.count import adapter_parameters_per_model
+
+    r = load_recipe(ROOT / "recipes" / "70b_math_lora.yaml")
+    m = r.model.resolve()
+    base_cfg = ModelConfig(**{**m.to_dict(), "lora": None})
+    base = step_flops(r, base_cfg)
+    lora = step_flops(r, m)
+    tokens = lora["tokens_per_step"]
+    adapters = adapter_parameters_per_model(m)
+    assert lora["train_per_step"] == pytest.approx(2 * base["forward_per_token"] * tokens + 6 * adapters * tokens)
+    assert base["train_per_step"] == pytest.approx(3 * base["forward_per_token"] * tokens)

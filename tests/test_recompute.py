@@ -14,6 +14,9 @@ same packed micro-batch (samples of several lengths, seq 256).
   log-softmax) is added; the peak drops too, and full recompute's by the planner's figure
   within 20%. Measured (MB kept, measured / planned): none 22.57 / 22.56, selective 14.50 / 14.17,
   full uniform 2.69 / 2.64, full block 12.63 / 12.61.
+- LoRA (``model.lora``, the base frozen): with adapters on q and v only, the frozen linears keep
+  no inputs; with adapters everywhere and dropout, each adapted linear keeps its dropped input and
+  mask: the change from the full model's kept activations is the plan's, within 20%.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ VARIANTS = {
     "selective": {"recompute_granularity": "selective"},
     "full_uniform": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     "full_block": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 2},
+}
+LORA_VARIANTS = {
+    "lora_qv": {"lora": {"rank": 8, "target_modules": ["q_proj", "v_proj"]}},
+    "lora_all_dropout": {"lora": {"rank": 8, "dropout": 0.1}},
 }
 MODEL = {**TINY_MODEL, "max_position_embeddings": SEQ}
 
@@ -81,7 +88,7 @@ def _measure() -> dict:
     init_model_parallel(parallel)
     mb = _micro_batch()
     out = {}
-    for name, fields in VARIANTS.items():
+    for name, fields in {**VARIANTS, **LORA_VARIANTS}.items():
         set_seed(3)
         built = build_model(ModelConfig(**MODEL, **fields), parallel)
         init_layout_independent(built.chunks, 3)
@@ -96,7 +103,7 @@ def _measure() -> dict:
                 loss.backward()
 
         step()  # warm-up: the gradients exist before the measured step (they are not activations)
-        grads_first = {n: p.grad.detach().clone() for n, p in chunk.named_parameters()}
+        grads_first = {n: p.grad.detach().clone() for n, p in chunk.named_parameters() if p.grad is not None}
         for p in chunk.parameters():
             p.grad = None
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +124,7 @@ def _planned() -> dict[str, dict[str, float]]:
 
     sh = Shape(seq=SEQ, micro=ROWS, act_bytes=4)
     out = {}
-    for name, fields in VARIANTS.items():
+    for name, fields in {**VARIANTS, **LORA_VARIANTS}.items():
         m = ModelConfig(**MODEL, **fields)
         a = stage_activations(m, kernels_for("local", 4), sh, m.num_layers, first=True, last=True)
         out[name] = {"kept": a["kept"], "peak": a["kept"] + a["working"]}
@@ -170,3 +177,16 @@ def test_peak_memory_drops_with_recompute(measured):
     want = plan["none"]["peak"] - plan["full_uniform"]["peak"]
     got = peaks["none"] - peaks["full_uniform"]
     assert got == pytest.approx(want, rel=0.2), f"peak dropped by {got / 1e6:.3f} MB, the plan says {want / 1e6:.3f} MB"
+
+
+@pytest.mark.parametrize("name", list(LORA_VARIANTS))
+def test_lora_activations_change_as_planned(measured, name):
+    """The frozen base keeps no linear inputs (q/v only: fewer kept); adapters everywhere with dropout
+    keep each adapted linear's dropped input and mask (more kept): the change is the plan's."""
+    plan = _planned()
+    want = plan[name]["kept"] - plan["none"]["kept"]
+    got = measured[name]["kept"] - measured["none"]["kept"]
+    assert abs(want) > 0.05 * plan["none"]["kept"], f"{name}: a change of {want / 1e6:.3f} MB is too small to test"
+    assert got == pytest.approx(want, rel=0.2), (
+        f"{name}: kept activations changed by {got / 1e6:.3f} MB, the plan says {want / 1e6:.3f} MB")
+    assert all(".lora_" in n for n in measured[name]["grads"])  # only the adapters got gradients

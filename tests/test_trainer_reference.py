@@ -22,7 +22,9 @@ bug of issue #16 (tests/mutation_check.py) moves a compared value by far more.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -191,6 +193,158 @@ def test_variant_matches_the_float64_reference(reference_runs, name):
         assert second_first and all(r["ratio_max"] != 1.0 for r in second_first)
 
 
+# ----------------------------------------------------------------------------- LoRA
+# LoRA (rank 4, alpha 8) on every projection at TP=1, TP=2+SP, PP=2 x VP=2, CP=2 and DP=2 (the
+# distributed optimizer, the fused output layer), stopped and resumed, and under sft_kl with q, v and
+# down only: the float64 trainer wraps the same HF model's linears in W x + s B A x (its own LoRA, from
+# the definition) starting from the run's first adapters, and trains A and B alone.
+
+_PARENT = {"linear_qkv": "self_attn", "linear_proj": "self_attn", "linear_fc1": "mlp", "linear_fc2": "mlp"}
+
+
+def _hf_adapters(initial: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The trainer's first adapters (``decoder.layers.L.<parent>.<linear>.lora_A.<unit>``) by HF module name."""
+    import re
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in initial.items():
+        layer, module, ab, unit = re.match(r"decoder\.layers\.(\d+)\.\w+\.(linear_\w+)\.lora_([AB])\.(\w+)$",
+                                           name).groups()
+        found.setdefault(f"model.layers.{layer}.{_PARENT[module]}.{unit}", {})[ab] = t.double()
+    return {k: (v["A"], v["B"]) for k, v in found.items()}
+
+
+def _lora_reference(reference_runs, name: str) -> dict[str, Any]:
+    """The float64 LoRA reference of lora/``name`` (a one-process run: its first adapters are the global
+    tensors); lora/tp1_continue starts from lora/tp1's exported PEFT adapters."""
+    from transformers import LlamaForCausalLM
+
+    from reference_runs import LORA, LORA_OPTIMIZER, LORA_RUNS
+    from reference_trainer import LoRALinear, add_lora, train
+
+    objective = LORA_RUNS[name][0]
+    model = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64,
+                                             attn_implementation="eager")
+    chosen = _hf_adapters(reference_runs["lora"][name]["initial_adapters"])
+    if name == "tp1_continue":  # it starts where lora/tp1 ended: that run's exported PEFT adapters
+        peft = reference_runs["peft"]["lora/tp1"]
+        chosen = {m: tuple(peft[f"base_model.model.{m}.lora_{ab}.weight"].double() for ab in "AB") for m in chosen}
+    add_lora(model, chosen, LORA["alpha"] / LORA["rank"])
+    cfg = reference_config(objective, kl_beta=KL_BETA)
+    cfg.lr, cfg.min_lr = LORA_OPTIMIZER["lr"], LORA_OPTIMIZER["min_lr"]
+    records = train(model, reference_rows(reference_runs["recipes"][f"lora/{name}"]), VOCAB, cfg)
+    merged = {k: v for k, v in model.state_dict().items() if ".base." not in k and "lora_" not in k}
+    adapters = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            merged[f"{mod_name}.weight"] = m.merged_weight().detach()
+            adapters[mod_name] = (m.lora_A.detach(), m.lora_B.detach())
+    return {"records": records, "merged": merged, "adapters": adapters, "targets": sorted(chosen)}
+
+
+@pytest.fixture(scope="module")
+def lora_references(reference_runs) -> Callable[[str], dict[str, Any]]:
+    """``lora_references(name)``: the float64 reference of lora/``name`` (tp1, sft_kl_qv or tp1_continue),
+    trained when a test first asks for it (so no one test's set-up trains all three)."""
+    cache: dict[str, dict[str, Any]] = {}
+
+    def get(name: str) -> dict[str, Any]:
+        if name not in cache:
+            cache[name] = _lora_reference(reference_runs, name)
+        return cache[name]
+
+    return get
+
+
+def _assert_lora_matches(reference_runs, ref: dict[str, Any], name: str, compared: tuple[str, ...]) -> None:
+    got = reference_runs["lora"][name]["records"]
+    assert [g["phase"] for g in got] == [r["phase"] for r in ref["records"]]
+    worst = {}
+    for g, r in zip(got, ref["records"]):
+        assert g["tokens"] == r["tokens"], f"step {r['step']}"
+        for key in compared:
+            err = abs(g[key] - r[key]) / max(abs(r[key]), METRIC_ATOL / METRIC_RTOL)
+            worst[key] = max(worst.get(key, 0.0), err)
+    assert all(v <= METRIC_RTOL for v in worst.values()), f"lora/{name}: {worst}"
+    final = reference_runs["final"][f"lora/{name}"]  # the exported checkpoint, merged into its base
+    assert set(final) == set(ref["merged"])
+    diffs = {k: float((final[k] - v).abs().max()) for k, v in ref["merged"].items()}
+    assert max(diffs.values()) <= WEIGHT_ATOL, max(diffs.items(), key=lambda kv: kv[1])
+    peft = reference_runs["peft"][f"lora/{name}"]  # the same checkpoint as an HF PEFT adapter
+    assert len(peft) == 2 * len(ref["adapters"])
+    for module, (a, b) in ref["adapters"].items():
+        for ab, want in (("A", a), ("B", b)):
+            have = peft[f"base_model.model.{module}.lora_{ab}.weight"].double()
+            assert have.shape == want.shape and float((have - want).abs().max()) <= WEIGHT_ATOL, f"{module} {ab}"
+
+
+def test_lora_reference_learns(lora_references):
+    ref = lora_references("tp1")["records"]
+    assert [r["phase"] for r in ref] == ["sft"] * 2 + ["psft"] * 6
+    assert max(r["clip_frac"] for r in ref) > 0, "the trust region must act for the comparison to mean something"
+    assert ref[-1]["mean_logp"] > ref[0]["mean_logp"]
+    assert all(float(b.abs().max()) > 0 for _, b in lora_references("tp1")["adapters"].values()), "every B moved"
+
+
+@pytest.mark.parametrize("name", ["tp1", "tp2_sp", "pp2_vp2", "cp2", "dp2_distopt_fused", "tp1_resume"])
+def test_lora_matches_the_float64_reference(reference_runs, lora_references, name):
+    _assert_lora_matches(reference_runs, lora_references("tp1"), name, METRICS)
+
+
+def test_lora_continues_from_a_lora_checkpoint(reference_runs, lora_references):
+    """init_from lora/tp1's final checkpoint (the adapters alone, pointing at the base): the run starts
+    from exactly those adapters on that base, with a fresh optimizer, matches the float64 trainer started
+    there, and its own checkpoint points at the full base (pointers never chain)."""
+    run = reference_runs["lora"]["tp1_continue"]
+    assert run["init_from"] == reference_runs["lora"]["tp1"]["checkpoint"]
+    peft = reference_runs["peft"]["lora/tp1"]
+    for module, (a, b) in _hf_adapters(run["initial_adapters"]).items():
+        for ab, got in (("A", a), ("B", b)):
+            assert torch.equal(got.float(), peft[f"base_model.model.{module}.lora_{ab}.weight"].float()), module
+    _assert_lora_matches(reference_runs, lora_references("tp1_continue"), "tp1_continue", METRICS)
+    first = [r["loss"] for r in reference_runs["lora"]["tp1"]["records"]][0]
+    assert run["records"][0]["loss"] < first, "the continued run starts from the trained adapters, not afresh"
+    metas = [json.loads((Path(reference_runs["lora"][n]["checkpoint"]) / "psft_meta.json").read_text())
+             for n in ("tp1", "tp1_continue")]
+    assert metas[1]["lora_base"] == metas[0]["lora_base"] == str(Path(reference_runs["recipes"]["lora/tp1"]
+                                                                     ["checkpoint"]["init_from"]).resolve())
+
+
+def test_lora_resume_is_bit_exact(reference_runs):
+    """Stopped after step 4 (a checkpoint of the adapters and their optimizer state, pointing at the base)
+    and relaunched: the same eight steps as the uninterrupted run, bit for bit."""
+    got, ref = reference_runs["lora"]["tp1_resume"], reference_runs["lora"]["tp1"]
+    assert [g["step"] for g in got["records"]] == list(range(1, 9))
+    for g, r in zip(got["records"], ref["records"]):
+        for key in METRICS + ("tokens", "phase"):
+            assert g[key] == r[key], f"step {r['step']} {key}"
+    for k, v in reference_runs["final"]["lora/tp1"].items():
+        assert torch.equal(reference_runs["final"]["lora/tp1_resume"][k], v), k
+
+
+def test_lora_sft_kl_against_the_base_matches_the_float64_reference(reference_runs, lora_references):
+    """sft_kl's reference is the base (the adapters switched off); only q, v and down carry adapters."""
+    ref = lora_references("sft_kl_qv")
+    assert ref["targets"] and {t.rsplit(".", 1)[1] for t in ref["targets"]} == {"q_proj", "v_proj", "down_proj"}
+    _assert_lora_matches(reference_runs, ref, "sft_kl_qv", KL_COMPARED)
+    got = reference_runs["lora"]["sft_kl_qv"]["records"]
+    assert any(g["loss"] > -g["mean_logp"] + 1e-4 for g in got[2:]), "the KL term must act"
+
+
+@pytest.mark.parametrize("name", ["tp1", "sft_kl_qv"])
+def test_lora_base_is_frozen(reference_runs, name):
+    """No base weight wants a gradient or sits in the optimizer; the optimizer holds the adapters alone."""
+    from reference_runs import LORA
+
+    t = reference_runs["lora"][name]
+    assert not t["base_requires_grad"] and not t["base_in_optimizer"]
+    r, h, kv, f, layers = LORA["rank"], 64, 32, 160, 4  # the reference model's sizes (4 heads of 16, 2 KV heads)
+    per_unit = {"q_proj": r * (h + h), "k_proj": r * (h + kv), "v_proj": r * (h + kv), "o_proj": r * (h + h),
+                "gate_proj": r * (h + f), "up_proj": r * (h + f), "down_proj": r * (f + h)}
+    units = ["q_proj", "v_proj", "down_proj"] if name == "sft_kl_qv" else list(per_unit)
+    assert t["optimizer_params"] == layers * sum(per_unit[u] for u in units)
+
+
 # ----------------------------------------------------------------------------- eval KL to the start
 # training.eval_kl_to_start: the evaluator's KL(model || start) on the held-out rows, at TP=1 and at
 # TP=2+SP with the fused output layer, against the full-vocabulary KL of the exported start and final
@@ -229,6 +383,25 @@ def test_eval_kl_to_start_matches_float64(reference_runs, name):
                                              attn_implementation="eager").eval()
     final.load_state_dict(reference_runs["final"][f"variant/{name}"])
     total, count = _float64_kl(start, final, eval_rows(reference_runs["recipes"][f"variant/{name}"]))
+    assert evals[-1]["tokens"] == count
+    assert total / count > 1e-3, "training must have moved the model for the comparison to mean something"
+    assert evals[-1]["kl"] == pytest.approx(total / count, rel=EVAL_KL_RTOL)
+
+
+def test_lora_eval_kl_to_start_is_to_the_base(reference_runs):
+    """A LoRA run's evaluator measures KL to its start, the base (the adapters switched off, no copy):
+    lora/tp2_sp (TP=2+SP) against the float64 KL of its merged export to the converted base."""
+    from transformers import LlamaForCausalLM
+
+    evals = reference_runs["lora"]["tp2_sp"]["eval"]
+    assert [e["step"] for e in evals] == [0, TRAINING["train_steps"]]
+    assert evals[0]["kl"] == 0.0  # B = 0: the model is its base
+    start = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64,
+                                             attn_implementation="eager").eval()
+    final = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64,
+                                             attn_implementation="eager").eval()
+    final.load_state_dict(reference_runs["final"]["lora/tp2_sp"])
+    total, count = _float64_kl(start, final, eval_rows(reference_runs["recipes"]["lora/tp2_sp"]))
     assert evals[-1]["tokens"] == count
     assert total / count > 1e-3, "training must have moved the model for the comparison to mean something"
     assert evals[-1]["kl"] == pytest.approx(total / count, rel=EVAL_KL_RTOL)

@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 
 from psft_megatron.checkpoint.config import CheckpointConfig
 from psft_megatron.checkpoint.hf_copy import HfCopy
+from psft_megatron.checkpoint.lora import is_lora_meta
 from psft_megatron.checkpoint.model_checkpoint import CheckpointError, load_model_checkpoint
 from psft_megatron.checkpoint.train_checkpoint import (
     complete_checkpoints,
@@ -29,6 +30,7 @@ from psft_megatron.checkpoint.train_checkpoint import (
     save_training_checkpoint,
 )
 from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.lora.state import has_adapters, init_adapters
 from psft_megatron.runtime.distributed import any_rank
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,10 @@ class Checkpointer:
         save_dir: str | Path,
         model_config: ModelConfig,
         meta: dict[str, Any] | None = None,
+        adapter_seed: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.adapter_seed = adapter_seed  # a LoRA run's first adapters (init_from a full checkpoint)
         self.save_dir = Path(save_dir)
         self.model_config = model_config
         self.meta = dict(meta or {})  # stored in every checkpoint's psft_meta.json (e.g. the tokenizer)
@@ -98,8 +102,10 @@ class Checkpointer:
         if self._resume_from is not None:
             return True  # resume() brings them
         if self.cfg.init_from:
-            load_model_checkpoint(chunks, self.cfg.init_from)
+            meta = load_model_checkpoint(chunks, self.cfg.init_from)
             log.info("initialised weights from %s", self.cfg.init_from)
+            if has_adapters(chunks) and not is_lora_meta(meta):  # a LoRA run on a full checkpoint: fresh adapters
+                init_adapters(chunks, self.adapter_seed)
             return True
         log.warning("starting from RANDOM weights (checkpoint.allow_random_init is set)")
         return False

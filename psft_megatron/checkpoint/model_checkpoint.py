@@ -17,6 +17,10 @@ Every writer builds the directory under ``<dir>.partial`` and renames it at the
 end, so a directory named ``<dir>`` is always complete; a crash leaves only
 ``<dir>.partial``, which the next save replaces.
 
+A model built with ``model.lora`` saves only its adapters, with ``lora_base`` in the meta naming
+the full checkpoint they adapt (:mod:`psft_megatron.checkpoint.lora`); :func:`load_model_checkpoint`
+follows it.
+
 ``init_from`` in the trainer calls :func:`load_model_checkpoint` (model weights only).
 The trainer's checkpoints (:mod:`psft_megatron.checkpoint.train_checkpoint`) are this
 directory plus optimizer and training state, so every reader of model checkpoints
@@ -36,10 +40,13 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from psft_megatron.checkpoint.lora import LORA_BASE, base_checkpoint, is_lora_meta
 from psft_megatron.errors import UserError
 from psft_megatron.model.build import unwrap_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.hf_config import load_hf_config_dict
+from psft_megatron.model.lora.spec import lora_plans
+from psft_megatron.model.lora.state import has_adapters, is_adapter_key, lora_layers
 from psft_megatron.runtime.distributed import parallel_layout
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ __all__ = [
     "load_model_checkpoint",
     "model_config_of",
     "model_sharded_state_dict",
+    "saved_part",
     "read_meta",
     "save_model_checkpoint",
     "write_hf_config",
@@ -170,11 +178,24 @@ def model_config_of(meta: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
-def model_sharded_state_dict(model_chunks: list[Any]) -> dict[str, Any]:
-    """The chunks' sharded state dicts (DDP wrappers removed), e.g. to key an optimizer's state."""
+def model_sharded_state_dict(model_chunks: list[Any], part: str = "all") -> dict[str, Any]:
+    """The chunks' sharded state dicts (DDP wrappers removed), e.g. to key an optimizer's state.
+
+    ``part``: ``all``, or for a model with LoRA adapters ``adapters`` (what its checkpoints hold)
+    or ``base`` (what the base checkpoint holds).
+    """
     # Per-chunk sub-dicts: chunk-local module names repeat across virtual stages,
     # while the dist-checkpoint keys inside are global.
-    return {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+    out = {f"model{i}": unwrap_model(c).sharded_state_dict() for i, c in enumerate(model_chunks)}
+    if part == "all":
+        return out
+    keep = part == "adapters"
+    return {name: {k: v for k, v in sd.items() if is_adapter_key(k) == keep} for name, sd in out.items()}
+
+
+def saved_part(model_chunks: list[Any]) -> str:
+    """What a checkpoint of these chunks holds: ``adapters`` for a LoRA model, else ``all``."""
+    return "adapters" if has_adapters(model_chunks) else "all"
 
 
 def save_model_checkpoint(
@@ -215,12 +236,16 @@ def write_model_checkpoint(
     meta = dict(meta)
     meta.setdefault("saved_layout", parallel_layout())
     meta.setdefault("created_by", "psft_megatron")
+    part = saved_part(model_chunks)
+    if part == "adapters" and not meta.get(LORA_BASE):
+        raise ValueError(f"a LoRA model's checkpoint holds its adapters only: meta needs {LORA_BASE!r}, the base "
+                         "checkpoint they adapt")
     dtype = next(unwrap_model(model_chunks[0]).parameters()).dtype
     model_dir = dir / MODEL_SUBDIR
     if global_rank() == 0:
         model_dir.mkdir()
     barrier()
-    dist_checkpointing.save(model_sharded_state_dict(model_chunks), str(model_dir))
+    dist_checkpointing.save(model_sharded_state_dict(model_chunks, part), str(model_dir))
     if global_rank() == 0:
         write_meta(dir, model_cfg, dtype, **meta)
         if hf_config is not None:
@@ -265,19 +290,35 @@ def check_compatible(model_chunks: list[Any], ckpt_model: ModelConfig, dir: str 
         raise CheckpointError(f"{dir} holds a different architecture than the model built: " + "; ".join(diffs))
 
 
-def load_model_checkpoint(model_chunks: list[Any], dir: str | Path) -> dict[str, Any]:
-    """Load the weights of the checkpoint at ``dir`` into this rank's chunks, at any TP/PP (collective).
+def _adapter_layout(model_chunks: list[Any]) -> tuple[int, dict[str, tuple[str, ...]]] | None:
+    """(rank, {linear: adapted units}) of the chunks' adapters, or None without any."""
+    layers = lora_layers(model_chunks)
+    if not layers:
+        return None
+    return layers[0].lora_plan.rank, {m.lora_plan.target.module: m.lora_plan.units for m in layers}
 
-    Checks the architecture first. ``_extra_state`` entries (TransformerEngine's FP8
-    metadata) that the checkpoint lacks are left as they are; any missing weight
-    raises. Returns the checkpoint's meta.
-    """
+
+def _check_adapters(model_chunks: list[Any], meta: dict[str, Any], dir: str | Path) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint's adapters are not the model's (rank, targets)."""
+    saved_cfg = model_config_of(meta)
+    saved = (saved_cfg.lora.rank, {m: p.units for m, p in lora_plans(saved_cfg.family, saved_cfg.lora).items()})
+    built = _adapter_layout(model_chunks)
+    if built is None:
+        raise CheckpointError(
+            f"{dir} holds LoRA adapters (over the base {meta[LORA_BASE]}) but the model was built without them: "
+            "build it from the checkpoint's own model config (its model.lora), or export it merged with "
+            "psft-export-hf and load that"
+        )
+    if built != saved:
+        raise CheckpointError(f"{dir} holds rank-{saved[0]} adapters on {saved[1]}, the model was built with "
+                              f"rank-{built[0]} adapters on {built[1]}: set model.lora as the checkpoint has it")
+
+
+def _load_part(model_chunks: list[Any], dir: str | Path, part: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    meta = read_meta(dir)
-    check_compatible(model_chunks, model_config_of(meta), dir)
-    sharded = model_sharded_state_dict(model_chunks)
+    sharded = model_sharded_state_dict(model_chunks, part)
     loaded, _missing, unexpected = dist_checkpointing.load(
         sharded, str(Path(dir) / MODEL_SUBDIR), strict=StrictHandling.RETURN_UNEXPECTED
     )
@@ -286,7 +327,36 @@ def load_model_checkpoint(model_chunks: list[Any], dir: str | Path) -> dict[str,
         raise CheckpointError(f"{dir} lacks tensors the model needs: {absent[:8]}{' ...' if len(absent) > 8 else ''}")
     for i, chunk in enumerate(model_chunks):
         result = unwrap_model(chunk).load_state_dict(loaded[f"model{i}"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        wanted = set(sharded[f"model{i}"])
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and k in wanted]
         if missing or result.unexpected_keys:
             raise CheckpointError(f"loading {dir}: missing {missing}, unexpected {result.unexpected_keys}")
+
+
+def load_model_checkpoint(model_chunks: list[Any], dir: str | Path, *, base: str | Path | None = None) -> dict[str, Any]:
+    """Load the weights of the checkpoint at ``dir`` into this rank's chunks, at any TP/PP (collective).
+
+    Checks the architecture first. ``_extra_state`` entries (TransformerEngine's FP8
+    metadata) that the checkpoint lacks are left as they are; any missing weight
+    raises. Returns the checkpoint's meta.
+
+    LoRA: a LoRA checkpoint (adapters only) loads its base's weights from the full checkpoint its
+    meta points at (``base`` overrides the pointer), then the adapters; the model must have been
+    built with the same adapters. A full checkpoint loaded into a model with adapters fills the base
+    and leaves the adapters as they are (:func:`psft_megatron.model.lora.state.init_adapters`).
+    """
+    meta = read_meta(dir)
+    lora_ckpt = is_lora_meta(meta)
+    if lora_ckpt:
+        _check_adapters(model_chunks, meta, dir)
+        base_dir = base_checkpoint(dir, meta, base)
+        base_meta = read_meta(base_dir)
+        if is_lora_meta(base_meta):
+            raise CheckpointError(f"{dir}: its base {base_dir} is itself a LoRA checkpoint; point at the full one")
+    else:
+        base_dir, base_meta = Path(dir), meta
+    check_compatible(model_chunks, model_config_of(base_meta), base_dir)
+    _load_part(model_chunks, base_dir, "base" if has_adapters(model_chunks) else "all")
+    if lora_ckpt:
+        _load_part(model_chunks, dir, "adapters")
     return meta

@@ -2,7 +2,14 @@
 
     psft-export-hf --ckpt CKPT_DIR --out HF_DIR \
         [--dtype auto|float32|bfloat16|float16] [--tokenizer DIR] [--max-shard-size-gb 5] [--overwrite]
+        [--peft] [--base BASE_CKPT] [--base-model NAME]
     python tools/convert_megatron_to_hf.py ...        (the same, by path)
+
+A LoRA checkpoint (a model.lora run's step folder: adapters only, pointing at its base) exports
+merged into its base by default; with --peft, HF_DIR becomes an HF PEFT adapter folder
+(adapter_config.json + adapter_model.safetensors) for peft.PeftModel.from_pretrained or vLLM's
+--enable-lora, on the HF export of the base (--base-model names it in adapter_config.json).
+--base points at the base checkpoint when it moved since training.
 
 Works for a checkpoint saved at any TP/PP. HF_DIR gets safetensors shards with
 ``model.safetensors.index.json``, ``config.json`` and the tokenizer files; vocabulary
@@ -36,6 +43,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: the checkpoint's)")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--peft", action="store_true",
+                   help="LoRA checkpoint: write the adapters as an HF PEFT folder instead of merged weights")
+    p.add_argument("--base", default=None, help="LoRA checkpoint: its base checkpoint (default: where it points)")
+    p.add_argument("--base-model", default=None,
+                   help="--peft: the base model named in adapter_config.json (HF name or folder)")
     return p
 
 
@@ -45,6 +57,12 @@ def export(args: argparse.Namespace) -> int:
 
     check_checkpoint_dir(args.ckpt)
     check_output_dir(args.out, args.overwrite)
+    if args.peft:
+        from psft_megatron.conversion.lora_export import export_peft_adapter
+
+        print(json.dumps(export_peft_adapter(args.ckpt, args.out, dtype=args.dtype, base_model=args.base_model,
+                                             overwrite=args.overwrite)))
+        return 0
     from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
 
     report = convert_megatron_to_hf(
@@ -54,6 +72,7 @@ def export(args: argparse.Namespace) -> int:
         tokenizer_dir=args.tokenizer,
         max_shard_bytes=int(args.max_shard_size_gb * 2**30),
         overwrite=args.overwrite,
+        base=args.base,
     )
     print(json.dumps(report))
     return 0

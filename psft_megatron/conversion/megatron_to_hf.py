@@ -6,6 +6,10 @@ written, and every file is checked to be as long as the checkpoint's ``.metadata
 truncated copy fails there, naming the file); the output appears under its final name only
 once complete. Problems raise :class:`ConversionError` (or ``CheckpointError`` from reading
 ``psft_meta.json``) naming the file.
+
+A LoRA checkpoint (adapters only) exports merged: the base streams from the full checkpoint it
+points at and each adapted weight gets ``(alpha / r) B A`` added (:mod:`.lora_export`, which also
+writes the adapters as a PEFT folder instead).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from typing import Any
 import torch
 
 from psft_megatron.checkpoint import model_checkpoint as layout
+from psft_megatron.checkpoint.lora import base_checkpoint, is_lora_meta
 from psft_megatron.conversion.checks import check_free_space, check_output_dir
 from psft_megatron.conversion.errors import ConversionError, describe, writing_to
 from psft_megatron.conversion.hf_io import SafetensorsWriter, copy_tokenizer_files
+from psft_megatron.conversion.lora_export import read_adapters
 from psft_megatron.conversion.registry import expand
 from psft_megatron.conversion.session import single_process_megatron
 from psft_megatron.conversion.streaming import load_groups, slots_of
@@ -139,9 +145,12 @@ def _hf_config(ckpt_dir: Path, cfg: ModelConfig, out_dtype: torch.dtype) -> dict
     return hf
 
 
-def _tokenizer_source(ckpt_dir: Path, meta: dict[str, Any], explicit: str | Path | None) -> Path | None:
-    """Explicit folder, else the checkpoint's ``tokenizer/``, else the trainer's recorded tokenizer folder."""
-    for candidate in (explicit, ckpt_dir / layout.TOKENIZER_SUBDIR, meta.get("tokenizer")):
+def _tokenizer_source(ckpt_dir: Path, meta: dict[str, Any], explicit: str | Path | None,
+                      base_dir: Path | None = None) -> Path | None:
+    """Explicit folder, else the checkpoint's ``tokenizer/``, else the trainer's recorded tokenizer folder
+    (else a LoRA checkpoint's base's ``tokenizer/``)."""
+    base_tok = base_dir / layout.TOKENIZER_SUBDIR if base_dir else None
+    for candidate in (explicit, ckpt_dir / layout.TOKENIZER_SUBDIR, meta.get("tokenizer"), base_tok):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
     return None
@@ -155,8 +164,12 @@ def convert_megatron_to_hf(
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write the model checkpoint at ``ckpt_dir`` as an HF folder at ``out_dir``.
+
+    A LoRA checkpoint is written merged into its base (``base`` overrides the base checkpoint it
+    points at, e.g. after a move).
 
     ``dtype``: "auto" (the HF config's dtype when one travelled with the checkpoint,
     else the checkpoint's), or float32 / bfloat16 / float16. Vocabulary padding is
@@ -168,15 +181,20 @@ def convert_megatron_to_hf(
     meta = layout.read_meta(ckpt_dir)
     cfg = layout.model_config_of(meta)
     check_output_dir(out_dir, overwrite)
-    model_dir = ckpt_dir / layout.MODEL_SUBDIR
+    weights_dir = ckpt_dir
+    if is_lora_meta(meta):  # the base's weights, plus the adapters merged in
+        weights_dir = base_checkpoint(ckpt_dir, meta, base)
+        cfg = dataclasses.replace(cfg, lora=None)
+    model_dir = weights_dir / layout.MODEL_SUBDIR
     with single_process_megatron():
+        adapters = read_adapters(ckpt_dir, meta) if weights_dir != ckpt_dir else None
         # Keys and shapes only: tensors are read in the dtype they were stored in.
         meta_model = build_meta_model(dataclasses.replace(cfg, params_dtype="fp32", transformer_impl="local"))
         slots = slots_of(meta_model)
         ckpt_dtype = _check_checkpoint(model_dir, slots, cfg)
 
         if dtype == "auto":
-            out_dtype = _source_dtype(ckpt_dir, cfg) or ckpt_dtype
+            out_dtype = _source_dtype(ckpt_dir, cfg) or _source_dtype(weights_dir, cfg) or ckpt_dtype
         elif dtype in _DTYPES:
             out_dtype = _DTYPES[dtype]
         else:
@@ -198,12 +216,15 @@ def convert_megatron_to_hf(
                 for name, tensor in group.items():
                     hf_names, fn = entries[name]
                     for h, t in zip(hf_names, fn.to_hf(tensor, cfg)):
+                        delta = adapters.delta(h) if adapters is not None else None
+                        if delta is not None:  # merged in fp32: W + (alpha / r) B A
+                            t = t.float() + delta
                         writer.write(h, t.to(out_dtype))
                 del group
             writer.close()
             with open(tmp / "config.json", "w") as f:
-                json.dump(_hf_config(ckpt_dir, cfg, out_dtype), f, indent=2)
-            tok_src = _tokenizer_source(ckpt_dir, meta, tokenizer_dir)
+                json.dump(_hf_config(weights_dir, cfg, out_dtype), f, indent=2)
+            tok_src = _tokenizer_source(ckpt_dir, meta, tokenizer_dir, weights_dir)
             tokenizer = copy_tokenizer_files(tok_src, tmp) if tok_src else []
             if not tokenizer:
                 log.warning("no tokenizer files found for %s: pass tokenizer_dir to include them", ckpt_dir)
@@ -214,5 +235,7 @@ def convert_megatron_to_hf(
         "shards": len(set(writer.weight_map.values())),
         "tokenizer_files": tokenizer,
     }
+    if adapters is not None:
+        report["merged_adapters"] = len(adapters.tensors) // 2
     log.info("exported %s -> %s: %s", ckpt_dir, out_dir, report)
     return report

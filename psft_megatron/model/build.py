@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.cp_attention import ContextParallelDotProductAttention
 from psft_megatron.model.gpt import PSFTGPTModel
+from psft_megatron.model.lora.spec import lora_layer_spec
+from psft_megatron.model.lora.state import freeze_base
 from psft_megatron.runtime.config import ParallelConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ __all__ = [
     "build_meta_model",
     "build_model",
     "layer_spec",
+    "model_layer_spec",
     "select_transformer_impl",
     "transformer_config",
     "unwrap_model",
@@ -103,6 +106,13 @@ def select_transformer_impl(requested: str = "auto") -> str:
         raise ValueError(f"model.transformer_impl must be auto, transformer_engine or local, got {requested!r}")
     log.info("layer spec: %s (%s)", impl, why)
     return impl
+
+
+def model_layer_spec(model: ModelConfig, impl: str, context_parallel_size: int = 1) -> Any:
+    """The layer spec of ``model``: :func:`layer_spec`, with LoRA adapters in the targeted linears
+    when ``model.lora`` is set (:mod:`psft_megatron.model.lora.spec`)."""
+    spec = layer_spec(impl, context_parallel_size)
+    return lora_layer_spec(spec, model.family, model.lora) if model.lora is not None else spec
 
 
 def layer_spec(impl: str, context_parallel_size: int = 1) -> Any:
@@ -242,6 +252,9 @@ def build_model(
 ) -> BuiltModel:
     """Build this rank's model chunks (one per virtual pipeline stage).
 
+    With ``model.lora`` the targeted linears carry LoRA adapters (A random, B zero: the base model
+    until trained) and only the adapters require gradients.
+
     ``fused_output_layer``: the last stage, called with labels, returns the hidden states
     for the fused output layer + loss (see :mod:`psft_megatron.model.gpt`) instead of logits.
 
@@ -256,7 +269,7 @@ def build_model(
     model.validate(parallel)
     impl = select_transformer_impl(model.transformer_impl)
     config = transformer_config(model, parallel, impl=impl, overrides=config_overrides)
-    spec = layer_spec(impl, parallel.context_parallel_size)
+    spec = model_layer_spec(model, impl, parallel.context_parallel_size)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != parallel.tensor_model_parallel_size:
         raise RuntimeError(
@@ -275,6 +288,8 @@ def build_model(
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
+    if model.lora is not None:  # only the adapters train: the base gets no gradients and no optimizer state
+        freeze_base(chunks)
 
     built = BuiltModel(
         chunks=chunks,
@@ -298,7 +313,7 @@ def build_meta_model(model: ModelConfig, impl: str = "local") -> Any:
     config = transformer_config(model, ParallelConfig(), impl=impl, perform_initialization=False)
     vocab = model.padded_vocab_size
     with torch.device("meta"):
-        chunk = _gpt_chunk(model, config, layer_spec(impl), vocab, True, True, None)
+        chunk = _gpt_chunk(model, config, model_layer_spec(model, impl), vocab, True, True, None)
     # Norms are created in fp32 whatever params_dtype says; one dtype throughout, as a
     # Float16Module-wrapped training model saves.
     return chunk.to(_DTYPES[model.params_dtype])

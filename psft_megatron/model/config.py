@@ -21,6 +21,7 @@ from typing import Any, Literal
 from psft_megatron.config.load import FieldError, build_dataclass, check_choices, to_dict
 from psft_megatron.model.architectures import FAMILIES
 from psft_megatron.model.hf_config import model_fields_from_hf
+from psft_megatron.model.lora.config import LoRAConfig
 from psft_megatron.runtime.config import ParallelConfig
 
 __all__ = ["Family", "ModelConfig", "RopeScaling"]
@@ -30,7 +31,7 @@ Family = Literal[FAMILIES]  # type: ignore[valid-type]
 
 # Training choices, never read from an HF config.
 _RECIPE_ONLY = ("params_dtype", "transformer_impl", "make_vocab_size_divisible_by", "hf_config",
-                "recompute_granularity", "recompute_method", "recompute_num_layers")
+                "recompute_granularity", "recompute_method", "recompute_num_layers", "lora")
 
 
 @dataclass
@@ -86,6 +87,9 @@ class ModelConfig:
     # the rest keep everything.
     recompute_method: Literal["uniform", "block"] | None = None
     recompute_num_layers: int | None = None
+    # LoRA adapters on the layers' linears, the base frozen (psft_megatron.model.lora.config); null: full
+    # fine-tuning. A checkpoint saved with it holds the adapters only and points at its base.
+    lora: LoRAConfig | None = None
     # Set by resolve(): the fields already hold hf_config's architecture, so resolving again reads
     # nothing. Derived state, not a recipe key (not saved; a dataclasses.replace copy drops it).
     resolved: bool = field(default=False, init=False, repr=False, compare=False)
@@ -93,6 +97,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):  # straight from YAML or an HF config
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.lora, dict):  # from a checkpoint's psft_meta.json
+            self.lora = LoRAConfig(**self.lora)
         check_choices(self)
 
     @property
@@ -260,6 +266,8 @@ class ModelConfig:
             )
 
         self._validate_recompute(pp, vp)
+        if self.lora is not None:
+            self.lora.validate(self.family)
 
     def _validate_recompute(self, pp: int, vp: int) -> None:
         """The recompute fields against each other and the layers of one model chunk (megatron's

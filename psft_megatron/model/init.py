@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["init_layout_independent"]
+__all__ = ["fill_rows", "init_layout_independent"]
 
 ROW_BLOCK = 256  # rows of the global tensor drawn per generator seed
 _SCALED = ("linear_proj.weight", "linear_fc2.weight")
@@ -39,17 +39,18 @@ def _seed(seed: int, key: str, layer: tuple[int, ...], block: int) -> int:
 
 
 @torch.no_grad()
-def _fill(sh: Any, seed: int, std: float, num_layers: int) -> None:
-    """Write this rank's part of the global tensor behind ShardedTensor ``sh`` into ``sh.data``."""
+def fill_rows(sh: Any, seed: int, draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor]) -> None:
+    """Write this rank's part of the global tensor behind ShardedTensor ``sh`` into ``sh.data``.
+
+    The global tensor is drawn in blocks of ``ROW_BLOCK`` rows, ``draw(block_shape, generator)`` each
+    (fp32), from a generator seeded by ``seed``, the key, the layer and the block: every layout
+    writes the same global values, each rank only the blocks it holds.
+    """
     p = sh.prepend_axis_num
     layer = tuple(sh.global_offset[:p])
     shape = tuple(sh.global_shape[p:])
     offset = tuple(sh.global_offset[p:])
     local = sh.data
-    key_std = _std(sh.key, len(shape), std, num_layers)
-    if key_std is None:
-        local.fill_(0.0 if sh.key.endswith(".bias") else 1.0)
-        return
     rows = local.shape[0]
     first, last = offset[0], offset[0] + rows
     cols = slice(offset[1], offset[1] + local.shape[1])
@@ -57,9 +58,20 @@ def _fill(sh: Any, seed: int, std: float, num_layers: int) -> None:
         b0 = block * ROW_BLOCK
         n = min(ROW_BLOCK, shape[0] - b0)
         g = torch.Generator().manual_seed(_seed(seed, sh.key, layer, block))
-        values = torch.randn((n,) + shape[1:], generator=g, dtype=torch.float32) * key_std
+        values = draw((n,) + shape[1:], g)
         lo, hi = max(first, b0), min(last, b0 + n)
         local[lo - first : hi - first].copy_(values[lo - b0 : hi - b0, cols].to(local.dtype))
+
+
+@torch.no_grad()
+def _fill(sh: Any, seed: int, std: float, num_layers: int) -> None:
+    """Write this rank's part of the global tensor behind ShardedTensor ``sh`` into ``sh.data``."""
+    shape = tuple(sh.global_shape[sh.prepend_axis_num:])
+    key_std = _std(sh.key, len(shape), std, num_layers)
+    if key_std is None:
+        sh.data.fill_(0.0 if sh.key.endswith(".bias") else 1.0)
+        return
+    fill_rows(sh, seed, lambda s, g: torch.randn(s, generator=g, dtype=torch.float32) * key_std)
 
 
 def init_layout_independent(chunks: list[Any], seed: int, std: float = 0.02) -> None:

@@ -19,10 +19,18 @@ from psft_megatron.plan.fit import check_fits
 from psft_megatron.plan.flops import forward_flops_per_token, step_flops
 from psft_megatron.plan.gpus import DEFAULT_MFU, GPUS, GpuSpec, detect_gpu
 from psft_megatron.plan.layer import Kernels, Shape, Term, kernels_for, layer_saved
-from psft_megatron.plan.memory import Plan, StageMemory, optimizer_bytes_per_param, plan_recipe, stage_parameters
+from psft_megatron.plan.memory import (
+    Plan,
+    StageMemory,
+    optimizer_bytes_per_param,
+    plan_recipe,
+    stage_adapter_parameters,
+    stage_parameters,
+)
 from psft_megatron.plan.report import format_plan, plan_summary
 from psft_megatron.plan.stage import in_flight_chunks, stage_activations
 
 __all__ = ["DEFAULT_MFU", "GPUS", "GpuSpec", "Kernels", "Plan", "Shape", "StageMemory", "Term", "check_fits", "detect_gpu",
            "format_plan", "forward_flops_per_token", "in_flight_chunks", "kernels_for", "layer_saved",
-           "optimizer_bytes_per_param", "plan_recipe", "plan_summary", "stage_activations", "stage_parameters", "step_flops"]
+           "optimizer_bytes_per_param", "plan_recipe", "plan_summary", "stage_activations", "stage_adapter_parameters",
+           "stage_parameters", "step_flops"]

@@ -7,11 +7,16 @@ per token = ``2 x`` the matmul parameters + causal attention ``2 * heads * head_
 layer over the whole packed row (an upper bound: packed samples attend only within
 themselves). Step time = FLOPs / (GPUs x peak x MFU); recompute adds hardware FLOPs, reported
 apart, not model FLOPs.
+
+LoRA: the forward adds the adapters' matmuls (2 FLOPs per adapter parameter per token); backward
+forms no weight gradient for the frozen base, only the input gradients: training is
+``2 x`` the base forward (forward + input gradients) plus ``3 x`` the adapters', not ``3 x``.
 """
 
 from __future__ import annotations
 
 from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.recipe import RecipeConfig
 
 __all__ = ["forward_flops_per_token", "step_flops"]
@@ -23,8 +28,9 @@ def forward_flops_per_token(m: ModelConfig, seq: int) -> dict[str, float]:
     h, a, g, d, f = m.hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels, m.ffn_hidden_size
     matmuls = h * d * (a + 2 * g) + a * d * h + 3 * h * f
     attention = 2 * a * d * seq  # QK^T and PV, each 2*a*d*(s/2) on average under the causal mask
-    return {"layers": m.num_layers * (2 * matmuls + attention), "attention": m.num_layers * attention,
-            "head": 2 * h * m.padded_vocab_size}
+    adapters = 2 * adapter_parameters_per_model(m) if m.lora is not None else 0
+    return {"layers": m.num_layers * (2 * matmuls + attention) + adapters, "attention": m.num_layers * attention,
+            "head": 2 * h * m.padded_vocab_size, "adapters": adapters}
 
 
 def step_flops(recipe: RecipeConfig, m: ModelConfig | None = None) -> dict[str, float]:
@@ -34,7 +40,10 @@ def step_flops(recipe: RecipeConfig, m: ModelConfig | None = None) -> dict[str, 
     f = forward_flops_per_token(m, tr.seq_length)
     fwd = f["layers"] + f["head"]
     tokens = tr.mini_batch_size * tr.seq_length
-    train = 3 * fwd * tokens
+    if m.lora is None:
+        train = 3 * fwd * tokens
+    else:  # frozen base: forward + input gradients; the adapters also their weight gradients
+        train = (2 * fwd + f["adapters"]) * tokens
     snapshot = tr.snapshot_mini_batches * fwd * tokens / tr.steps_per_global_batch if recipe.loss.needs_snapshot else 0.0
     reference = fwd * tokens if recipe.loss.needs_reference else 0.0
     recompute = {"full": f["layers"], "selective": f["attention"]}.get(recipe.model.recompute_granularity or "", 0.0)

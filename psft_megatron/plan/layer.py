@@ -17,6 +17,12 @@ regions are ``/TP`` only with sequence parallelism. Attention:
 With GPT-3's choices (LayerNorm, GELU MLP, dropout, 16-bit softmax) the same item list sums
 to Korthikanti et al. 2022 (Table 2): ``s*b*h*(34 + 5*a*s/h)`` bytes, ``/t`` with TP + SP,
 ``34/t`` with selective recompute (``tests/test_plan.py`` checks it).
+
+LoRA (``model.lora``): a frozen linear keeps no input (megatron's ``linear_with_frozen_weight``
+saves only its weight) and forms no weight gradient; an adapted one's input is kept by the
+adapter's ``x A^T`` (under dropout the dropped copy and its mask instead), plus the adapter's
+``[n, units x r]`` intermediate that B reads. A frozen norm keeps no normalised input (only the
+weight's gradient needs it): :func:`norm_tensors` is one less for torch's composite RMSNorm.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.lora.spec import lora_plans
 
-__all__ = ["Kernels", "Shape", "Term", "kernels_for", "layer_backward_working", "layer_saved", "sum_terms"]
+__all__ = ["Kernels", "Shape", "Term", "kernels_for", "layer_backward_working", "layer_saved", "lora_saved",
+           "norm_tensors", "sum_terms"]
 
 
 @dataclass(frozen=True)
@@ -121,29 +129,63 @@ def _attention_saved(m: ModelConfig, k: Kernels, sh: Shape) -> list[Term]:
     return items
 
 
+def norm_tensors(m: ModelConfig, k: Kernels) -> int:
+    """``[n, h]`` tensors one norm keeps: its input, and (torch's composite RMSNorm, trained weight) the
+    normalised input, which only the weight's gradient reads."""
+    return k.norm_tensors - 1 if m.lora is not None and k.norm_tensors > 1 else k.norm_tensors
+
+
+def _linear_input(m: ModelConfig, module: str, elements: float, e: int) -> float:
+    """Bytes one linear's input costs in backward: kept by the linear itself (full fine-tuning), by its
+    adapter (LoRA; under dropout the dropped copy and its mask, which torch's CPU dropout keeps as a
+    noise tensor of the input's dtype: counted so, an upper bound for CUDA's 1-byte mask), or not at
+    all (frozen, no adapter)."""
+    if m.lora is None:
+        return elements * e
+    if module not in lora_plans(m.family, m.lora):
+        return 0.0
+    return elements * (2 * e if m.lora.dropout else e)
+
+
+def lora_saved(m: ModelConfig, sh: Shape) -> float:
+    """The adapters' own tensors kept per layer: ``h = x A^T`` (scaled), which B reads; a column-parallel
+    linear's ``[n, units x r]`` over the whole sequence (gathered under SP), a row-parallel's ``[n/SP, r]``."""
+    if m.lora is None:
+        return 0.0
+    n, e, r = sh.tokens, sh.act_bytes, m.lora.rank
+    total = 0.0
+    for plan in lora_plans(m.family, m.lora).values():
+        total += n * len(plan.units) * r * e if plan.target.kind == "column" else n / sh.seq_shard * r * e
+    return total
+
+
 def layer_saved(m: ModelConfig, k: Kernels, sh: Shape, granularity: str | None = None) -> list[Term]:
     """What one transformer layer keeps for backward for one micro-batch on one rank.
 
     ``granularity`` None or ``selective`` (core attention recomputed: its inputs kept instead).
-    Full recompute keeps only layer-group inputs: see :func:`stage_activations`.
+    Full recompute keeps only layer-group inputs: see :func:`stage_activations`. With LoRA the
+    linears' inputs are kept only where an adapter reads them (see the module docstring).
     """
     n, t, e, ss = sh.tokens, sh.tp, sh.act_bytes, sh.seq_shard
     h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels
-    norm = n * h / ss * e * k.norm_tensors + (n / ss * (4 if e == 4 else e) if k.norm_stats else 0)
-    items = [Term("input norm", norm), Term("QKV input", n * h / ss * e)]
+    norm = n * h / ss * e * norm_tensors(m, k) + (n / ss * (4 if e == 4 else e) if k.norm_stats else 0)
+    items = [Term("input norm", norm), Term("QKV input", _linear_input(m, "linear_qkv", n * h / ss, e))]
     if granularity == "selective":
         v = (a + 2 * g) * d if k.selective_keeps_qkv else g * d  # V: a view of the fused QKV output
         items.append(Term("q, k, v (kept for the recomputed attention)", n * (a * d + g * d + v) / t * e))
     else:
         items += _attention_saved(m, k, sh)
-    items.append(Term("attention output (projection input)", n * a * d / t * e))
+    items.append(Term("attention output (projection input)", _linear_input(m, "linear_proj", n * a * d / t, e)))
     if k.dropout_masks:
         items.append(Term("dropout mask", n * h / ss))
-    items += [Term("MLP norm", norm), Term("fc1 input", n * h / ss * e)]
-    mlp_widths = {"gelu": 2 * f, "swiglu": 5 * f, "swiglu_fused": 3 * f}
-    items.append(Term("MLP intermediates", n * mlp_widths[k.mlp] / t * e))
+    items += [Term("MLP norm", norm), Term("fc1 input", _linear_input(m, "linear_fc1", n * h / ss, e))]
+    # The activation's own tensors, then fc2's input (the activation's output): kept by fc2 or its adapter.
+    mlp_widths = {"gelu": f, "swiglu": 4 * f, "swiglu_fused": 2 * f}
+    items.append(Term("MLP intermediates", n * mlp_widths[k.mlp] / t * e + _linear_input(m, "linear_fc2", n * f / t, e)))
     if k.dropout_masks:
         items.append(Term("dropout mask", n * h / ss))
+    if m.lora is not None:
+        items.append(Term("LoRA adapters' intermediates (x A^T)", lora_saved(m, sh)))
     return items
 
 
@@ -157,10 +199,12 @@ def layer_backward_working(m: ModelConfig, k: Kernels, sh: Shape) -> float:
     plus the weight gradient megatron's linear layers materialise before adding it to main_grad."""
     n, t, e = sh.tokens, sh.tp, sh.act_bytes
     h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels
-    gathered = n * h * e if sh.sp and t > 1 else 0  # SP re-gathers a linear's input in backward
-    mlp = n * 4 * f / t * e + 2 * f * h / t * e + gathered  # grads of fc1 out (2f), silu/linear parts; fc1 wgrad
+    # SP re-gathers a linear's input in backward for its weight gradient; a frozen (LoRA) base forms none.
+    wgrad = 0 if m.lora is not None else 1
+    gathered = n * h * e if sh.sp and t > 1 and wgrad else 0
+    mlp = n * 4 * f / t * e + wgrad * 2 * f * h / t * e + gathered  # grads of fc1 out (2f), silu/linear; fc1 wgrad
     if k.attention == "flash":
-        attn = 2 * n * (a + 2 * g) * d / t * e + (a + 2 * g) * d * h / t * e + gathered
+        attn = 2 * n * (a + 2 * g) * d / t * e + wgrad * (a + 2 * g) * d * h / t * e + gathered
     else:  # grads of the probabilities and of the scores (fp32), dq and the expanded dk, dv
         kv = a if k.expand_kv else g
         attn = 2 * n * a / t * sh.keys * 4 + n * (a + 2 * kv) * d / t * e

@@ -9,6 +9,11 @@ megatron shards the optimizer over. Parameters per rank: ``1/PP`` of the layers 
 except the norms), the embedding on the first stage, the output layer (or, tied, a copy of
 the embedding) and the final norm on the last. Activations: :mod:`psft_megatron.plan.layer`
 and :mod:`psft_megatron.plan.stage`.
+
+LoRA (``model.lora``): the base weights are held, frozen (no gradient buffer, no optimizer state);
+the adapters (``1/TP`` of B for a column-parallel linear, of A for a row-parallel one, the other
+half whole) are weights, fp32 gradients and optimizer state like any trained parameter. sft_kl's
+reference is the base itself (the adapters switched off): no second copy.
 """
 
 from __future__ import annotations
@@ -16,13 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.lora.count import adapter_parameters_per_layer
 from psft_megatron.plan.flops import step_flops
 from psft_megatron.plan.gpus import DEFAULT_MFU, FRAMEWORK_RESERVE, USABLE_FRACTION, GiB, GpuSpec
 from psft_megatron.plan.layer import Shape, Term, kernels_for, sum_terms
 from psft_megatron.plan.stage import head_terms, in_flight_chunks, stage_activations
 from psft_megatron.recipe import RecipeConfig
 
-__all__ = ["Plan", "StageMemory", "optimizer_bytes_per_param", "plan_recipe", "stage_parameters"]
+__all__ = ["Plan", "StageMemory", "optimizer_bytes_per_param", "plan_recipe", "stage_adapter_parameters",
+           "stage_parameters"]
 
 BATCH_BYTES_PER_TOKEN = 32  # token ids, labels, position ids (int64), loss mask (fp32), segment ids (int32)
 
@@ -49,6 +56,13 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int, pp_rank: int) -> int:
         if not m.tie_word_embeddings or pp > 1:
             params += vocab
     return int(round(params))
+
+
+def stage_adapter_parameters(m: ModelConfig, tp: int, pp: int) -> int:
+    """LoRA adapter parameters held by one rank of a pipeline stage (0 without ``model.lora``)."""
+    if m.lora is None:
+        return 0
+    return int(round(m.num_layers // pp * adapter_parameters_per_layer(m, tp)))
 
 
 def optimizer_bytes_per_param(params_dtype: str, distributed: bool, shards: int) -> float:
@@ -179,19 +193,30 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
     for r in ranks:
         kind = "only" if pp == 1 else ("first" if r == 0 else "last")
         first, last = r == 0, r == pp - 1
-        params = stage_parameters(m, tp, pp, r)
-        opt_used = optimizer_bytes_per_param(m.params_dtype, dist_opt, dp * cp) * params
-        opt_other = optimizer_bytes_per_param(m.params_dtype, not dist_opt, dp * cp) * params
+        base = stage_parameters(m, tp, pp, r)
+        adapters = stage_adapter_parameters(m, tp, pp)
+        params = base + adapters
+        trained = adapters if m.lora is not None else params  # LoRA: the base is frozen
+        opt_used = optimizer_bytes_per_param(m.params_dtype, dist_opt, dp * cp) * trained
+        opt_other = optimizer_bytes_per_param(m.params_dtype, not dist_opt, dp * cp) * trained
         state = "fp32 Adam moments" + (" + fp32 main params" if m.params_dtype == "bf16" else "")
+        held = f"{params / 1e9:.3f}B parameters on this rank"
+        if m.lora is not None:
+            held += f" ({base / 1e9:.3f}B frozen base + {adapters / 1e6:.1f}M LoRA adapter)"
+            state += ", adapters only"
         static = [
-            Term(f"weights ({m.params_dtype})", params * param_bytes, f"{params / 1e9:.3f}B parameters on this rank"),
-            Term("gradients (fp32 main_grad)", params * 4.0),
+            Term(f"weights ({m.params_dtype})", params * param_bytes, held),
+            Term("gradients (fp32 main_grad)", trained * 4.0, "adapters only" if m.lora is not None else ""),
             Term("optimizer state, " + (f"distributed over DP x CP = {dp * cp}" if dist_opt else "not distributed"),
                  opt_used, state),
         ]
         if loss.needs_reference or tr.eval_kl_to_start:
             users = ([loss.name] if loss.needs_reference else []) + (["eval_kl_to_start"] if tr.eval_kl_to_start else [])
-            static.append(Term(f"frozen starting model for {', '.join(users)} (weights only)", params * param_bytes))
+            if m.lora is not None:
+                static.append(Term(f"frozen starting model for {', '.join(users)}", 0.0,
+                                   "the base: the adapters switched off"))
+            else:
+                static.append(Term(f"frozen starting model for {', '.join(users)} (weights only)", params * param_bytes))
         alt = Term("optimizer state, " + ("not distributed" if dist_opt else f"distributed over DP x CP = {dp * cp}"),
                    opt_other, "the other choice of optimizer.use_distributed_optimizer")
 

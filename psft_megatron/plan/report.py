@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from psft_megatron.model.lora.count import adapter_parameters_per_model
 from psft_megatron.plan.gpus import USABLE_FRACTION, GiB
 from psft_megatron.plan.memory import Plan
 
@@ -20,6 +21,9 @@ def format_plan(plan: Plan) -> str:
     out.append(f"  model: {m.family}, {m.num_parameters() / 1e9:.2f}B parameters, {m.num_layers} layers, hidden "
                f"{m.hidden_size}, {m.num_attention_heads} heads / {m.query_groups} KV groups, ffn {m.ffn_hidden_size}, "
                f"vocabulary {m.vocab_size} (padded {m.padded_vocab_size}), {m.params_dtype}")
+    if m.lora is not None:
+        out.append(f"  LoRA: rank {m.lora.rank}, alpha {m.lora.alpha:g} on {', '.join(m.lora.target_modules)}: "
+                   f"{adapter_parameters_per_model(m) / 1e6:.1f}M adapter parameters train, the base is frozen")
     out.append(f"  layout: TP {plan.tp}{' + SP' if plan.sp else ''} x PP {plan.pp}"
                f"{f' (VP {plan.vp})' if plan.vp else ''} x CP {plan.cp} x DP {plan.dp}; seq_length {plan.seq}, "
                f"micro-batch {plan.micro}, {plan.micro_batches} micro-batches per mini-batch per DP rank, k = {plan.k}")
@@ -60,7 +64,8 @@ def format_plan(plan: Plan) -> str:
                f"({worst.total / plan.usable_bytes:.0%})")
     fl = plan.flops
     out.append("time per optimizer step (whole job)")
-    out.append(f"  model FLOPs: {fl['model_per_step']:.3e} = training {fl['train_per_step']:.3e} (3 x forward of "
+    train = "2 x forward (frozen base) + the adapters' gradients" if m.lora is not None else "3 x forward"
+    out.append(f"  model FLOPs: {fl['model_per_step']:.3e} = training {fl['train_per_step']:.3e} ({train} of "
                f"{fl['tokens_per_step']:.0f} tokens) + snapshot share {fl['snapshot_per_step']:.3e} ((k-1)/k forward)"
                + (f" + reference {fl['reference_per_step']:.3e}" if fl["reference_per_step"] else ""))
     if fl["hardware_per_step"] != fl["model_per_step"]:

@@ -18,7 +18,7 @@ from psft_megatron.loss.fused_head import fused_chunk_size
 from psft_megatron.loss.token_stats import auto_chunk_size
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.plan.gpus import GiB
-from psft_megatron.plan.layer import Kernels, Shape, Term, layer_backward_working, layer_saved, sum_terms
+from psft_megatron.plan.layer import Kernels, Shape, Term, layer_backward_working, layer_saved, norm_tensors, sum_terms
 
 __all__ = ["head_terms", "in_flight_chunks", "stage_activations"]
 
@@ -93,10 +93,13 @@ def stage_activations(m: ModelConfig, k: Kernels, sh: Shape, layers: int, first:
         # Selective: the core attention is recomputed (its scores come back) during the layer's backward.
         working = bwd + (full_layer - per_layer if g == "selective" else 0)
     extra = 0.0
+    row = sh.tokens * m.hidden_size / sh.seq_shard * sh.act_bytes
     if first:
         extra += sh.tokens * 8  # the embedding's token ids
-    if last:  # final norm (input, normalised input, stats) and the output layer's input
-        extra += sh.tokens * m.hidden_size / sh.seq_shard * sh.act_bytes * (k.norm_tensors + 1)
+        if m.lora is not None:  # a frozen embedding: the first layer's input norm has nothing to save for
+            extra -= row * norm_tensors(m, k) + (sh.tokens / sh.seq_shard * 4 if k.norm_stats else 0)
+    if last:  # final norm (input, normalised input, stats) and the output layer's input (not when frozen: LoRA)
+        extra += row * (norm_tensors(m, k) + (0 if m.lora is not None else 1))
     # The pipeline keeps each chunk's output for its backward (megatron does not free it).
     if not last:
         extra += group_input
