@@ -2,7 +2,7 @@
 # SFT vs PSFT vs DFT vs SFT-KL on SmolLM2-135M-Instruct and GSM8K (docs/experiments.md).
 #
 #   bash experiments/psft_vs_sft/run.sh            # everything: prepare, train, evaluate, seed2, plot
-#   bash experiments/psft_vs_sft/run.sh train      # one stage: prepare | train | evaluate | seed2 | report
+#   bash experiments/psft_vs_sft/run.sh train      # one stage: prepare | train | evaluate | seed2 | lora | report
 #
 # Every stage resumes: a converted model is kept, a finished run is skipped and an
 # interrupted one continues from its latest checkpoint, an evaluation already written is
@@ -107,6 +107,35 @@ seed2() {
         last=$(ls "$OUT/seed2/$name/checkpoints" | grep '^step_' | sort | tail -1)
         evaluate_loglik "$OUT/seed2/$name/checkpoints/$last" "$OUT/seed2/$name/eval/$last"
     done
+}
+
+# LoRA next to full fine-tuning (issue #24): SFT and PSFT, each full and with LoRA adapters (rank 16,
+# alpha 32, every projection; lr 2e-4 with min_lr 2e-5, the usual 10x of a full fine-tune's rate), the same
+# recipes otherwise, trained into $OUT/lora/<run> and scored by the log-likelihood part of the evaluation
+# on the last checkpoint (the start model's scores in $OUT/lora/start).
+LORA_OVERRIDES=(model.lora.rank=16 model.lora.alpha=32 optimizer.lr=2e-4 optimizer.min_lr=2e-5)
+lora() {
+    local name run last
+    evaluate_loglik "$START" "$OUT/lora/start"
+    for name in sft psft lora_sft lora_psft; do
+        run=$OUT/lora/$name
+        if ! finished "lora/$name"; then
+            if [[ $name == lora_* ]]; then
+                python launch/pretrain_psft.py "recipes/smollm2_gsm8k_${name#lora_}.yaml" "${LORA_OVERRIDES[@]}" \
+                    logging.run_dir="$run"
+            else
+                python launch/pretrain_psft.py "recipes/smollm2_gsm8k_$name.yaml" logging.run_dir="$run"
+            fi
+        fi
+        last=$(ls "$run/checkpoints" | grep '^step_' | sort | tail -1)
+        evaluate_loglik "$run/checkpoints/$last" "$run/eval/$last"
+    done
+    python experiments/psft_vs_sft/summarize.py "$OUT/lora" --runs sft psft lora_sft lora_psft \
+        --out docs/experiments/results_lora.md
+    python experiments/psft_vs_sft/summarize.py "$OUT/lora" --runs lora_sft lora_psft --baseline lora_sft \
+        --out docs/experiments/results_lora_pair.md
+    python tools/compare_runs.py "$OUT/lora/sft" "$OUT/lora/psft" "$OUT/lora/lora_sft" "$OUT/lora/lora_psft" \
+        --out docs/experiments/lora
 }
 
 report() {
