@@ -33,6 +33,7 @@ from psft_megatron.training.evaluator import Evaluator
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard, TrainingDiverged
 from psft_megatron.training.loop import Trainer, TrainResult, train
 from psft_megatron.training.metrics import MetricsWriter
+from psft_megatron.training.moe_metrics import MoEMetrics
 from psft_megatron.training.optimizer import build_optimizer
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
@@ -125,6 +126,8 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         passes_per_snapshot=recipe.training.passes_per_snapshot,
         states=states,
         reference=reference,
+        moe=MoEMetrics(built.chunks, model_cfg, recipe.training.mini_batch_size // recipe.training.micro_batch_size)
+        if model_cfg.is_moe else None,
     )
 
 

@@ -77,6 +77,9 @@ class Shape:
     cp: int = 1
     sp: bool = False
     act_bytes: int = 2
+    ep: int = 1  # expert parallelism (mixture-of-experts models)
+    etp: int = 1  # tensor parallelism inside each expert
+    dispatcher: str = "allgather"  # the MoE token dispatcher
 
     @property
     def tokens(self) -> float:
@@ -152,13 +155,15 @@ def sum_terms(terms: list[Term]) -> float:
     return sum(x.bytes for x in terms)
 
 
-def layer_backward_working(m: ModelConfig, k: Kernels, sh: Shape) -> float:
+def layer_backward_working(m: ModelConfig, k: Kernels, sh: Shape, mlp: float | None = None) -> float:
     """Gradients alive while one layer runs backward (the larger of its attention and its MLP),
-    plus the weight gradient megatron's linear layers materialise before adding it to main_grad."""
+    plus the weight gradient megatron's linear layers materialise before adding it to main_grad.
+    ``mlp``: the MLP part's figure when it is not the dense MLP's (an expert layer's)."""
     n, t, e = sh.tokens, sh.tp, sh.act_bytes
     h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels
     gathered = n * h * e if sh.sp and t > 1 else 0  # SP re-gathers a linear's input in backward
-    mlp = n * 4 * f / t * e + 2 * f * h / t * e + gathered  # grads of fc1 out (2f), silu/linear parts; fc1 wgrad
+    if mlp is None:  # grads of fc1 out (2f), silu/linear parts; fc1 wgrad
+        mlp = n * 4 * f / t * e + 2 * f * h / t * e + gathered
     if k.attention == "flash":
         attn = 2 * n * (a + 2 * g) * d / t * e + (a + 2 * g) * d * h / t * e + gathered
     else:  # grads of the probabilities and of the scores (fp32), dq and the expanded dk, dv

@@ -29,6 +29,7 @@ from psft_megatron.training.data_setup import TrainData
 from psft_megatron.training.evaluator import Evaluator
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard
 from psft_megatron.training.metrics import MetricsWriter, train_record
+from psft_megatron.training.moe_metrics import MoEMetrics
 from psft_megatron.training.optimizer import OptimizerBundle
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
@@ -82,6 +83,8 @@ class Trainer:
     # global batch's reference log-probs (recomputed on resume: the reference never changes).
     reference: list | None = None
     logp_ref: list = field(default_factory=list)
+    # Expert load and the load-balancing loss per step (mixture-of-experts models only).
+    moe: MoEMetrics | None = None
 
     def save(self) -> Path:
         b = self.bundle
@@ -134,6 +137,7 @@ def train(t: Trainer) -> TrainResult:
             objective = t.phases.objective_at(cursor.start_step)
             j = cursor.next_mini
             result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
+            moe = t.moe.step_record(t.setup.device) if t.moe is not None else {}  # collective: every rank
             cursor.advance()
             progress.advance(t.tokens_per_step)
             step = progress.step
@@ -142,6 +146,7 @@ def train(t: Trainer) -> TrainResult:
             if result.stats is not None:
                 rec = train_record(step, objective.name, result.stats, result.grad_norm, result.lr,
                                    t.tokens_per_step, time.monotonic() - t0)
+                rec.update(moe)
                 if result.skipped:
                     rec["skipped"] = True
                 else:
