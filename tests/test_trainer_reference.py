@@ -260,16 +260,21 @@ def test_moe_expert_load_is_the_reference_routing(moe_results, name):
 
 @pytest.mark.parametrize("name", ["ep2", "tp2_sp_ep2"])
 def test_moe_expert_parallel_run_equals_ep1(reference_runs, name):
-    """EP=2 (and TP=2+SP x EP=2) trains the same model as EP=1: every step's metrics and the
-    final weights agree to fp32 round-off (the experts' outputs are summed in another order)."""
-    base = "ep1"
-    got, want = reference_runs["moe"][name]["records"], reference_runs["moe"][base]["records"]
+    """EP=2 (and TP=2+SP x EP=2) trains the same model as EP=1: every step's metrics within the
+    reference tolerance, the same expert load (one assignment may flip on a near-tie), and final
+    weights within the dense runs' weight tolerance (the experts' outputs, and at TP=2 the attention,
+    are summed in another order; eight Adam steps amplify that round-off)."""
+    got, want = reference_runs["moe"][name]["records"], reference_runs["moe"]["ep1"]["records"]
     assert [g["step"] for g in got] == [w["step"] for w in want]
     worst = _relative_errors(got, want, MOE_METRICS + ("expert_load_worst",))
     assert all(v <= METRIC_RTOL for v in worst.values()), f"{name}: {worst}"
-    assert all(g["expert_load"] == w["expert_load"] for g, w in zip(got, want))
-    final, ep1 = reference_runs["final"][f"moe/{name}"], reference_runs["final"][f"moe/{base}"]
-    assert max(float((final[k] - v).abs().max()) for k, v in ep1.items()) <= 1e-5
+    rows = TRAINING["mini_batch_size"] * TRAINING["seq_length"] * 2  # routed assignments per layer and step (top 2)
+    load = max(abs(a - b) for g, w in zip(got, want) for layer in w["expert_load"]
+               for a, b in zip(g["expert_load"][layer], w["expert_load"][layer]))
+    assert load <= 1.5 / rows, f"{name}: expert load differs by {load}"
+    final, ep1 = reference_runs["final"][f"moe/{name}"], reference_runs["final"]["moe/ep1"]
+    diff = max(float((final[k] - v).abs().max()) for k, v in ep1.items())
+    assert diff <= WEIGHT_ATOL, f"{name}: final weights differ by {diff:.2e}"
 
 
 def test_moe_snapshot_routes_as_the_training_pass(reference_runs):
