@@ -1,8 +1,8 @@
 """What one transformer layer keeps for backward, tensor by tensor, for one micro-batch on one rank.
 
 The list of tensors autograd keeps: norm inputs (and, for torch's composite RMSNorm, the
-normalised input), the linear layers' inputs, Q/K/V, the attention output, the MLP's
-intermediates. Tokens per rank ``n = s * b / CP``; tensors outside the tensor-parallel
+normalised input), the linear layers' inputs, Q/K/V (and Qwen3's query/key norms' inputs), the
+attention output, the MLP's intermediates. Tokens per rank ``n = s * b / CP``; tensors outside the tensor-parallel
 regions are ``/TP`` only with sequence parallelism. Attention:
 
 * TransformerEngine (``transformer_impl`` auto/transformer_engine: what a GPU job runs):
@@ -134,6 +134,9 @@ def layer_saved(m: ModelConfig, k: Kernels, sh: Shape, granularity: str | None =
     h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels
     norm = n * h / ss * e * k.norm_tensors + (n / ss * (4 if e == 4 else e) if k.norm_stats else 0)
     items = [Term("input norm", norm), Term("QKV input", n * h / ss * e)]
+    if m.qk_layernorm:  # Qwen3's per-head query/key norms keep what any norm keeps, on q and k
+        qk = n * (a + g) * d / t
+        items.append(Term("query/key norms", qk * e * k.norm_tensors + (qk / d * (4 if e == 4 else e) if k.norm_stats else 0)))
     if granularity == "selective":
         v = (a + 2 * g) * d if k.selective_keeps_qkv else g * d  # V: a view of the fused QKV output
         items.append(Term("q, k, v (kept for the recomputed attention)", n * (a * d + g * d + v) / t * e))
