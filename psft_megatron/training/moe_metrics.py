@@ -1,15 +1,16 @@
 """Per-layer expert load and the router's load-balancing loss of each optimizer step (MoE models).
 
-**Expert load.** A forward hook on every ``TopKRouter`` counts, in the training pass of each
-micro-batch, the tokens each expert was sent (megatron's ``routing_map``: top-k per token). At
-the end of the step one all-reduce over all ranks sums them: every token is routed on exactly
-one rank per layer (TP ranks route their sequence-parallel slice, CP ranks their share, a layer
-lives on one pipeline stage, EP ranks are data-parallel ranks of the router). Logged per layer:
-the fraction of routed tokens per expert (``expert_load``) and its max over mean
-(``expert_load_max_over_mean``: 1 is perfect balance, ``num_experts`` a router that sends every
-token to one expert), and the worst layer's (``expert_load_worst``). The snapshot pass, held-out
-evaluation and a reference model (no gradient or eval mode) are not counted; an activation
-recompute re-runs the router inside backward with the same routing, and is not counted twice.
+**Expert load.** A forward hook on every ``TopKRouter`` counts, while the optimizer step's
+forward and backward run (:func:`counting`, around ``train_step``), the tokens each expert was
+sent (megatron's ``routing_map``: top-k per token). At the end of the step one all-reduce over all
+ranks sums them: every token is routed on exactly one rank per layer (TP ranks route their
+sequence-parallel slice, CP ranks their share, a layer lives on one pipeline stage, EP ranks are
+data-parallel ranks of the router). Logged per layer: the fraction of routed tokens per expert
+(``expert_load``) and its max over mean (``expert_load_max_over_mean``: 1 is perfect balance,
+``num_experts`` a router that sends every token to one expert), and the worst layer's
+(``expert_load_worst``). The snapshot pass, held-out evaluation and a reference model run outside
+that window and are not counted; an activation recompute re-runs the router inside backward with the
+same routing, and is not counted twice (a hook call inside autograd's backward is skipped).
 
 **The auxiliary loss and the objective.** With ``model.moe_aux_loss_coeff`` > 0, megatron's
 router attaches the Switch load-balancing loss to its output probabilities
@@ -29,13 +30,16 @@ tokens summed over micro-batches and DP ranks, divided by their count), it does 
 the number of micro-batches, DP, EP, TP or CP; it depends only on the micro-batch size, which
 sets the set of tokens each load statistic is taken over. ``moe_aux_loss`` in ``metrics.jsonl``
 is that term as added (``coeff x`` the sum over layers of the mean over micro-batches); ``loss``
-stays the token objective.
+stays the token objective. It is read from megatron's own tracker, which the router fills only where
+it computes the loss: with gradients on, so once per layer and micro-batch with or without recompute
+(recompute runs the forward without gradients and the router again, with them, in backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,7 +47,7 @@ import torch.distributed as dist
 from psft_megatron.model.build import unwrap_model
 from psft_megatron.model.config import ModelConfig
 
-__all__ = ["MoEMetrics"]
+__all__ = ["MoEMetrics", "counting"]
 
 _AUX_TRACKER_NAME = "load_balancing_loss"  # megatron's name for the aux_loss type in its tracker
 
@@ -61,8 +65,7 @@ class MoEMetrics:
         self.micro_batches = micro_batches_per_step
         # Routed tokens per (layer, expert), kept where the routing map is (no host sync per micro-batch).
         self.counts: torch.Tensor | None = None
-        self.calls = torch.zeros(model.num_layers, dtype=torch.float64)  # router forwards in training passes
-        self.reruns = torch.zeros(model.num_layers, dtype=torch.float64)  # of those, re-runs inside backward
+        self.active = False  # inside an optimizer step's forward and backward (see counting())
         self._handles = []
         for chunk in chunks:
             for module in unwrap_model(chunk).modules():
@@ -72,31 +75,26 @@ class MoEMetrics:
 
     def _hook(self, layer: int) -> Any:
         def hook(module: Any, args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-            if not (module.training and torch.is_grad_enabled()):
-                return  # the snapshot pass and evaluation (no gradient, or eval mode)
-            if torch._C._current_graph_task_id() != -1:  # a recompute inside backward: same routing again
-                self.reruns[layer] += 1
+            # Outside a training step (snapshot, evaluation), or a recompute inside backward: same routing again.
+            if not self.active or torch._C._current_graph_task_id() != -1:
                 return
             _, routing_map = output
             if self.counts is None:
                 self.counts = torch.zeros(self.model.num_layers, self.model.num_experts, dtype=torch.float64,
                                           device=routing_map.device)
             self.counts[layer] += routing_map.sum(dim=0)
-            self.calls[layer] += 1
 
         return hook
 
     def _aux_per_layer(self) -> torch.Tensor:
-        """megatron's tracked load-balancing loss per layer, summed over this rank's micro-batches
-        (recomputed forwards, which add it again, taken out), and the tracker cleared."""
+        """megatron's tracked load-balancing loss per layer, summed over this rank's micro-batches,
+        and the tracker cleared."""
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
         out = torch.zeros(self.model.num_layers, dtype=torch.float64)
         tracker = get_moe_layer_wise_logging_tracker()
         if _AUX_TRACKER_NAME in tracker:
-            values = tracker[_AUX_TRACKER_NAME]["values"].detach().to("cpu", torch.float64)[: self.model.num_layers]
-            runs = self.calls + self.reruns
-            out = torch.where(runs > 0, values * self.calls / runs.clamp(min=1), values)
+            out = tracker[_AUX_TRACKER_NAME]["values"].detach().to("cpu", torch.float64)[: self.model.num_layers]
         clear_aux_losses_tracker()
         return out
 
@@ -112,8 +110,6 @@ class MoEMetrics:
         counts, aux = buf[: layers * experts].view(layers, experts), buf[layers * experts :]
         if self.counts is not None:
             self.counts.zero_()
-        self.calls.zero_()
-        self.reruns.zero_()
         load: dict[str, list[float]] = {}
         imbalance: dict[str, float] = {}
         for layer in self.model.moe_layers:
@@ -138,3 +134,16 @@ class MoEMetrics:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+@contextlib.contextmanager
+def counting(metrics: MoEMetrics | None) -> Iterator[None]:
+    """Count routed tokens in the block (one optimizer step's forward and backward); no-op for None."""
+    if metrics is None:
+        yield
+        return
+    metrics.active = True
+    try:
+        yield
+    finally:
+        metrics.active = False
