@@ -16,18 +16,17 @@ from pathlib import Path
 
 import torch.distributed as dist
 import yaml
-from megatron.core import parallel_state as ps
 
 from psft_megatron.checkpoint.checkpointer import Checkpointer
 from psft_megatron.checkpoint.model_checkpoint import load_model_checkpoint
 from psft_megatron.data.masks import check_model_honours_mask
-from psft_megatron.model.build import build_model
+from psft_megatron.model.build import BuiltModel, build_model
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.model.init import init_layout_independent
 from psft_megatron.preflight import check_launch, save_dir_of
 from psft_megatron.recipe import RecipeConfig
 from psft_megatron.runtime.distributed import DistEnv, init_distributed, init_model_parallel, set_seed, teardown
-from psft_megatron.training.batch_cursor import BatchCursor, RowLayout
+from psft_megatron.training.batch_cursor import BatchCursor
 from psft_megatron.training.data_setup import TrainData, build_data
 from psft_megatron.training.evaluator import Evaluator
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard, TrainingDiverged
@@ -64,71 +63,56 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     model_cfg = recipe.resolved_model  # model.hf_config was read once, when the recipe was validated
-    data = build_data(recipe.data, recipe.training, recipe.parallel, env)
+    t = recipe.training
+    data = build_data(recipe.data, t, recipe.parallel, env)
+    built = _build_policy_model(recipe, model_cfg, env)
+    steps = total_steps(recipe, data)
+    checkpointer = Checkpointer(recipe.checkpoint, save_dir_of(recipe), model_cfg,
+                                meta={"tokenizer": recipe.data.tokenizer})
+    checkpointer.find_resume_point()
+    # Before the optimizer copies the weights into its fp32 main params.
+    if not checkpointer.load_initial_weights(built.chunks):
+        init_layout_independent(built.chunks, t.seed)  # the same random model at every layout
+    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference else None
+    bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
+    progress, cursor = TrainProgress(), BatchCursor.from_config(t)
+    states = {"progress": progress, "data": data.loader, "batch": cursor}
+    checkpointer.resume(bundle.model, bundle.optimizer, bundle.scheduler, states)
+
+    setup = PassSetup.for_model(built, model_cfg, env.device)
+    is_logger = env.rank == env.world_size - 1  # the last pipeline stage holds the loss
+    return Trainer(
+        bundle=bundle,
+        data=data,
+        setup=setup,
+        phases=PhaseSchedule.from_config(recipe.loss, t),
+        checkpointer=checkpointer,
+        evaluator=Evaluator.from_config(t, data, setup),
+        metrics=MetricsWriter.from_config(recipe.logging, is_logger, steps, resumed_at=progress.step),
+        stop=StopPolicy.from_config(t, progress.step, env.device),
+        progress=progress,
+        cursor=cursor,
+        guard=NonFiniteGuard.from_config(t),
+        spikes=LossSpikeDetector.from_config(t),
+        total_steps=steps,
+        tokens_per_step=t.mini_batch_size * t.seq_length,
+        is_logger=is_logger,
+        passes_per_snapshot=t.passes_per_snapshot,
+        states=states,
+        reference=reference,
+        moe=MoEMetrics(built.chunks, model_cfg, t.mini_batch_size // t.micro_batch_size) if model_cfg.is_moe else None,
+    )
+
+
+def _build_policy_model(recipe: RecipeConfig, model_cfg: ModelConfig, env: DistEnv) -> BuiltModel:
+    """The trained model's chunks on this rank (weights loaded later, by the checkpointer)."""
     built = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
     if built.transformer_impl == "local":
         for chunk in built.chunks:  # packed rows rely on the block-diagonal mask being applied
             check_model_honours_mask(chunk)
     if env.rank == 0:
         log.info("model: %s", built.description)
-    steps = total_steps(recipe, data)
-
-    checkpointer = Checkpointer(
-        recipe.checkpoint,
-        save_dir_of(recipe),
-        model_cfg,
-        meta={"tokenizer": recipe.data.tokenizer},
-    )
-    checkpointer.find_resume_point()
-    # Before the optimizer copies the weights into its fp32 main params.
-    if not checkpointer.load_initial_weights(built.chunks):
-        init_layout_independent(built.chunks, recipe.training.seed)  # the same random model at every layout
-    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference else None
-    bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
-    progress = TrainProgress()
-    cursor = BatchCursor(
-        RowLayout(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), recipe.training.mini_batch_size,
-                  recipe.training.micro_batch_size),
-        holds_logp=ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0,
-    )
-    states = {"progress": progress, "data": data.loader, "batch": cursor}
-    checkpointer.resume(bundle.model, bundle.optimizer, bundle.scheduler, states)
-
-    setup = PassSetup(
-        backend=built.transformer_impl,
-        device=env.device,
-        vocab_size=model_cfg.vocab_size,  # the loss leaves the padded columns out
-    )
-    is_logger = env.rank == env.world_size - 1  # the last pipeline stage holds the loss
-    log_cfg = recipe.logging
-    metrics = MetricsWriter(run_dir, is_logger, steps, log_cfg.tensorboard, log_cfg.log_interval,
-                            log_cfg.progress_bar, resumed_at=progress.step)
-    return Trainer(
-        bundle=bundle,
-        data=data,
-        setup=setup,
-        phases=PhaseSchedule(recipe.loss, recipe.training.sft_warmup_steps),
-        checkpointer=checkpointer,
-        evaluator=Evaluator(
-            recipe.training.eval_interval, lambda: data.eval_micro_batches(recipe.training.eval_rows), setup,
-            at_start=recipe.training.eval_at_start,
-        ),
-        metrics=metrics,
-        stop=StopPolicy(progress.step, recipe.training.exit_after_steps, recipe.training.exit_duration_minutes,
-                        env.device),
-        progress=progress,
-        cursor=cursor,
-        guard=NonFiniteGuard(recipe.training.max_skipped_steps),
-        spikes=LossSpikeDetector(recipe.training.loss_spike_factor, recipe.training.loss_spike_window),
-        total_steps=steps,
-        tokens_per_step=recipe.training.mini_batch_size * recipe.training.seq_length,
-        is_logger=is_logger,
-        passes_per_snapshot=recipe.training.passes_per_snapshot,
-        states=states,
-        reference=reference,
-        moe=MoEMetrics(built.chunks, model_cfg, recipe.training.mini_batch_size // recipe.training.micro_batch_size)
-        if model_cfg.is_moe else None,
-    )
+    return built
 
 
 def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig) -> list:

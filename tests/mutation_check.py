@@ -42,8 +42,8 @@ REFERENCE = ("tests/test_trainer_reference.py",)
 MUTANTS: tuple[Mutant, ...] = (
     # ---- the six wiring bugs of issue #16 that once survived every test
     Mutant("per_micro_batch_mean", "psft_megatron/training/step.py",
-           "                global_count,\n",
-           "                torch.tensor(max(mb.num_loss_tokens, 1), device=setup.device),\n",
+           "            global_count,\n",
+           "            torch.tensor(max(mb.num_loss_tokens, 1), device=setup.device),\n",
            REFERENCE, "each micro-batch divided by its own token count (the gradient-accumulation bug)"),
     Mutant("no_clipping_on_cpu", "psft_megatron/runtime/cpu_compat.py",
            "    if clip_coeff < 1.0 and grads:\n",
@@ -55,11 +55,11 @@ MUTANTS: tuple[Mutant, ...] = (
            "    lr = float(optimizer.param_groups[0][\"lr\"])\n    ok, _, _ = optimizer.step()\n"
            "    scheduler.step(increment=1)\n",
            REFERENCE, "the LR schedule one step late: step 1 runs at lr 0"),
-    Mutant("eval_rows_ignored", "psft_megatron/run.py",
-           "data.eval_micro_batches(recipe.training.eval_rows)",
+    Mutant("eval_rows_ignored", "psft_megatron/training/evaluator.py",
+           "data.eval_micro_batches(training.eval_rows)",
            "data.eval_micro_batches(None)",
            ("tests/test_trainer_behaviour.py",), "training.eval_rows ignored"),
-    Mutant("vocab_none", "psft_megatron/run.py",
+    Mutant("vocab_none", "psft_megatron/training/step.py",
            "vocab_size=model_cfg.vocab_size,  # the loss leaves the padded columns out",
            "vocab_size=None,",
            REFERENCE, "the loss is handed vocab_size=None: padded columns join the softmax"),
@@ -86,6 +86,13 @@ MUTANTS: tuple[Mutant, ...] = (
            "mine = mini[0:per_rank]",
            ("tests/test_data_loader.py",), "every DP rank reads the same rows"),
     # ---- checkpoint and run outputs
+    Mutant("cursor_rows_of_rank_1", "psft_megatron/training/batch_cursor.py",
+           "start = self.dp_rank * (self.mini_batch_size // self.dp_size) + micro_index * self.micro_batch_size",
+           "start = self.dp_rank * self.micro_batch_size + micro_index * self.micro_batch_size",
+           ("tests/test_batch_cursor.py",
+            "tests/test_faults.py::test_signal_finishes_the_step_saves_and_resumes_bit_identical"),
+           "a resume inside a global batch gives rank 0's second micro-batch rank 1's logp_old (DP=2, 2+ micro-batches "
+           "per rank and mini-batch; issue #21's surviving mutant)"),
     Mutant("resume_skips_data_position", "psft_megatron/checkpoint/checkpointer.py",
            "            obj.load_state_dict(saved[name])\n",
            "            pass\n",

@@ -186,10 +186,10 @@ def _forward_backward(cp: int, seed: int) -> dict:
     """This rank's logits per original (row, position) and its parameter gradients at CP=cp."""
     from psft_megatron.model.build import build_model
     from psft_megatron.model.config import ModelConfig
+    from psft_megatron.model.forward import prepare_micro_batches
     from psft_megatron.model.init import init_layout_independent
     from psft_megatron.runtime.config import ParallelConfig
     from psft_megatron.runtime.distributed import init_distributed, init_model_parallel, set_seed
-    from psft_megatron.training.schedule import prepare_micro_batches
 
     init_distributed()  # applies the CPU routes (idempotent)
     parallel = ParallelConfig(context_parallel_size=cp)

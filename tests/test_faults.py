@@ -2,8 +2,12 @@
 
 - SIGKILL at three steps, relaunched until done: the records and final weights equal a
   clean run's bit for bit (only work since the last checkpoint is redone).
-- SIGTERM (and SIGUSR1 on one rank of two): the step in flight finishes, every rank saves,
-  exit 75; the relaunch continues inside the same global batch and ends bit-identical.
+- SIGUSR1 on one rank of two (each with two micro-batches per mini-batch), and SIGTERM inside
+  the second pass of ``training.passes_per_snapshot: 2``: the step in flight finishes,
+  every rank saves, exit 75; the relaunch continues inside the same global batch and ends
+  bit-identical to an uninterrupted run at the same layout. The rank signals itself as a chosen
+  step begins (the test-only hook ``PSFT_TEST_SIGNAL_AT_STEP``), so the stop lands where the
+  test needs it, every time.
 - NaN injected into one step's loss: that step is skipped on every rank (weights, optimizer
   state and LR schedule untouched); a learning rate of 1e6 diverges: exit 3, one line.
 - A full disk (a small tmpfs, as root) during a save: one line naming the path and the OS
@@ -32,13 +36,14 @@ import yaml
 from psft_megatron.runtime.distributed import free_port
 from psft_megatron.testing.multiproc import run_in_processes
 from psft_megatron.testing.recipes import tiny_recipe
+from psft_megatron.training.stopping import TEST_SIGNAL_ENV
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "pretrain_psft.py"
 COMPARED = ("loss", "entropy", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "mean_logp", "grad_norm", "lr")
-# k = 4 mini-batches per global batch, so a signal usually lands inside a global batch.
+# k = 4 mini-batches per global batch.
 TRAINING = {"global_batch_size": 8, "mini_batch_size": 2, "micro_batch_size": 2, "train_steps": 16,
             "sft_warmup_steps": 4, "eval_interval": 0}
 
@@ -51,14 +56,18 @@ def _write_recipe(tmp: Path, data: Path, name: str, **sections: Any) -> Path:
     return path
 
 
-def _launch(recipe: Path, *overrides: str, nproc: int = 1, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start the entry point as ``nproc`` torchrun-like ranks; their output goes to files (a pipe
-    nobody reads while the test polls would fill up and stall the run)."""
+def _launch(recipe: Path, *overrides: str, nproc: int = 1, env: dict[str, str] | None = None,
+            rank_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
+    """Start the entry point as ``nproc`` torchrun-like ranks (``rank_env``: variables for one rank
+    only); their output goes to files (a pipe nobody reads while the test polls would fill up and
+    stall the run)."""
     port = str(free_port())
     procs = []
+    # The test-only signal hook reaches only the ranks a test gives it to.
+    outer = {k: v for k, v in os.environ.items() if k != TEST_SIGNAL_ENV}
     for rank in range(nproc):
-        e = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}))
+        e = dict(outer, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}), **(rank_env or {}).get(rank, {}))
         log = open(recipe.parent / f"{recipe.stem}.rank{rank}.{time.monotonic_ns()}.log", "w+")
         # Its own session: a SIGKILL goes to the rank's process group, as a scheduler kills a job step,
         # so the helper processes it started (megatron's checkpoint writer starts a multiprocessing
@@ -164,38 +173,60 @@ def test_sigkill_at_three_steps_then_relaunch_equals_a_clean_run(clean, data, tm
         assert torch.equal(got[k], v), k
 
 
-@pytest.mark.parametrize("sig, nproc", [(signal.SIGTERM, 1), (signal.SIGUSR1, 2)])
-def test_signal_finishes_the_step_saves_and_resumes_bit_identical(clean, data, tmp_path, sig, nproc):
-    """At DP=2 (micro-batch 1 per rank) the uninterrupted reference is the TP=1 run: equal up to
-    fp32 round-off (as tests/test_trainer.py's layouts); at the same layout, bit for bit."""
+def _clean_run(tmp: Path, data: Path, nproc: int, training: dict[str, Any]) -> dict[str, Any]:
+    """An uninterrupted run at a layout: its records and final weights."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    recipe = _write_recipe(tmp, data, "run", checkpoint={"save_interval": 0, "save_at_end": True}, training=training)
+    results = _wait(_launch(recipe, nproc=nproc))
+    assert [c for c, _ in results] == [0] * nproc, [e[-2000:] for _, e in results]
+    return {"records": _records(tmp / "run"), "weights": _final_weights(tmp / "run")}
+
+
+# name: (signal, processes, the rank that signals itself, training overrides, the step the signal
+# arrives in: the stop comes after it). Each stop falls inside a global batch (asserted below).
+SIGNAL_CASES = {
+    # DP=2 with 2 micro-batches of 1 row per rank and mini-batch (k = 2: global batch 3 is steps 5, 6);
+    # one rank only is signalled: the other learns of it at the step boundary.
+    "sigusr1_dp2_two_micro_batches": (signal.SIGUSR1, 2, 1, {"mini_batch_size": 4, "micro_batch_size": 1}, 5),
+    # Two passes over each global batch (k = 4, 8 steps per global batch; warm-up = the first one):
+    # stopped after the second pass's first mini-batch, so the next three train on logp_old that only
+    # the checkpoint holds.
+    "sigterm_second_pass": (signal.SIGTERM, 1, 0, {"passes_per_snapshot": 2, "sft_warmup_steps": 8}, 13),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGNAL_CASES))
+def test_signal_finishes_the_step_saves_and_resumes_bit_identical(data, tmp_path, case):
+    sig, nproc, signalled, training, at_step = SIGNAL_CASES[case]
+    reference = _clean_run(tmp_path / "clean", data, nproc, training)
     recipe = _write_recipe(tmp_path, data, "run", checkpoint={"save_interval": 0, "save_at_end": True},
-                           training={"micro_batch_size": 2 // nproc})
-    procs = _launch(recipe, nproc=nproc)
-    # Global batch 2 (steps 5..8) has begun: the stop lands at the next step boundary, 6 or 7 (waiting
-    # for step 6 let a fast idle machine reach 8, the batch's end, before the signal was seen).
-    _wait_for_step(tmp_path / "run", 5, procs)
-    procs[-1].send_signal(sig)  # one rank only: the others learn of it at the step boundary
-    results = _wait(procs)
+                           training=training)
+    settings = dict(TRAINING, **training)
+    k = settings["global_batch_size"] // settings["mini_batch_size"]
+    per_global_batch = k * settings.get("passes_per_snapshot", 1)
+    assert at_step % per_global_batch != 0, "the case must stop inside a global batch"
+    hook = {signalled: {TEST_SIGNAL_ENV: f"{at_step}:{signal.Signals(sig).name}"}}
+    results = _wait(_launch(recipe, nproc=nproc, rank_env=hook))
     assert [c for c, _ in results] == [75] * nproc, [e[-2000:] for _, e in results]
+    assert "test hook" in results[signalled][1]  # the signal came from the hook, at the step chosen
     status = json.loads((tmp_path / "run" / "run_status.json").read_text())
     assert status["status"] == "preempted" and signal.Signals(sig).name in status["reason"]
-    stopped_at = status["step"]
-    assert stopped_at % 4 != 0, "the stop should fall inside a global batch for this test to mean something"
-    assert _records(tmp_path / "run")[-1]["step"] == stopped_at  # nothing done is lost
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:06d}"
+    assert status["step"] == at_step  # the step in flight finished, and no other began
+    assert _records(tmp_path / "run")[-1]["step"] == at_step  # nothing done is lost
+    ckpt = tmp_path / "run" / "checkpoints" / f"step_{at_step:06d}"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    # Saved inside the global batch, with the snapshot log-probs of the steps still to run.
+    batch = json.loads((ckpt / "train_state.json").read_text())["batch"]
+    assert batch["active"] and batch["next_mini"] == at_step % per_global_batch
+    assert list((ckpt / "shards").glob("rank_*.pt"))
 
     results = _wait(_launch(recipe, nproc=nproc))
     assert [c for c, _ in results] == [0] * nproc, [e[-2000:] for _, e in results]
-    if nproc == 1:
-        _same_records(_records(tmp_path / "run"), clean["records"])
-        for k, v in _final_weights(tmp_path / "run").items():
-            assert torch.equal(v, clean["weights"][k]), k
-    else:
-        got, ref = _records(tmp_path / "run"), clean["records"]
-        assert [r["step"] for r in got] == [r["step"] for r in ref]  # each step once: none lost, none redone
-        for g, r in zip(got, ref):
-            for key in COMPARED:
-                assert g[key] == pytest.approx(r[key], rel=2e-4, abs=2e-5), f"step {r['step']} {key}"
+    _same_records(_records(tmp_path / "run"), reference["records"])
+    got = _final_weights(tmp_path / "run")
+    assert set(got) == set(reference["weights"])
+    for name, value in reference["weights"].items():
+        assert torch.equal(got[name], value), name
 
 
 def _nan_run(recipe_dict: dict, nan_steps: list[int], nan_rank: int) -> dict:

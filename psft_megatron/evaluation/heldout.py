@@ -41,6 +41,7 @@ __all__ = [
     "heldout_scores",
     "labelled_groups",
     "read_heldout",
+    "replica_token_stats",
     "summarize",
     "token_stats_handler",
     "write_rows",
@@ -88,8 +89,13 @@ def labelled_groups(samples: Sequence[tuple[list[int], list[int]]], batch_size: 
     return groups
 
 
-def token_stats_handler(model: ScoringModel, batch_size: int, pad_id: int) -> Callable[[Any], Any]:
-    """The driver command: ``(index, nll_sum, entropy_sum, tokens)`` for this replica's samples."""
+def replica_token_stats(model: ScoringModel, samples: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                        pad_id: int) -> list[tuple[int, float, float, int]]:
+    """``(index, nll_sum, entropy_sum, tokens)`` for this data-parallel replica's share of ``(ids, loss_mask)``
+    samples, on the rank that holds its results (:func:`holds_results`; [] elsewhere).
+
+    Collective over every rank of the job: each passes the same samples.
+    """
 
     def on_last_stage(logits: torch.Tensor, mb: dict[str, torch.Tensor]) -> list[tuple[int, float, float, int]]:
         labels, mask = mb["labels"].to(logits.device), mb["mask"].to(logits.device)
@@ -100,14 +106,20 @@ def token_stats_handler(model: ScoringModel, batch_size: int, pad_id: int) -> Ca
         rows = mb["rows"].tolist()
         return [(rows[r], float(nll[r]), float(ent[r]), int(n[r])) for r in range(len(rows)) if rows[r] >= 0]
 
+    mine = dp_share(len(samples))
+    local = [samples[i] for i in mine]
+    out: list[tuple[int, float, float, int]] = []
+    for group in labelled_groups(local, batch_size, pad_id, length_multiple(model)):
+        for part in pipeline_forward(model.chunks, group.microbatches, on_last_stage):
+            out.extend(part)
+    return [(mine[i], nll, ent, n) for i, nll, ent, n in out] if holds_results() else []
+
+
+def token_stats_handler(model: ScoringModel, batch_size: int, pad_id: int) -> Callable[[Any], Any]:
+    """The driver command: :func:`replica_token_stats` of the samples it is sent."""
+
     def handle(samples: Sequence[tuple[list[int], list[int]]]) -> list[tuple[int, float, float, int]]:
-        mine = dp_share(len(samples))
-        local = [samples[i] for i in mine]
-        out: list[tuple[int, float, float, int]] = []
-        for group in labelled_groups(local, batch_size, pad_id, length_multiple(model)):
-            for part in pipeline_forward(model.chunks, group.microbatches, on_last_stage):
-                out.extend(part)
-        return [(mine[i], nll, ent, n) for i, nll, ent, n in out] if holds_results() else []
+        return replica_token_stats(model, samples, batch_size, pad_id)
 
     return handle
 

@@ -16,21 +16,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from psft_megatron.checkpoint import model_checkpoint as layout
+from psft_megatron.checkpoint.model_checkpoint import TOKENIZER_SUBDIR, read_meta
 from psft_megatron.data.errors import SOURCE, DataError
 from psft_megatron.data.tokenizer import load_tokenizer
-from psft_megatron.loss.token_stats import vocab_parallel_token_stats
-from psft_megatron.model.build import build_model
-from psft_megatron.model.forward import pipeline_forward
+from psft_megatron.evaluation.heldout import replica_token_stats
+from psft_megatron.evaluation.session import ScoringModel, load_scoring_model
 from psft_megatron.runtime.config import ParallelConfig
 from psft_megatron.runtime.distributed import init_model_parallel, set_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Example", "encode_examples", "score_examples", "score_file"]
+__all__ = ["Example", "encode_examples", "response_mask", "score_examples", "score_file"]
 
 
 @dataclasses.dataclass
@@ -63,39 +61,23 @@ def encode_examples(
     return out
 
 
+def response_mask(example: Example) -> list[int]:
+    """1 on the example's response tokens (after its prompt), 0 on the prompt: a held-out loss mask."""
+    return [int(i >= example.prompt_len) for i in range(len(example.ids))]
+
+
 def score_examples(
-    chunks: list[Any], examples: list[Example], vocab_size: int, *, batch_size: int = 8, pad_id: int = 0
-) -> list[tuple[float | None, int]]:
-    """(mean response NLL, response tokens) per example on the last pipeline stage; [] elsewhere.
+    model: ScoringModel, examples: list[Example], *, batch_size: int = 8, pad_id: int = 0
+) -> list[tuple[int, float | None, int]]:
+    """``(index into examples, mean response NLL, response tokens)`` for this data-parallel replica's
+    share, on the rank that holds its results; [] elsewhere.
 
-    Collective over the model-parallel group: every rank of it passes the same examples.
-    An example with no response token scores None.
+    Collective over every rank of the job: each passes the same examples. An example with no
+    response token scores None.
     """
-    results: list[tuple[float | None, int]] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        seq = max(len(e.ids) for e in batch)
-        ids = torch.full((len(batch), seq), pad_id, dtype=torch.long)
-        for row, e in enumerate(batch):
-            ids[row, : len(e.ids)] = torch.tensor(e.ids)
-        labels = torch.cat([ids[:, 1:], torch.full((len(batch), 1), pad_id, dtype=torch.long)], dim=1)
-        # Position t predicts token t+1: response tokens are t+1 in [prompt_len, len).
-        mask = torch.zeros(len(batch), seq, dtype=torch.bool)
-        for row, e in enumerate(batch):
-            mask[row, max(e.prompt_len - 1, 0) : len(e.ids) - 1] = True
-
-        def nll(logits: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-            labels = mb["labels"].to(logits.device)
-            logp = vocab_parallel_token_stats(logits, labels, vocab_size=vocab_size, with_entropy=False).logp
-            return -(logp.cpu() * mb["mask"]).sum(1)
-
-        out = pipeline_forward(chunks, [{"input_ids": ids, "labels": labels, "mask": mask}], nll)
-        if out:
-            sums = out[0]
-            for row in range(len(batch)):
-                n = int(mask[row].sum())
-                results.append((float(sums[row]) / n if n else None, n))
-    return results
+    samples = [(e.ids, response_mask(e)) for e in examples]
+    return [(i, nll / n if n else None, n)
+            for i, nll, _, n in replica_token_stats(model, samples, batch_size, pad_id)]
 
 
 def _read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -136,12 +118,9 @@ def score_file(
     Needs an initialised job (torchrun + ``init_distributed``); sets up the model-parallel
     state for ``parallel`` itself.
     """
-    from megatron.core import parallel_state
-
     parallel = parallel or ParallelConfig()
-    meta = layout.read_meta(ckpt_dir)
-    cfg = dataclasses.replace(layout.model_config_of(meta), params_dtype=params_dtype)
-    tok_path = tokenizer_path or Path(ckpt_dir) / layout.TOKENIZER_SUBDIR
+    meta = read_meta(ckpt_dir)
+    tok_path = tokenizer_path or Path(ckpt_dir) / TOKENIZER_SUBDIR
     if not Path(tok_path).exists() and meta.get("tokenizer"):
         tok_path = meta["tokenizer"]
     tokenizer = load_tokenizer(tok_path)
@@ -149,24 +128,16 @@ def score_file(
 
     init_model_parallel(parallel)
     set_seed(0)
-    built = build_model(cfg, parallel)
-    layout.load_model_checkpoint(built.chunks, ckpt_dir)
-    for c in built.chunks:
-        c.eval()
-
+    model = load_scoring_model(ckpt_dir, parallel, params_dtype=params_dtype)
     examples = encode_examples(
         records, tokenizer, prompt_key=prompt_key, response_key=response_key, add_bos=add_bos, max_length=max_length
     )
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    mine = list(range(dp_rank, len(examples), dp))
-    scores = score_examples(built.chunks, [examples[i] for i in mine], cfg.vocab_size,
-                            batch_size=batch_size, pad_id=tokenizer.pad_id)
-    contribute = bool(scores) and parallel_state.get_tensor_model_parallel_rank() == 0
+    scores = score_examples(model, examples, batch_size=batch_size, pad_id=tokenizer.pad_id)
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, list(zip(mine, scores)) if contribute else [])
+    dist.all_gather_object(gathered, scores)
     if dist.get_rank() != 0:
         return None
-    by_index = {i: s for part in gathered for i, s in part}
+    by_index = {i: (nll, n) for part in gathered for i, nll, n in part}
     rows = []
     for i, rec in enumerate(records):
         nll, n = by_index[i]

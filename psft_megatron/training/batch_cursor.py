@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from psft_megatron.data.batches import MicroBatch, MiniBatch
+from psft_megatron.training.config import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class RowLayout:
     dp_size: int
     mini_batch_size: int
     micro_batch_size: int
+
+    @classmethod
+    def current(cls, training: TrainingConfig) -> RowLayout:
+        """This rank's layout: ``training``'s batch sizes at megatron's current data-parallel rank and size."""
+        from megatron.core import parallel_state as ps
+
+        return cls(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), training.mini_batch_size,
+                   training.micro_batch_size)
 
     def positions(self, micro_index: int, rows: int) -> list[int]:
         """Positions in the mini-batch of the rows of this rank's ``micro_index``-th micro-batch."""
@@ -52,6 +61,15 @@ class BatchCursor:
         self.start_step = 0
         self.loader_before: dict[str, Any] | None = None
         self._restored_rows: dict[tuple[int, int], torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, training: TrainingConfig) -> BatchCursor:
+        """The cursor of this rank (needs megatron's parallel state): its row layout, and whether it
+        writes snapshot log-probs (last pipeline stage, tensor-parallel rank 0)."""
+        from megatron.core import parallel_state as ps
+
+        holds = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        return cls(RowLayout.current(training), holds_logp=holds)
 
     @property
     def active(self) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from psft_megatron.data.batches import MicroBatch
+from psft_megatron.training.config import TrainingConfig
+from psft_megatron.training.data_setup import TrainData
 from psft_megatron.training.step import PassSetup, evaluate
 
 
@@ -22,6 +24,12 @@ class Evaluator:
         self.at_start = at_start
         self._micro_batches = micro_batches
         self.setup = setup
+
+    @classmethod
+    def from_config(cls, training: TrainingConfig, data: TrainData, setup: PassSetup) -> Evaluator:
+        """Scores ``training.eval_rows`` held-out rows of ``data`` every ``training.eval_interval`` steps."""
+        return cls(training.eval_interval, lambda: data.eval_micro_batches(training.eval_rows), setup,
+                   at_start=training.eval_at_start)
 
     def should_evaluate_before(self, step: int) -> bool:
         """True before the first step of a fresh run (not of a resumed one) with ``at_start``."""

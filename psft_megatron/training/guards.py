@@ -14,6 +14,7 @@ import math
 from collections import deque
 
 from psft_megatron.errors import Diverged
+from psft_megatron.training.config import TrainingConfig
 
 log = logging.getLogger("psft")
 
@@ -29,6 +30,11 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self.total = 0
+
+    @classmethod
+    def from_config(cls, training: TrainingConfig) -> NonFiniteGuard:
+        """The guard of ``training.max_skipped_steps``."""
+        return cls(training.max_skipped_steps)
 
     def record(self, step: int, skipped: bool, loss: float | None, grad_norm: float) -> None:
         """Note step ``step``'s outcome (call on every rank; the decision was already agreed)."""
@@ -59,6 +65,11 @@ class LossSpikeDetector:
     def __init__(self, factor: float, window: int = 20) -> None:
         self.factor = factor
         self.recent: deque[float] = deque(maxlen=window)
+
+    @classmethod
+    def from_config(cls, training: TrainingConfig) -> LossSpikeDetector:
+        """The detector of ``training.loss_spike_factor`` and ``loss_spike_window``."""
+        return cls(training.loss_spike_factor, training.loss_spike_window)
 
     def check(self, step: int, nll: float) -> bool:
         """True (and a warning) when ``nll`` spikes; the value joins the running window either way."""

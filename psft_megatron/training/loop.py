@@ -12,7 +12,8 @@ mini-batches of micro-batches):
    holds the position inside the global batch); between global batches the evaluator
    and the checkpointer decide for themselves whether to act.
 
-The loop only orchestrates; the components are built by :func:`psft_megatron.run.build_trainer`.
+The loop only orchestrates; each component builds from its own config section (``from_config``),
+and :func:`psft_megatron.run.build_trainer` lists the builds.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def train(t: Trainer) -> TrainResult:
             _evaluate(t, progress.step, eval_records)
         while progress.step < t.total_steps:
             t0 = time.monotonic()
+            t.stop.step_begins(progress.step + 1)
             if not cursor.active:
                 _enter_global_batch(t)
             objective = t.phases.objective_at(cursor.start_step)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from psft_megatron.training.config import LoggingConfig
+
 log = logging.getLogger("psft")
 
 # Fields every train record carries (metrics.jsonl contract, documented in the README).
@@ -81,6 +83,13 @@ class MetricsWriter:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
             except ImportError:  # tensorboard is a declared dependency; tolerate a trimmed env
                 log.warning("tensorboard is not installed: no TensorBoard events")
+
+    @classmethod
+    def from_config(cls, logging_cfg: LoggingConfig, enabled: bool, total_steps: int,
+                    resumed_at: int = 0) -> MetricsWriter:
+        """The writer of the ``logging`` section (``enabled`` on the logging rank only)."""
+        return cls(Path(logging_cfg.run_dir), enabled, total_steps, logging_cfg.tensorboard, logging_cfg.log_interval,
+                   logging_cfg.progress_bar, resumed_at=resumed_at)
 
     def write(self, record: dict[str, Any], prefix: str = "train") -> None:
         """Append one record (``step`` required) and mirror its numbers to TensorBoard."""

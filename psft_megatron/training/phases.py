@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from psft_megatron.loss.objectives import ObjectiveConfig
+from psft_megatron.training.config import TrainingConfig
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,11 @@ class PhaseSchedule:
 
     objective: ObjectiveConfig
     sft_warmup_steps: int = 0
+
+    @classmethod
+    def from_config(cls, loss: ObjectiveConfig, training: TrainingConfig) -> PhaseSchedule:
+        """``training.sft_warmup_steps`` of SFT, then the ``loss`` section's objective."""
+        return cls(loss, training.sft_warmup_steps)
 
     def objective_at(self, step: int) -> ObjectiveConfig:
         """The objective of the global batch whose first optimizer step is ``step + 1``."""

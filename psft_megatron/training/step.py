@@ -1,5 +1,10 @@
 """The three passes of PSFT training over megatron's schedule: snapshot, train step, evaluation.
 
+All three run through :func:`_run_pass`, the trainer's one forward step (the chunk on the
+micro-batch, ``labels=`` so the last stage returns the ``[s, b, V/TP]`` logits, and the fused
+output layer's weight when there is one) on :func:`psft_megatron.model.forward.run_pipeline`;
+they differ only in what the last stage does with the output (``on_output``).
+
 Per global batch (see :mod:`psft_megatron.training.loop`): one forward-only
 *snapshot* pass records logp_old for mini-batches 2..k (the first mini-batch runs on
 the snapshot weights themselves, so its own detached log-probs are logp_old), then
@@ -13,18 +18,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from psft_megatron.data.batches import AttentionBackend, GlobalBatch, MicroBatch, MiniBatch
 from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, snapshot_logp
+from psft_megatron.loss.fused_head import OutputHead
 from psft_megatron.loss.normalize import megatron_loss_grad, megatron_loss_scale
 from psft_megatron.loss.objectives import ObjectiveConfig
 from psft_megatron.loss.stats import LossStats, reduce_stats
+from psft_megatron.model.build import BuiltModel
+from psft_megatron.model.config import ModelConfig
+from psft_megatron.model.forward import prepare_micro_batches, run_pipeline
 from psft_megatron.model.gpt import loss_head
 from psft_megatron.runtime.distributed import any_rank
-from psft_megatron.training.schedule import prepare_micro_batches, run_schedule
 
 
 @dataclass
@@ -37,6 +45,15 @@ class PassSetup:
     # The true vocabulary size: the output layer's padded columns beyond it are left out of
     # the softmax (None: every column counts).
     vocab_size: int | None = None
+
+    @classmethod
+    def for_model(cls, built: BuiltModel, model_cfg: ModelConfig, device: torch.device) -> PassSetup:
+        """The set-up of the passes over ``built`` (the model of ``model_cfg``) on ``device``."""
+        return cls(
+            backend=built.transformer_impl,
+            device=device,
+            vocab_size=model_cfg.vocab_size,  # the loss leaves the padded columns out
+        )
 
 
 @dataclass
@@ -53,10 +70,30 @@ class StepResult:
     skipped: bool = False
 
 
-def _model_output(chunk: Any, mb: MicroBatch, backend: AttentionBackend) -> torch.Tensor:
-    # labels= makes the output layer's [s, b, V/TP] logits reach the loss unchanged
-    # (see psft_megatron.model.gpt); on other stages it is ignored.
-    return chunk(**mb.forward_kwargs(backend), labels=mb.labels)
+# on_output(index, micro-batch, output, head) -> (loss, report): what one pass does on the last
+# stage with a micro-batch's output. ``head`` is the fused output layer's weight on a fused last
+# stage (the output is then hidden states), else None (the output is the logits).
+PassOutput = Callable[[int, MicroBatch, torch.Tensor, OutputHead | None], tuple[torch.Tensor, Any]]
+
+
+def _run_pass(model: list, mbs: Sequence[MicroBatch], setup: PassSetup, on_output: PassOutput, *,
+              forward_only: bool) -> list[Any]:
+    """Run prepared micro-batches through the model: the one forward step of every training pass."""
+    if not mbs:
+        return []
+
+    def call_model(chunk: Any, mb: MicroBatch) -> torch.Tensor:
+        # labels= makes the output layer's [s, b, V/TP] logits reach the loss unchanged
+        # (see psft_megatron.model.gpt); on other stages it is ignored.
+        return chunk(**mb.forward_kwargs(setup.backend), labels=mb.labels)
+
+    def with_head(index: int, mb: MicroBatch, output: torch.Tensor, chunk: Any) -> tuple[torch.Tensor, Any]:
+        return on_output(index, mb, output, loss_head(chunk))
+
+    b, s = mbs[0].shape
+    # megatron divides the sequence length by CP itself (pipeline tensor shapes).
+    return run_pipeline(model, mbs, call_model, with_head, seq_length=s * mbs[0].cp_size, micro_batch_size=b,
+                        forward_only=forward_only)
 
 
 def _seq_first(t: torch.Tensor) -> torch.Tensor:
@@ -75,21 +112,12 @@ def snapshot(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
     mbs = prepare_micro_batches(micro_batches, setup.backend, setup.device)
     out: list[torch.Tensor | None] = [None] * len(mbs)
 
-    def forward_step(data_iterator: Any, chunk: Any):
-        idx, mb = next(data_iterator)
-        output = _model_output(chunk, mb, setup.backend)
-        head = loss_head(chunk)  # the fused output layer's weight on a fused last stage, else None
+    def on_output(idx: int, mb: MicroBatch, output: torch.Tensor, head: OutputHead | None) -> tuple[torch.Tensor, Any]:
+        out[idx] = snapshot_logp(output, _seq_first(mb.labels), chunk_size=setup.chunk_size,
+                                 vocab_size=setup.vocab_size, head=head)
+        return output.new_zeros(()), {}
 
-        def loss_func(output: torch.Tensor):
-            out[idx] = snapshot_logp(
-                output, _seq_first(mb.labels), chunk_size=setup.chunk_size, vocab_size=setup.vocab_size, head=head
-            )
-            return output.new_zeros(()), {}
-
-        return output, loss_func
-
-    with torch.no_grad():
-        run_schedule(model, mbs, forward_step, forward_only=True)
+    _run_pass(model, mbs, setup, on_output, forward_only=True)
     return out
 
 
@@ -121,39 +149,32 @@ def train_step(
     global_count = torch.tensor(mini.num_loss_tokens, dtype=torch.int64, device=setup.device)
     stats: list[LossStats] = []
 
-    def forward_step(data_iterator: Any, chunk: Any):
-        idx, mb = next(data_iterator)
-        output = _model_output(chunk, mb, setup.backend)
-        head = loss_head(chunk)  # the fused output layer's weight on a fused last stage, else None
-
-        def loss_func(output: torch.Tensor):
-            old = OWN_LOGP if logp_old is None else logp_old[idx]
-            res = micro_batch_loss(
-                output,
-                _seq_first(mb.labels),
-                _seq_first(mb.loss_mask),
-                global_count,
-                objective,
-                logp_old=old if objective.needs_snapshot else None,
-                logp_ref=logp_ref[idx] if objective.needs_reference else None,
-                chunk_size=setup.chunk_size,
-                vocab_size=setup.vocab_size,
-                # The logits are not used after the loss: backward writes their gradient
-                # into their own storage (one logits-sized allocation less, and faster).
-                inplace=True,
-                head=head,
-                grad_scale=loss_grad,
-            )
-            stats.append(res.stats)
-            # megatron divides the returned product in place, not res.loss: the report stays intact.
-            return res.loss * scale, {"loss": res.loss.detach()}
-
-        return output, loss_func
+    def on_output(idx: int, mb: MicroBatch, output: torch.Tensor, head: OutputHead | None) -> tuple[torch.Tensor, Any]:
+        old = OWN_LOGP if logp_old is None else logp_old[idx]
+        res = micro_batch_loss(
+            output,
+            _seq_first(mb.labels),
+            _seq_first(mb.loss_mask),
+            global_count,
+            objective,
+            logp_old=old if objective.needs_snapshot else None,
+            logp_ref=logp_ref[idx] if objective.needs_reference else None,
+            chunk_size=setup.chunk_size,
+            vocab_size=setup.vocab_size,
+            # The logits are not used after the loss: backward writes their gradient
+            # into their own storage (one logits-sized allocation less, and faster).
+            inplace=True,
+            head=head,
+            grad_scale=loss_grad,
+        )
+        stats.append(res.stats)
+        # megatron divides the returned product in place, not res.loss: the report stays intact.
+        return res.loss * scale, {"loss": res.loss.detach()}
 
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    run_schedule(model, mbs, forward_step, forward_only=False)
+    _run_pass(model, mbs, setup, on_output, forward_only=False)
     reduced = _reduce(stats, setup.device)
     # The non-finite guard: the gradient norm (megatron's, over the model-parallel group; DP
     # ranks hold the same reduced gradients) and the loss (last stage) decide, on every rank
@@ -244,32 +265,24 @@ def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
     count = torch.ones((), dtype=torch.int64, device=setup.device)
     stats: list[LossStats] = []
 
-    def forward_step(data_iterator: Any, chunk: Any):
-        idx, mb = next(data_iterator)
-        output = _model_output(chunk, mb, setup.backend)
-        head = loss_head(chunk)  # the fused output layer's weight on a fused last stage, else None
-
-        def loss_func(output: torch.Tensor):
-            res = micro_batch_loss(
-                output,
-                _seq_first(mb.labels),
-                _seq_first(mb.loss_mask),
-                count,
-                sft,
-                chunk_size=setup.chunk_size,
-                vocab_size=setup.vocab_size,
-                head=head,
-            )
-            stats.append(res.stats)
-            return res.loss.detach(), {}
-
-        return output, loss_func
+    def on_output(idx: int, mb: MicroBatch, output: torch.Tensor, head: OutputHead | None) -> tuple[torch.Tensor, Any]:
+        res = micro_batch_loss(
+            output,
+            _seq_first(mb.labels),
+            _seq_first(mb.loss_mask),
+            count,
+            sft,
+            chunk_size=setup.chunk_size,
+            vocab_size=setup.vocab_size,
+            head=head,
+        )
+        stats.append(res.stats)
+        return res.loss.detach(), {}
 
     for chunk in model:
         chunk.eval()
     try:
-        with torch.no_grad():
-            run_schedule(model, mbs, forward_step, forward_only=True)
+        _run_pass(model, mbs, setup, on_output, forward_only=True)
     finally:
         for chunk in model:
             chunk.train()
