@@ -47,6 +47,9 @@ CONSTRAINTS = {  # override(s) -> (world size, the message's field and text)
     ("parallel.expert_model_parallel_size=4",): (
         2, r"parallel.expert_model_parallel_size \(4\) x expert_tensor_parallel_size \(1\) must divide the 2 ranks of a "
            r"pipeline stage"),
+    # Expert TP counts too: EP 2 divides the 2 ranks, EP x expert TP (2 x 2) does not.
+    ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel_size=2"): (
+        2, r"parallel.expert_model_parallel_size \(2\) x expert_tensor_parallel_size \(2\) must divide the 2 ranks"),
     ("parallel.tensor_model_parallel_size=2",): (
         4, r"parallel.sequence_parallel must be true with a mixture-of-experts model at tensor_model_parallel_size 2"),
     ("parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel_size=3"): (

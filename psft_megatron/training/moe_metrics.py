@@ -9,8 +9,9 @@ data-parallel ranks of the router). Logged per layer: the fraction of routed tok
 (``expert_load``) and its max over mean (``expert_load_max_over_mean``: 1 is perfect balance,
 ``num_experts`` a router that sends every token to one expert), and the worst layer's
 (``expert_load_worst``). The snapshot pass, held-out evaluation and a reference model run outside
-that window and are not counted; an activation recompute re-runs the router inside backward with the
-same routing, and is not counted twice (a hook call inside autograd's backward is skipped).
+that window and are not counted. Under activation recompute the router first runs without gradients
+(counted: it is the step's forward) and again inside backward with the same routing (skipped, so the
+counts stay the tokens routed; the shares would not change either way).
 
 **The auxiliary loss and the objective.** With ``model.moe_aux_loss_coeff`` > 0, megatron's
 router attaches the Switch load-balancing loss to its output probabilities
