@@ -151,6 +151,8 @@ class RecipeConfig:
             raise FieldError("training.eval_interval", "is set but data.eval lists no held-out source")
         if t.eval_at_start and not self.data.eval:
             raise FieldError("training.eval_at_start", "is true but data.eval lists no held-out source")
+        if t.eval_kl_to_start and not self.data.eval:
+            raise FieldError("training.eval_kl_to_start", "is true but data.eval lists no held-out source")
         tp = self.parallel.tensor_model_parallel_size
         if self.parallel.sequence_parallel and t.seq_length % tp:
             raise FieldError(

@@ -73,7 +73,8 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
     # Before the optimizer copies the weights into its fp32 main params.
     if not checkpointer.load_initial_weights(built.chunks):
         init_layout_independent(built.chunks, t.seed)  # the same random model at every layout
-    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference else None
+    # The frozen starting weights: sft_kl's reference and/or the evaluator's KL baseline (one copy).
+    reference = _build_reference(recipe, model_cfg) if recipe.loss.needs_reference or t.eval_kl_to_start else None
     bundle = build_optimizer(built.chunks, recipe.optimizer, steps, bf16=model_cfg.params_dtype == "bf16")
     progress, cursor = TrainProgress(), BatchCursor.from_config(t)
     states = {"progress": progress, "data": data.loader, "batch": cursor}
@@ -87,7 +88,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         setup=setup,
         phases=PhaseSchedule.from_config(recipe.loss, t),
         checkpointer=checkpointer,
-        evaluator=Evaluator.from_config(t, data, setup),
+        evaluator=Evaluator.from_config(t, data, setup, start_model=reference),
         metrics=MetricsWriter.from_config(recipe.logging, is_logger, steps, resumed_at=progress.step),
         stop=StopPolicy.from_config(t, progress.step, env.device),
         progress=progress,
@@ -116,9 +117,10 @@ def _build_policy_model(recipe: RecipeConfig, model_cfg: ModelConfig, env: DistE
 
 
 def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig) -> list:
-    """The frozen reference model (the run's starting weights) for objectives that need one:
-    the same layout, forward-only, never in the optimizer. Costs one more copy of the weights
-    per rank (no gradients, no optimizer state) and a forward pass per global batch."""
+    """The frozen reference model (the run's starting weights) for objectives that need one and
+    for the evaluator's KL to the start: the same layout, forward-only, never in the optimizer.
+    Costs one more copy of the weights per rank (no gradients, no optimizer state), and a forward
+    pass per global batch (sft_kl) or per evaluation."""
     ref = build_model(model_cfg, recipe.parallel, fused_output_layer=recipe.loss.fused_output_layer)
     if recipe.checkpoint.init_from:
         load_model_checkpoint(ref.chunks, recipe.checkpoint.init_from)
@@ -127,7 +129,9 @@ def _build_reference(recipe: RecipeConfig, model_cfg: ModelConfig) -> list:
     for chunk in ref.chunks:
         chunk.eval()
         chunk.requires_grad_(False)
-    log.info("reference model for %s: %s", recipe.loss.name, ref.description)
+    users = [f"loss {recipe.loss.name}"] if recipe.loss.needs_reference else []
+    users += ["eval_kl_to_start"] if recipe.training.eval_kl_to_start else []
+    log.info("frozen starting model (for %s): %s", ", ".join(users), ref.description)
     return ref.chunks
 
 

@@ -45,10 +45,16 @@ SFT_KL_RUNS = {
 # Two passes over each global batch per snapshot (k=2, so 4 optimizer steps per global batch:
 # one of SFT warm-up, two of PSFT), and the diagnostic objective psft_unweighted.
 PASSES2 = {"passes_per_snapshot": 2, "sft_warmup_steps": 4, "train_steps": 12}
-VARIANT_RUNS = {  # name: (objective, processes, micro_batch_size, parallel section, training overrides)
+# The held-out rows scored at steps 0 and 8 with their KL to the start model (training.eval_kl_to_start).
+EVAL_KL = {"eval_interval": 8, "eval_at_start": True, "eval_kl_to_start": True, "eval_rows": 4}
+VARIANT_RUNS = {  # name: (objective or loss section, processes, micro_batch_size, parallel section, training overrides)
     "passes2_tp1": ("psft", 1, 2, {}, PASSES2),
     "passes2_pp2": ("psft", 2, 1, {"pipeline_model_parallel_size": 2}, PASSES2),
     "unweighted_tp1": ("psft_unweighted", 1, 2, {}, {}),
+    "evalkl_tp1": ("psft", 1, 2, {}, EVAL_KL),
+    "evalkl_tp2_sp_fused": ({"name": "psft", "fused_output_layer": True}, 2, 2,
+                            {"tensor_model_parallel_size": 2, "sequence_parallel": True}, EVAL_KL),
+    "evalkl_dp2": ("psft", 2, 1, {}, EVAL_KL),  # each DP rank scores half the rows: the KL sums meet
 }
 # The tiny Qwen3-MoE (4 experts, top 2, one dense layer, load-balancing loss 0.01): PSFT at EP=1 and
 # EP=2 (2 processes: DP=2 for the dense layers, each rank holding 2 experts), at TP=2+SP with the
@@ -63,6 +69,12 @@ MOE_RUNS = {  # name: (processes, micro_batch_size, parallel section, training o
                           "expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}),
     "passes2_ep2": (2, 1, {"expert_model_parallel_size": 2}, PASSES2),
 }
+
+
+def variant_objective(name: str) -> str:
+    """The objective a variant run trains with."""
+    spec = VARIANT_RUNS[name][0]
+    return spec["name"] if isinstance(spec, dict) else spec
 
 
 def hf_model(out: Path) -> None:
@@ -128,7 +140,8 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
         ref_before = [p.detach().clone() for c in reference for p in c.parameters()]
         opt_params = {id(p) for g in trainer.bundle.optimizer.param_groups for p in g["params"]}
         result = train(trainer)
-        out[name] = {"records": result.records, "checkpoint": str(result.last_checkpoint)}
+        out[name] = {"records": result.records, "eval": result.eval_records,
+                     "checkpoint": str(result.last_checkpoint)}
         if reference:
             ref_after = [p.detach().clone() for c in reference for p in c.parameters()]
             policy = [p.detach() for c in trainer.bundle.model for p in c.parameters()]
@@ -152,7 +165,8 @@ def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: d
                     checkpoint={"init_from": str(tmp / f"{model}init"), "allow_random_init": False,
                                 "save_at_end": True, "keep_last": 1})
     r["model"] = {"hf_config": str(tmp / f"{model}hf_init"), "params_dtype": "fp32", "transformer_impl": "local"}
-    r["data"]["eval"] = []
+    if not r["training"].get("eval_interval"):
+        r["data"]["eval"] = []
     if loss:
         r["loss"] = loss
     return r
@@ -183,6 +197,25 @@ def reference_rows(recipe_dict: dict) -> list[list[list[dict[str, torch.Tensor]]
     return batches
 
 
+def eval_rows(recipe_dict: dict) -> list[dict[str, torch.Tensor]]:
+    """The held-out rows the trainer's evaluator scores (``training.eval_rows`` of the eval split, in
+    its fixed order), as the project's loader packs them."""
+    from psft_megatron.data.loader import LoaderConfig, PackedLoader
+    from psft_megatron.data.prepare import prepare_dataset
+    from psft_megatron.recipe import recipe_from_dict
+
+    r = recipe_from_dict(copy.deepcopy(recipe_dict))
+    cached = prepare_dataset(Path(r.data.cache_dir) / "eval", r.data.eval, r.data.tokenizer, r.data.chat_template,
+                             is_writer=True, pad=r.data.pad)
+    t = r.training
+    cfg = LoaderConfig(t.seq_length, 1, 1, 1, seed=t.seed, pack=r.data.pack,
+                       pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]))
+    loader = PackedLoader(cached, cfg)
+    mb = loader.build_micro_batch(loader.epoch_order(0)[: t.eval_rows])
+    return [{k: getattr(mb, k)[i] for k in ("tokens", "labels", "loss_mask", "segment_ids")}
+            for i in range(mb.shape[0])]
+
+
 def train_all(tmp: Path) -> dict[str, Any]:
     """Convert the starting models, train every PSFT, sft_kl and MoE run, export each final model.
 
@@ -206,7 +239,10 @@ def train_all(tmp: Path) -> dict[str, Any]:
     recipes = {}
     for (group, name), (_, micro, par, training) in specs.items():
         objective = VARIANT_RUNS[name][0] if group == "variant" else "psft" if group == "moe" else group
-        loss = {"name": objective, "kl_beta": KL_BETA} if objective != "psft" else None
+        if isinstance(objective, dict):
+            loss = objective
+        else:
+            loss = {"name": objective, "kl_beta": KL_BETA} if objective != "psft" else None
         recipes[f"{group}/{name}"] = recipe(data, tmp, f"{group}_{name}", micro, par, loss, training,
                                             model="moe_" if group == "moe" else "")
     trained: dict[str, Any] = {}

@@ -37,8 +37,10 @@ from reference_runs import (
     TRAINING,
     VARIANT_RUNS,
     VOCAB,
+    eval_rows,
     reference_rows,
     train_all,
+    variant_objective,
 )
 
 pytestmark = pytest.mark.slow
@@ -169,8 +171,8 @@ def test_sft_kl_reference_model_is_frozen(sft_kl_results, name):
 
 @pytest.mark.parametrize("name", list(VARIANT_RUNS))
 def test_variant_matches_the_float64_reference(reference_runs, name):
-    objective, _, _, _, training = VARIANT_RUNS[name]
-    res = _float64_run(reference_runs, objective, name, group="variant", training=training)
+    _, _, _, _, training = VARIANT_RUNS[name]
+    res = _float64_run(reference_runs, variant_objective(name), name, group="variant", training=training)
     got, ref = res["trained"][name]["records"], res["ref"]
     warmup = training.get("sft_warmup_steps", TRAINING["sft_warmup_steps"])
     assert [g["phase"] for g in got] == [r["phase"] for r in ref]
@@ -191,6 +193,49 @@ def test_variant_matches_the_float64_reference(reference_runs, name):
         k = TRAINING["global_batch_size"] // TRAINING["mini_batch_size"]
         second_first = [r for r in ref[warmup:] if (r["step"] - warmup - 1) % (2 * k) == k]
         assert second_first and all(r["ratio_max"] != 1.0 for r in second_first)
+
+
+# ----------------------------------------------------------------------------- eval KL to the start
+# training.eval_kl_to_start: the evaluator's KL(model || start) on the held-out rows, at TP=1 and at
+# TP=2+SP with the fused output layer, against the full-vocabulary KL of the exported start and final
+# models (transformers, float64, each packed sample run alone).
+EVAL_KL_RTOL = 1e-4
+
+
+def _float64_kl(start: Any, final: Any, rows: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    from reference_trainer import segments
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            for a, b in segments(row):
+                mask = row["loss_mask"][a:b] > 0
+                if not mask.any():
+                    continue
+                ids = row["tokens"][a:b].unsqueeze(0)
+                logp = torch.log_softmax(final(input_ids=ids).logits[0, :, :VOCAB].double(), -1)[mask]
+                logq = torch.log_softmax(start(input_ids=ids).logits[0, :, :VOCAB].double(), -1)[mask]
+                total += float((logp.exp() * (logp - logq)).sum())
+                count += int(mask.sum())
+    return total, count
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANT_RUNS if n.startswith("evalkl")])
+def test_eval_kl_to_start_matches_float64(reference_runs, name):
+    from transformers import LlamaForCausalLM
+
+    evals = reference_runs["variant"][name]["eval"]
+    assert [e["step"] for e in evals] == [0, TRAINING["train_steps"]]
+    assert evals[0]["kl"] == 0.0  # the start model against itself
+    start = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64,
+                                             attn_implementation="eager").eval()
+    final = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64,
+                                             attn_implementation="eager").eval()
+    final.load_state_dict(reference_runs["final"][f"variant/{name}"])
+    total, count = _float64_kl(start, final, eval_rows(reference_runs["recipes"][f"variant/{name}"]))
+    assert evals[-1]["tokens"] == count
+    assert total / count > 1e-3, "training must have moved the model for the comparison to mean something"
+    assert evals[-1]["kl"] == pytest.approx(total / count, rel=EVAL_KL_RTOL)
 
 
 # ----------------------------------------------------------------------------- mixture of experts

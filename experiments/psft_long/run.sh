@@ -23,8 +23,21 @@ train_run() {
     local name=$1; shift
     finished "$name" && { echo "$name: finished already"; return 0; }
     mkdir -p "$OUT/$name"
-    python launch/pretrain_psft.py "$BASE" logging.run_dir="$OUT/$name" "$@" > "$OUT/$name/train.log" 2>&1 \
+    python launch/pretrain_psft.py "$BASE" logging.run_dir="$OUT/$name" "$@" >> "$OUT/$name/train.log" 2>&1 \
         && echo "$name: finished" || { echo "$name: FAILED (see $OUT/$name/train.log)"; return 1; }
+    weights_only "$OUT/$name/checkpoints"
+}
+
+# A finished run's kept checkpoints (checkpoint.keep_every) are only evaluated, never resumed from:
+# keep their weights (psft_meta.json + model/, what evaluation loads) and drop the optimizer state,
+# two thirds of each. The latest stays whole.
+weights_only() {
+    local dir=$1 latest step
+    [[ -f $dir/latest ]] || return 0
+    latest=$(cat "$dir/latest")
+    for step in "$dir"/step_*; do
+        [[ $(basename "$step") == "$latest" ]] || rm -rf "$step/optimizer" "$step/rng" "$step/shards"
+    done
 }
 
 # Run the lines of a plan ("name override ...") JOBS at a time.
@@ -65,7 +78,28 @@ probe/math_psft_k32 $PROBE $MATH loss.name=psft training.global_batch_size=32
 PLAN
 }
 
-stages=("${@:-prepare probe}")
+# The long runs: 600 optimizer steps (about 19 epochs), lr 2e-5 with cosine decay to 2e-6, one epoch
+# (32 steps) of SFT warm-up for every run, held-out NLL, entropy and KL to the start model every
+# 40 steps. With mini-batches of one row, SFT's data order does not depend on k, so SFT, SFT at a
+# lower lr and SFT-KL serve both k = 8 and k = 32. LOWLR: the lower SFT learning rate (chosen to
+# end at PSFT's KL to the start model: see docs/experiments.md).
+LONG="training.train_steps=600 training.sft_warmup_steps=32 training.eval_interval=40 training.eval_kl_to_start=true checkpoint.save_interval=40 checkpoint.keep_last=1 checkpoint.keep_every=80"
+LOWLR=${LOWLR:-1e-5}
+long() {
+    run_plan <<PLAN
+long/sft $LONG loss.name=sft training.global_batch_size=32
+long/psft_k8 $LONG loss.name=psft training.global_batch_size=8
+long/psft_k32 $LONG loss.name=psft training.global_batch_size=32
+long/unweighted_k32 $LONG loss.name=psft_unweighted training.global_batch_size=32
+long/sft_seed2 $LONG loss.name=sft training.global_batch_size=32 training.seed=2
+long/psft_k8_seed2 $LONG loss.name=psft training.global_batch_size=8 training.seed=2
+long/psft_k32_seed2 $LONG loss.name=psft training.global_batch_size=32 training.seed=2
+long/sft_kl $LONG loss.name=sft_kl training.global_batch_size=32
+long/sft_lowlr $LONG loss.name=sft training.global_batch_size=32 optimizer.lr=$LOWLR optimizer.min_lr=$(python3 -c "print($LOWLR / 10)")
+PLAN
+}
+
+stages=("${@:-prepare probe long}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"

@@ -157,6 +157,6 @@ class Checkpointer:
         meta = {"model": self.model_config, "step": step, **self.meta}
         self.last = save_training_checkpoint(
             self.save_dir, step, model, optimizer, scheduler, train_state, meta, keep_last=self.cfg.keep_last,
-            shards=shards,
+            shards=shards, keep_every=self.cfg.keep_every,
         )
         return self.last

@@ -15,6 +15,9 @@ class CheckpointConfig:
     save_dir: str | None = None
     save_interval: int = 0  # optimizer steps between saves (0 = only at the end)
     keep_last: int = 2  # older step checkpoints are deleted (0 = keep all)
+    # ... except every checkpoint whose step is a multiple of this (0 = none): kept for later
+    # evaluation of the run's course while keep_last bounds the disk used for resuming.
+    keep_every: int = 0
     save_at_end: bool = True
     # Resume from the latest checkpoint in save_dir when one exists.
     resume: bool = True
@@ -36,6 +39,9 @@ class CheckpointConfig:
             )
         if self.keep_last < 0:
             raise FieldError("checkpoint.keep_last", f"must be >= 0, got {self.keep_last}")
+        if self.keep_every < 0 or (self.keep_every and self.save_interval and self.keep_every % self.save_interval):
+            raise FieldError("checkpoint.keep_every", f"({self.keep_every}) must be 0 or a multiple of "
+                             f"checkpoint.save_interval ({self.save_interval}): only saved steps can be kept")
         if self.init_from is None and not self.allow_random_init:
             raise FieldError(
                 "checkpoint.init_from",

@@ -139,6 +139,7 @@ def save_training_checkpoint(
     meta: dict[str, Any],
     keep_last: int = 0,
     shards: dict[str, Any] | None = None,
+    keep_every: int = 0,
 ) -> Path:
     """Write checkpoint ``step`` (all ranks call this); returns its final path.
 
@@ -192,7 +193,7 @@ def save_training_checkpoint(
             ) from None
     if global_rank() == 0:
         _write_text_atomic(save_dir / "latest", final.name)
-        _prune(save_dir, step, keep_last)
+        prune_checkpoints(save_dir, step, keep_last, keep_every)
         log.info("saved checkpoint %s", final)
     barrier()
     return final
@@ -283,12 +284,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(save_dir: Path, step: int, keep_last: int) -> None:
-    """Delete all but the ``keep_last`` newest checkpoints up to ``step`` (never ``step`` itself)."""
+def prune_checkpoints(save_dir: Path, step: int, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints up to ``step`` (never ``step`` itself),
+    except those whose step is a multiple of ``keep_every`` (0: none kept that way)."""
     if keep_last <= 0:
         return
     steps = sorted(
         (s, p) for p in save_dir.glob("step_*") if (m := _STEP_RE.match(p.name)) and (s := int(m.group(1))) <= step
     )
-    for _, p in steps[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+    for s, p in steps[:-keep_last]:
+        if not (keep_every and s % keep_every == 0):
+            shutil.rmtree(p, ignore_errors=True)

@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 from psft_megatron.loss.fused_head import OutputHead, fused_token_stats
 from psft_megatron.loss.fused_head_loss import fused_head_loss
+from psft_megatron.loss.groups import rank_and_size, resolve_tp_group
+from psft_megatron.loss.head_chunks import HeadLayout, gather_hidden
 from psft_megatron.loss.normalize import normalized_loss
 from psft_megatron.loss.objectives import ObjectiveConfig, token_losses
 from psft_megatron.loss.stats import LossStats
@@ -65,6 +67,20 @@ def output_token_stats(
         sequence_parallel=head.sequence_parallel, chunk_size=chunk_size, with_entropy=with_entropy,
         vocab_size=vocab_size,
     )  # fmt: skip
+
+
+def output_logits(output: torch.Tensor, head: OutputHead | None = None) -> torch.Tensor:
+    """The vocab-parallel logits ``[s, b, V/TP]`` of the model's last-stage output: ``output``
+    itself, or with ``head`` (the fused output layer) the hidden states (gathered over the
+    sequence under SP) times the head's local vocabulary shard. The fused path never keeps this
+    tensor in training; this is for evaluation, one micro-batch at a time."""
+    if head is None:
+        return output
+    group = resolve_tp_group(head.tp_group)
+    rank, world = rank_and_size(group)
+    lay = HeadLayout(group, world, rank, sp=head.sequence_parallel and world > 1, chunk=0,
+                     v_valid=head.weight.shape[0])
+    return torch.matmul(gather_hidden(output, lay), head.weight.t())
 
 
 @dataclass

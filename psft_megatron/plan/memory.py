@@ -227,8 +227,9 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
             Term("optimizer state, " + (f"distributed over {shard}" if dist_opt else "not distributed"),
                  opt_used, state),
         ]
-        if loss.needs_reference:
-            static.append(Term(f"reference model for {loss.name} (weights only)", params * param_bytes))
+        if loss.needs_reference or tr.eval_kl_to_start:
+            users = ([loss.name] if loss.needs_reference else []) + (["eval_kl_to_start"] if tr.eval_kl_to_start else [])
+            static.append(Term(f"frozen starting model for {', '.join(users)} (weights only)", params * param_bytes))
         alt = Term("optimizer state, " + ("not distributed" if dist_opt else f"distributed over {shard}"),
                    opt_other, "the other choice of optimizer.use_distributed_optimizer")
 

@@ -46,6 +46,10 @@ class TrainingConfig:
     # Also score them before the first step (step 0: the starting model), so every curve has
     # its starting point. Needs a held-out split.
     eval_at_start: bool = False
+    # Also measure, on the same rows, the mean per-token KL(model || starting weights) over the
+    # full vocabulary: how far training moved the model's predictions. Keeps a frozen copy of
+    # the starting weights (shared with sft_kl's reference) and runs it on each evaluation.
+    eval_kl_to_start: bool = False
     # A step whose loss or gradient norm is non-finite is skipped (no update); this many in a
     # row stop the run with an error.
     max_skipped_steps: int = 3
@@ -69,6 +73,9 @@ class TrainingConfig:
             raise FieldError("training.exit_after_steps", f"must be >= 1 or null, got {self.exit_after_steps}")
         if self.eval_interval < 0:
             raise FieldError("training.eval_interval", f"must be >= 0, got {self.eval_interval}")
+        if self.eval_kl_to_start and not (self.eval_interval or self.eval_at_start):
+            raise FieldError("training.eval_kl_to_start", "is true but nothing is evaluated: set "
+                             "training.eval_interval (and/or eval_at_start)")
         if self.eval_rows is not None and self.eval_rows < 1:
             raise FieldError("training.eval_rows", f"must be >= 1 or null (the whole held-out split), got {self.eval_rows}")
         if self.exit_duration_minutes is not None and self.exit_duration_minutes <= 0:

@@ -19,17 +19,22 @@ class Evaluator:
     """
 
     def __init__(self, interval: int, micro_batches: Callable[[], list[MicroBatch]], setup: PassSetup,
-                 at_start: bool = False) -> None:
+                 at_start: bool = False, start_model: list | None = None) -> None:
         self.interval = interval
         self.at_start = at_start
         self._micro_batches = micro_batches
         self.setup = setup
+        self.start_model = start_model  # frozen starting weights: each record also has "kl" to them
 
     @classmethod
-    def from_config(cls, training: TrainingConfig, data: TrainData, setup: PassSetup) -> Evaluator:
-        """Scores ``training.eval_rows`` held-out rows of ``data`` every ``training.eval_interval`` steps."""
+    def from_config(cls, training: TrainingConfig, data: TrainData, setup: PassSetup,
+                    start_model: list | None = None) -> Evaluator:
+        """Scores ``training.eval_rows`` held-out rows of ``data`` every ``training.eval_interval`` steps;
+        with ``training.eval_kl_to_start``, also their KL to ``start_model`` (required then)."""
+        if training.eval_kl_to_start and start_model is None:
+            raise ValueError("training.eval_kl_to_start needs the frozen starting model")
         return cls(training.eval_interval, lambda: data.eval_micro_batches(training.eval_rows), setup,
-                   at_start=training.eval_at_start)
+                   at_start=training.eval_at_start, start_model=start_model if training.eval_kl_to_start else None)
 
     def should_evaluate_before(self, step: int) -> bool:
         """True before the first step of a fresh run (not of a resumed one) with ``at_start``."""
@@ -42,8 +47,11 @@ class Evaluator:
 
     def evaluate(self, model: list, step: int) -> dict[str, Any] | None:
         """The eval record of ``step`` (last pipeline stage; None elsewhere)."""
-        stats = evaluate(model, self._micro_batches(), self.setup)
+        stats = evaluate(model, self._micro_batches(), self.setup, reference=self.start_model)
         if stats is None:
             return None
-        return {"step": step, "loss": stats["loss"], "entropy": stats["mean_entropy"],
-                "mean_logp": stats["mean_logp"], "tokens": int(stats["token_count"])}
+        record = {"step": step, "loss": stats["loss"], "entropy": stats["mean_entropy"],
+                  "mean_logp": stats["mean_logp"], "tokens": int(stats["token_count"])}
+        if "kl" in stats:
+            record["kl"] = stats["kl"]
+        return record

@@ -119,7 +119,8 @@ def _evaluate(t: Trainer, step: int, eval_records: list[dict[str, Any]]) -> None
         eval_records.append(ev)
         t.metrics.write(ev, prefix="eval")
         if t.is_logger:
-            log.info("eval step %d: loss %.4f entropy %.4f", step, ev["loss"], ev["entropy"])
+            kl = f" kl to start {ev['kl']:.4f}" if "kl" in ev else ""
+            log.info("eval step %d: loss %.4f entropy %.4f%s", step, ev["loss"], ev["entropy"], kl)
 
 
 def train(t: Trainer) -> TrainResult:

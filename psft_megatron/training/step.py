@@ -21,10 +21,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 from psft_megatron.data.batches import AttentionBackend, GlobalBatch, MicroBatch, MiniBatch
-from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, snapshot_logp
+from psft_megatron.loss.compute import OWN_LOGP, micro_batch_loss, output_logits, snapshot_logp
 from psft_megatron.loss.fused_head import OutputHead
+from psft_megatron.loss.groups import resolve_dp_cp_group
+from psft_megatron.loss.kl import vocab_parallel_kl
 from psft_megatron.loss.normalize import megatron_loss_grad, megatron_loss_scale
 from psft_megatron.loss.objectives import ObjectiveConfig
 from psft_megatron.loss.stats import LossStats, reduce_stats
@@ -258,14 +261,28 @@ def train_global_batch(
         yield train_step(bundle, mini, objective, setup, logp_old[j], logp_ref[j])
 
 
-def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup) -> dict[str, float] | None:
-    """Forward-only NLL and entropy over held-out micro-batches (token means over all DP ranks)."""
+def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup,
+             reference: list | None = None) -> dict[str, float] | None:
+    """Forward-only NLL and entropy over held-out micro-batches (token means over all DP ranks).
+
+    With ``reference`` (frozen chunks at the same layout, e.g. the starting weights) also
+    ``kl``: the token mean of the full-vocabulary KL(model || reference) over the same response
+    tokens. Each micro-batch then runs through the reference first and its last-stage logits are
+    kept only until the model's pass over that micro-batch, so one micro-batch's reference logits
+    exist at a time."""
     mbs = prepare_micro_batches(micro_batches, setup.backend, setup.device)
     sft = ObjectiveConfig(name="sft")
     count = torch.ones((), dtype=torch.int64, device=setup.device)
     stats: list[LossStats] = []
+    kl_sum = torch.zeros((), dtype=torch.float64, device=setup.device)
+    ref_logits: list[torch.Tensor] = []
+
+    def on_reference(idx: int, mb: MicroBatch, output: torch.Tensor, head: OutputHead | None) -> tuple[torch.Tensor, Any]:
+        ref_logits.append(output_logits(output, head))
+        return output.new_zeros(()), {}
 
     def on_output(idx: int, mb: MicroBatch, output: torch.Tensor, head: OutputHead | None) -> tuple[torch.Tensor, Any]:
+        nonlocal kl_sum
         res = micro_batch_loss(
             output,
             _seq_first(mb.labels),
@@ -277,16 +294,32 @@ def evaluate(model: list, micro_batches: Sequence[MicroBatch], setup: PassSetup)
             head=head,
         )
         stats.append(res.stats)
+        if ref_logits:
+            kl = vocab_parallel_kl(output_logits(output, head), ref_logits.pop(), vocab_size=setup.vocab_size,
+                                   chunk_size=setup.chunk_size)
+            kl_sum = kl_sum + (kl.double() * _seq_first(mb.loss_mask).to(kl.device)).sum()
         return res.loss.detach(), {}
 
     for chunk in model:
         chunk.eval()
     try:
-        _run_pass(model, mbs, setup, on_output, forward_only=True)
+        if reference is None:
+            _run_pass(model, mbs, setup, on_output, forward_only=True)
+        else:
+            for mb in mbs:
+                _run_pass(reference, [mb], setup, on_reference, forward_only=True)
+                _run_pass(model, [mb], setup, on_output, forward_only=True)
     finally:
         for chunk in model:
             chunk.train()
-    return _reduce(stats, setup.device)
+    out = _reduce(stats, setup.device)
+    if out is not None and reference is not None:
+        # vocab_parallel_kl reduced over TP: each DP x CP rank holds its own tokens' sums.
+        group = resolve_dp_cp_group(None)
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(kl_sum, group=group)
+        out["kl"] = float(kl_sum) / max(out["token_count"], 1)
+    return out
 
 
 def _reduce(stats: list[LossStats], device: torch.device) -> dict[str, float] | None:
