@@ -78,12 +78,12 @@ probe/math_psft_k32 $PROBE $MATH loss.name=psft training.global_batch_size=32
 PLAN
 }
 
-# The long runs: 600 optimizer steps (about 19 epochs), lr 2e-5 with cosine decay to 2e-6, one epoch
+# The long runs: 608 optimizer steps (19 epochs of the 32 rows), lr 2e-5 with cosine decay to 2e-6, one epoch
 # (32 steps) of SFT warm-up for every run, held-out NLL, entropy and KL to the start model every
-# 40 steps. With mini-batches of one row, SFT's data order does not depend on k, so SFT, SFT at a
+# 32 steps (a multiple of both k). With mini-batches of one row, SFT's data order does not depend on k, so SFT, SFT at a
 # lower lr and SFT-KL serve both k = 8 and k = 32. LOWLR: the lower SFT learning rate (chosen to
 # end at PSFT's KL to the start model: see docs/experiments.md).
-LONG="training.train_steps=600 training.sft_warmup_steps=32 training.eval_interval=40 training.eval_kl_to_start=true checkpoint.save_interval=40 checkpoint.keep_last=1 checkpoint.keep_every=80"
+LONG="training.train_steps=608 training.sft_warmup_steps=32 training.eval_interval=32 training.eval_kl_to_start=true checkpoint.save_interval=32 checkpoint.keep_last=1 checkpoint.keep_every=96"
 LOWLR=${LOWLR:-1e-5}
 long() {
     run_plan <<PLAN
