@@ -273,7 +273,7 @@ def plan_recipe(recipe: RecipeConfig, world_size: int, gpu: GpuSpec, *, mfu: flo
             other.append(Term("attention score buffer (local spec, persistent)",
                               sh.micro * m.num_attention_heads / tp * sh.tokens / sh.micro * keys * act_bytes))
         if m.is_moe and par.moe_token_dispatcher == "allgather":
-            other.append(Term("MoE token dispatcher buffer (gathered tokens, persistent)",
+            other.append(Term("MoE dispatcher buffer (gathered tokens, persistent)",
                               dispatcher_buffers(m, sh)["persistent"],
                               f"the tokens of the expert TP x EP group ({etp} x {ep}), megatron's global buffer"))
         if device != "cpu":
