@@ -22,7 +22,7 @@ bug of issue #16 (tests/mutation_check.py) moves a compared value by far more.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -251,13 +251,21 @@ MOE_WEIGHT_ATOL = WEIGHT_ATOL
 
 
 @pytest.fixture(scope="module")
-def moe_results(reference_runs) -> dict[str, dict[str, Any]]:
-    out = {}
-    for training in {tuple(sorted(spec[3].items())) for spec in MOE_RUNS.values()}:
-        run = next(n for n, spec in MOE_RUNS.items() if tuple(sorted(spec[3].items())) == training)
-        out[training] = _float64_run(reference_runs, "psft", run, group="moe", aux_coeff=MOE_AUX_COEFF,
-                                     micro_batch_size=1, training=dict(training))
-    return {name: out[tuple(sorted(spec[3].items()))] for name, spec in MOE_RUNS.items()}
+def moe_results(reference_runs) -> Callable[[str], dict[str, Any]]:
+    """The float64 run of an MoE run's schedule, trained when a test first asks for it and shared by
+    the runs with the same training section (EP=1, EP=2 and TP=2+SP x EP=2 share one), so no
+    single test's setup trains both (each is a few minutes of float64 MoE on a busy machine)."""
+    cache: dict[tuple, dict[str, Any]] = {}
+
+    def result(name: str) -> dict[str, Any]:
+        training = tuple(sorted(MOE_RUNS[name][3].items()))
+        if training not in cache:  # the rows of the first run with this schedule (the layouts' rows are the same)
+            run = next(n for n, spec in MOE_RUNS.items() if tuple(sorted(spec[3].items())) == training)
+            cache[training] = _float64_run(reference_runs, "psft", run, group="moe", aux_coeff=MOE_AUX_COEFF,
+                                           micro_batch_size=1, training=dict(training))
+        return cache[training]
+
+    return result
 
 
 def _relative_errors(got: list[dict], ref: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
@@ -271,7 +279,7 @@ def _relative_errors(got: list[dict], ref: list[dict], keys: tuple[str, ...]) ->
 
 @pytest.mark.parametrize("name", list(MOE_RUNS))
 def test_moe_matches_the_float64_reference(moe_results, name):
-    res = moe_results[name]
+    res = moe_results(name)
     got, ref = res["trained"][name]["records"], res["ref"]
     assert [g["step"] for g in got] == [r["step"] for r in ref]
     assert [g["phase"] for g in got] == [r["phase"] for r in ref]
@@ -291,7 +299,7 @@ def test_moe_matches_the_float64_reference(moe_results, name):
 def test_moe_expert_load_is_the_reference_routing(moe_results, name):
     """metrics.jsonl's per-layer expert load is the share of the mini-batch's routed positions
     each expert got, as the float64 model routes them (a near-tie may flip one token's choice)."""
-    res = moe_results[name]
+    res = moe_results(name)
     got, ref = res["trained"][name]["records"], res["ref"]
     for g, r in zip(got, ref):
         counts = r["expert_counts"]  # [expert layers, E], the layers in order
