@@ -134,6 +134,11 @@ class RecipeConfig:
                     )
             return
         # The distributed optimizer runs on CPU too (cpu_compat routes its CUDA type checks).
+        if self.parallel.moe_token_dispatcher == "alltoall" and self.resolved_model.is_moe:
+            raise ConfigError(
+                f"no CUDA device: {self.origin.where('parallel.moe_token_dispatcher')}parallel.moe_token_dispatcher: "
+                "alltoall needs CUDA (megatron's syncs its split sizes through CUDA streams); use allgather on CPU"
+            )
         if self.model.params_dtype == "bf16":
             raise ConfigError(
                 f"no CUDA device: {self.origin.where('model.params_dtype')}model.params_dtype: bf16 needs CUDA "

@@ -35,6 +35,7 @@ from psft_megatron.training.evaluator import Evaluator, build_tasks
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard, TrainingDiverged
 from psft_megatron.training.loop import Trainer, TrainResult, train
 from psft_megatron.training.metrics import MetricsWriter
+from psft_megatron.training.moe_metrics import MoEMetrics
 from psft_megatron.training.optimizer import build_optimizer
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
@@ -111,6 +112,7 @@ def build_trainer(recipe: RecipeConfig, env: DistEnv) -> Trainer:
         passes_per_snapshot=t.passes_per_snapshot,
         states=states,
         reference=reference,
+        moe=MoEMetrics(built.chunks, model_cfg, t.mini_batch_size // t.micro_batch_size) if model_cfg.is_moe else None,
     )
 
 

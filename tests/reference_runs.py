@@ -1,11 +1,12 @@
-"""The project's trainer on one tiny converted Llama, for the float64-reference tests.
+"""The project's trainer on one tiny converted Llama (and one tiny Qwen3-MoE), for the
+float64-reference tests.
 
 ``test_trainer_reference.py`` checks the trainer (PSFT at seven layouts, sft_kl at TP=1 and
-TP=2+SP, LoRA at five layouts, resumed, and under sft_kl) on one model, data and schedule against
-``reference_trainer.py``. Its runs are
-trained here together, in one launch per process count (plus one to convert the model and
-one to export every result), because starting processes and importing megatron-core costs
-more than the runs themselves.
+TP=2+SP, LoRA at five layouts, resumed, and under sft_kl; the MoE model at EP=1, EP=2 and
+TP=2+SP x EP=2, and with two passes per snapshot at EP=2) on one model, data and schedule against
+``reference_trainer.py``. Its runs are trained here together, in one launch per process count
+(plus one to convert the models and one to export every result), because starting processes and
+importing megatron-core costs more than the runs themselves.
 """
 
 from __future__ import annotations
@@ -74,6 +75,19 @@ LORA_RUNS = {  # name: (objective, processes, micro_batch_size, parallel section
     # sft_kl: the reference is the base (the adapters switched off); only q, v and down adapted
     "sft_kl_qv": ("sft_kl", 1, 2, {}, {"lora": {"target_modules": ["q_proj", "v_proj", "down_proj"]}}),
 }
+# The tiny Qwen3-MoE (4 experts, top 2, one dense layer, load-balancing loss 0.01): PSFT at EP=1 and
+# EP=2 (2 processes: DP=2 for the dense layers, each rank holding 2 experts), at TP=2+SP with the
+# experts split over the two TP ranks (expert TP 1, EP 2), and with two passes per snapshot at EP=2
+# (the snapshot then scores mini-batch 1 too: the first step's ratio must be exactly 1). One row per
+# micro-batch, so every layout takes the load-balancing statistics over the same rows.
+MOE_AUX_COEFF = 0.01
+MOE_RUNS = {  # name: (processes, micro_batch_size, parallel section, training overrides)
+    "ep1": (1, 1, {}, {}),
+    "ep2": (2, 1, {"expert_model_parallel_size": 2}, {}),
+    "tp2_sp_ep2": (2, 1, {"tensor_model_parallel_size": 2, "sequence_parallel": True,
+                          "expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1}, {}),
+    "passes2_ep2": (2, 1, {"expert_model_parallel_size": 2}, PASSES2),
+}
 
 
 def variant_objective(name: str) -> str:
@@ -94,10 +108,29 @@ def hf_model(out: Path) -> None:
     LlamaForCausalLM(cfg).save_pretrained(out)
 
 
-def _convert(hf_dir: str, out: str) -> None:
+def hf_moe_model(out: Path) -> None:
+    """The random starting MoE model: a 4-layer Qwen3-MoE, layer 1 dense, 4 experts, top 2 renormalised."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1],
+                         router_aux_loss_coef=MOE_AUX_COEFF, max_position_embeddings=128, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, initializer_range=0.05, attn_implementation="eager")
+    model = Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():  # a router with some preference, so routing is not a coin toss
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+
+
+def _convert(models: dict[str, str]) -> None:
     from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
 
-    convert_hf_to_megatron(hf_dir, out)
+    for hf_dir, out in models.items():
+        convert_hf_to_megatron(hf_dir, out)
 
 
 def _export(ckpts: dict[str, str], root: str) -> None:
@@ -170,14 +203,16 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
 
 
 def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: dict | None = None,
-           training: dict | None = None, lora: dict | None = None, optimizer: dict | None = None) -> dict:
-    """The tiny recipe of one run, starting from the converted model at ``tmp/init``."""
+           training: dict | None = None, lora: dict | None = None, optimizer: dict | None = None,
+           model: str = "") -> dict:
+    """The tiny recipe of one run, starting from the converted model at ``tmp/{model}init``
+    (``model``: "" the Llama, "moe_" the Qwen3-MoE)."""
     r = tiny_recipe(data, tmp / name, training=dict(TRAINING, micro_batch_size=micro, **(training or {})),
                     optimizer=dict(OPTIMIZER, **(optimizer or {})),
                     parallel=parallel,
-                    checkpoint={"init_from": str(tmp / "init"), "allow_random_init": False, "save_at_end": True,
-                                "keep_last": 1})
-    r["model"] = {"hf_config": str(tmp / "hf_init"), "params_dtype": "fp32", "transformer_impl": "local"}
+                    checkpoint={"init_from": str(tmp / f"{model}init"), "allow_random_init": False,
+                                "save_at_end": True, "keep_last": 1})
+    r["model"] = {"hf_config": str(tmp / f"{model}hf_init"), "params_dtype": "fp32", "transformer_impl": "local"}
     if lora is not None:
         r["model"]["lora"] = lora
     if not r["training"].get("eval_interval"):
@@ -232,24 +267,27 @@ def eval_rows(recipe_dict: dict) -> list[dict[str, torch.Tensor]]:
 
 
 def train_all(tmp: Path) -> dict[str, Any]:
-    """Convert the starting model, train every PSFT and sft_kl run, export each final model.
+    """Convert the starting models, train every PSFT, sft_kl and MoE run, export each final model.
 
     Returns ``{"psft": {name: ...}, "sft_kl": {name: ...}, "variant": {name: ...}, "lora": {name: ...},
-    "recipes": ..., "final": ..., "peft": ..., "hf_init": path}``: each run's records (and reference-model
-    checks), its recipe, its final weights in float64 (transformers state dict; LoRA runs merged) and
-    for LoRA runs the exported PEFT adapter's tensors."""
-    from transformers import LlamaForCausalLM
+    "moe": {name: ...}, "recipes": ..., "final": ..., "peft": ..., "hf_init": path, "moe_hf_init": path}``:
+    each run's records (and reference-model checks), its recipe, its final weights in float64
+    (transformers state dict; LoRA runs merged) and for LoRA runs the exported PEFT adapter's tensors."""
+    from transformers import AutoModelForCausalLM
 
     from psft_megatron.data.synthetic import write_tiny_dataset
 
     data = write_tiny_dataset(tmp / "data", train=480, eval=8, vocab_size=VOCAB)
     hf_model(tmp / "hf_init")
-    run_in_processes(_convert, 1, kwargs={"hf_dir": str(tmp / "hf_init"), "out": str(tmp / "init")},
+    hf_moe_model(tmp / "moe_hf_init")
+    run_in_processes(_convert, 1, kwargs={"models": {str(tmp / "hf_init"): str(tmp / "init"),
+                                                     str(tmp / "moe_hf_init"): str(tmp / "moe_init")}},
                      init_process_group=False)
     specs = {("psft", n): spec + ({},) for n, spec in PSFT_RUNS.items()}
     specs.update({("sft_kl", n): spec + ({},) for n, spec in SFT_KL_RUNS.items()})
     specs.update({("variant", n): spec[1:] for n, spec in VARIANT_RUNS.items()})
     specs.update({("lora", n): (procs, micro, par, {}) for n, (_, procs, micro, par, _) in LORA_RUNS.items()})
+    specs.update({("moe", n): spec for n, spec in MOE_RUNS.items()})
     recipes = {}
     for (group, name), (_, micro, par, training) in specs.items():
         if group == "lora":
@@ -260,24 +298,26 @@ def train_all(tmp: Path) -> dict[str, Any]:
                 data, tmp, f"{group}_{name}", micro, par, loss or None, dict(training, **extra.get("training", {})),
                 lora=dict(LORA, **extra.get("lora", {})), optimizer=dict(LORA_OPTIMIZER, **extra.get("optimizer", {})))
             continue
-        objective = VARIANT_RUNS[name][0] if group == "variant" else group
+        objective = VARIANT_RUNS[name][0] if group == "variant" else "psft" if group == "moe" else group
         if isinstance(objective, dict):
             loss = objective
         else:
             loss = {"name": objective, "kl_beta": KL_BETA} if objective != "psft" else None
-        recipes[f"{group}/{name}"] = recipe(data, tmp, f"{group}_{name}", micro, par, loss, training)
+        recipes[f"{group}/{name}"] = recipe(data, tmp, f"{group}_{name}", micro, par, loss, training,
+                                            model="moe_" if group == "moe" else "")
     trained: dict[str, Any] = {}
     for nprocs in sorted({spec[0] for spec in specs.values()}):
         group = {f"{o}/{name}": recipes[f"{o}/{name}"] for (o, name), spec in specs.items() if spec[0] == nprocs}
         trained.update(run_in_processes(_train_all, nprocs, kwargs={"recipes": group}, timeout=600)[-1])
     run_in_processes(_export, 1, kwargs={"ckpts": {k: t["checkpoint"] for k, t in trained.items()},
                                          "root": str(tmp / "final")}, init_process_group=False)
-    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "variant": {}, "lora": {}, "recipes": recipes, "final": {},
-                           "peft": {}, "hf_init": tmp / "hf_init"}
+    out: dict[str, Any] = {"psft": {}, "sft_kl": {}, "variant": {}, "lora": {}, "moe": {}, "recipes": recipes,
+                           "final": {}, "peft": {}, "hf_init": tmp / "hf_init", "moe_hf_init": tmp / "moe_hf_init"}
     for key, t in trained.items():
         objective, name = key.split("/")
         out[objective][name] = t
-        out["final"][key] = LlamaForCausalLM.from_pretrained(tmp / "final" / key, dtype=torch.float64).state_dict()
+        out["final"][key] = AutoModelForCausalLM.from_pretrained(
+            tmp / "final" / key, dtype=torch.float64, experts_implementation="eager").state_dict()
         if objective == "lora":
             from safetensors.torch import load_file
 

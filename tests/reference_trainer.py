@@ -1,11 +1,11 @@
 """An independent PSFT/SFT/DFT trainer in plain PyTorch float64, for checking the real one.
 
 Written from the method's definition, not from the project's trainer: a transformers
-``LlamaForCausalLM`` in float64, each packed sample run on its own (so packing isolation
-is not assumed but reproduced), per-token log-probs and entropies from a float64
-``log_softmax``, the objectives' formulas written out, one token mean per mini-batch,
-a snapshot of log-probs per global batch, ``torch.optim.AdamW`` with megatron's decay
-exclusions (1-D tensors and biases), clipping by the global gradient norm, and the
+``LlamaForCausalLM`` (or ``Qwen3MoeForCausalLM``) in float64, each packed sample run on its
+own (so packing isolation is not assumed but reproduced), per-token log-probs and entropies
+from a float64 ``log_softmax``, the objectives' formulas written out, one token mean per
+mini-batch, a snapshot of log-probs per global batch, ``torch.optim.AdamW`` with megatron's
+decay exclusions (1-D tensors and biases), clipping by the global gradient norm, and the
 warm-up + cosine learning rate from its formula. Nothing here imports megatron or the
 project's loss, optimizer or training code; only the rows come from the project's loader
 (the tests' common input).
@@ -13,6 +13,14 @@ project's loss, optimizer or training code; only the rows come from the project'
 LoRA (:func:`add_lora`): each targeted ``nn.Linear`` of the HF model computes
 ``W x + scale * B (A x)`` with the base frozen, written from the definition; the trainer then
 trains A and B alone.
+
+A mixture-of-experts model adds the Switch load-balancing loss, from its definition: per layer
+and micro-batch of ``micro_batch_size`` rows, ``E / (k T^2) * sum_e c_e * P_e`` over the
+micro-batch's ``T`` positions (every sample of every row, padding included: what the router
+routes), ``c_e`` the positions whose top-k (of the router's softmax) holds expert ``e``, ``P_e``
+the summed probabilities of ``e``; the objective adds ``aux_coeff`` times its sum over layers,
+averaged over the mini-batch's micro-batches. The router logits come from transformers'
+``output_router_logits``.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ class RefConfig:
     log_ratio_clamp: float = 20.0
     kl_beta: float = 0.1
     passes: int = 1  # passes over each global batch's mini-batches per snapshot
+    aux_coeff: float = 0.0  # load-balancing loss coefficient (mixture-of-experts models)
+    micro_batch_size: int = 1  # rows per micro-batch: the load-balancing loss is taken per micro-batch
 
 
 def lr_at(step: int, cfg: RefConfig) -> float:
@@ -63,25 +73,58 @@ def segments(row: dict[str, torch.Tensor]) -> list[tuple[int, int]]:
     return out
 
 
-def token_terms(model: Any, rows: list[dict[str, torch.Tensor]], vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _is_moe(model: Any) -> bool:
+    return bool(getattr(model.config, "num_experts", 0))
+
+
+def token_terms(model: Any, rows: list[dict[str, torch.Tensor]], vocab: int,
+                router: list[list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logp, entropy) of every response token of ``rows``, in row order, float64, differentiable.
 
     Each sample is run alone, positions from 0: the packed row's other samples cannot leak in.
+    ``router``: a list to which each row's router logits are appended (one ``[S, E]`` tensor per
+    expert layer, every sample of the row, padding included), for the load-balancing loss.
     """
     lps, ents = [], []
     for row in rows:
+        row_logits: list[list[torch.Tensor]] = []
         for a, b in segments(row):
             mask = row["loss_mask"][a:b] > 0
+            if not mask.any() and router is None:
+                continue
+            out = model(input_ids=row["tokens"][a:b].unsqueeze(0), output_router_logits=router is not None)
+            if router is not None:
+                row_logits.append([lg.reshape(b - a, -1) for lg in out.router_logits])
             if not mask.any():
                 continue
-            logits = model(input_ids=row["tokens"][a:b].unsqueeze(0)).logits[0, :, :vocab]
-            logq = torch.log_softmax(logits.double(), dim=-1)
+            logq = torch.log_softmax(out.logits[0, :, :vocab].double(), dim=-1)
             labels = row["labels"][a:b]
             lp = logq.gather(-1, labels.clamp(0, vocab - 1).unsqueeze(-1)).squeeze(-1)
             ent = -(logq.exp() * logq).sum(-1)
             lps.append(lp[mask])
             ents.append(ent[mask])
+        if router is not None:
+            router.append([torch.cat(per_layer) for per_layer in zip(*row_logits)])
     return torch.cat(lps), torch.cat(ents)
+
+
+def load_balancing(router: list[list[torch.Tensor]], topk: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over layers of the Switch loss, averaged over micro-batches of ``micro`` rows; tokens
+    routed to each expert per layer ``[layers, E]``) from each row's router logits."""
+    losses, counts = [], 0
+    for m in range(0, len(router), micro):
+        per_layer = [torch.cat(layer) for layer in zip(*router[m:m + micro])]  # the micro-batch's positions
+        total = 0
+        for logits in per_layer:
+            probs = torch.softmax(logits.double(), dim=-1)
+            t, e = probs.shape
+            chosen = torch.zeros_like(probs).scatter(1, probs.topk(topk, dim=-1).indices, 1.0)
+            total = total + e / (topk * t * t) * (chosen.sum(0) * probs.sum(0)).sum()
+        losses.append(total)
+        counts = counts + torch.stack([torch.zeros(lg.shape[-1], dtype=torch.float64).scatter_add(
+            0, torch.softmax(lg.double(), -1).topk(topk, dim=-1).indices.flatten(),
+            torch.ones(lg.shape[0] * topk, dtype=torch.float64)) for lg in per_layer])
+    return torch.stack(losses).mean(), counts
 
 
 def objective_terms(name: str, lp: torch.Tensor, lp_old: torch.Tensor | None, cfg: RefConfig):
@@ -159,11 +202,16 @@ def train(model: Any, global_batches: list[list[list[dict[str, torch.Tensor]]]],
                 old = [token_terms(frozen if phase == "sft_kl" else model, rows, vocab)[0] for rows in minis]
         for j, rows in [(j, rows) for _ in range(cfg.passes) for j, rows in enumerate(minis)]:
             step += 1
-            lp, ent = token_terms(model, rows, vocab)
+            router: list[list[torch.Tensor]] | None = [] if _is_moe(model) else None
+            lp, ent = token_terms(model, rows, vocab, router)
             loss_t, ratio, clipped = objective_terms(phase, lp, old[j] if old else None, cfg)
             loss = loss_t.sum() / lp.numel()  # one token mean over the whole mini-batch
+            aux, load = torch.zeros((), dtype=torch.float64), None
+            if router is not None:
+                aux, load = load_balancing(router, model.config.num_experts_per_tok, cfg.micro_batch_size)
+                aux = cfg.aux_coeff * aux
             opt.zero_grad()
-            loss.backward()
+            (loss + aux).backward()  # the load-balancing term is added to the objective, outside the ratio
             norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
             coeff = cfg.clip_grad / (float(norm) + 1e-6)
             if cfg.clip_grad > 0 and coeff < 1.0:
@@ -180,4 +228,6 @@ def train(model: Any, global_batches: list[list[list[dict[str, torch.Tensor]]]],
                 "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
                 "grad_norm": float(norm), "lr": lr, "tokens": int(lp.numel()), "clipped_grad": coeff < 1.0,
             })
+            if load is not None:
+                records[-1].update(moe_aux_loss=float(aux.detach()), expert_counts=load)
     return records

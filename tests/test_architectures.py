@@ -5,7 +5,8 @@ Against transformers' own config classes and models (no processes, no megatron):
 - every registered family maps a random small config, made by transformers' own config class,
   to a ``ModelConfig`` whose parameter count is the transformers model's, and back to a config.json
   that transformers reads as the same model (same parameters; the same logits with the same weights);
-- every family's weight table names exactly the transformers model's parameters;
+- every family's weight table names exactly the tensors transformers saves (its checkpoint format:
+  a mixture-of-experts model saves one tensor per expert, whatever it fuses in memory);
 - the choices of ``model.family`` and the unsupported-model-type error (through ``ModelConfig.from_hf``,
   the converter's check and a recipe) name exactly the registered families;
 - every table row resolves: its transform exists (the family's own never shadows a generic one) and
@@ -68,6 +69,17 @@ def _random_hf_config(arch: Architecture, seed: int) -> Any:
         kw["head_dim"] = rng.choice([8, 24])  # not hidden / heads: an explicit head size
     if "sliding_window" in inspect.signature(config_class.__init__).parameters:
         kw["sliding_window"] = None  # not reproduced (logged): left out of the exact comparison
+    if "moe_intermediate_size" in inspect.signature(config_class.__init__).parameters:  # mixture of experts
+        layers = kw["num_hidden_layers"] = rng.randrange(2, 5)
+        experts = rng.choice([2, 4, 8])
+        kw.update(num_experts=experts, num_experts_per_tok=rng.randrange(1, experts + 1),
+                  moe_intermediate_size=rng.randrange(8, 48), norm_topk_prob=rng.random() < 0.5,
+                  router_aux_loss_coef=rng.choice([0.0, 1e-3, 0.01]), decoder_sparse_step=rng.choice([1, 2]),
+                  mlp_only_layers=sorted(rng.sample(range(layers), rng.randrange(0, 2))))
+        if kw["num_experts_per_tok"] == 1:
+            kw["norm_topk_prob"] = False  # megatron's router cannot give top-1 weight 1 (refused)
+        if kw["decoder_sparse_step"] == 2 and set(kw["mlp_only_layers"]) >= set(range(1, layers, 2)):
+            kw["mlp_only_layers"] = []  # keep at least one expert layer
     return AutoConfig.for_model(arch.model_types[0], **kw)
 
 
@@ -76,6 +88,8 @@ def _model(hf_config: Any, seed: int = 0) -> Any:
 
     torch.manual_seed(seed)
     hf_config._attn_implementation = "eager"
+    # transformers' plain per-expert loop (its grouped-GEMM path wants 16-byte aligned sizes).
+    hf_config._experts_implementation = "eager"
     return AutoModelForCausalLM.from_config(hf_config).eval()
 
 
@@ -112,15 +126,32 @@ def test_config_round_trips_through_transformers(family, seed, tmp_path):
         assert torch.equal(again(ids).logits, hf(ids).logits)
 
 
+def _saved_tensors(model: Any, folder: Any) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor ``save_pretrained`` writes (the checkpoint the converter reads)."""
+    from safetensors import safe_open
+
+    model.save_pretrained(folder)
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            out.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    return out
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_weight_table_names_every_transformers_parameter(family, seed):
+def test_weight_table_names_every_transformers_parameter(family, seed, tmp_path):
     original = _random_hf_config(ARCHITECTURES[family], seed)
     cfg = ModelConfig.from_hf(original.to_dict())
     hf_names = [h for _, names, _ in expand(cfg) for h in names]
     assert len(hf_names) == len(set(hf_names))
-    # Tied: transformers' lm_head.weight is the embedding (named_parameters lists it once).
-    assert set(hf_names) == {n for n, _ in _model(original).named_parameters()}
+    # Tied: transformers saves the embedding once (no lm_head.weight). transformers 5 holds a MoE
+    # layer's experts as fused 3-D parameters but saves one tensor per expert, as the hub's files do.
+    model = _model(original)
+    saved = _saved_tensors(model, tmp_path)
+    assert set(hf_names) == set(saved)
+    if not cfg.is_moe:
+        assert set(saved) == {n for n, _ in model.named_parameters()}
 
 
 def test_family_choices_are_the_registry():
@@ -225,3 +256,56 @@ def test_a_row_expands_over_every_placeholder_it_names(monkeypatch):
     monkeypatch.delitem(PLACEHOLDERS, "expert")
     with pytest.raises(KeyError, match=r"unknown placeholder\(s\) \['expert'\]"):
         expand(ModelConfig(num_layers=2), moe)
+
+
+# ----------------------------------------------------------------------------- Qwen3 and Qwen3-MoE
+
+
+def test_qwen3_head_dim_and_query_key_norms_follow_transformers():
+    """A Qwen3 config.json without head_dim means 128 to transformers (not hidden / heads); the
+    per-head q/k norms are megatron's qk_layernorm."""
+    from transformers import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2).to_dict()
+    cfg.pop("head_dim")
+    model = _model(Qwen3Config(**cfg))
+    ours = ModelConfig.from_hf(cfg)
+    assert ours.kv_channels == model.config.head_dim == 128 != 64 // 4
+    assert ours.qk_layernorm and not ours.qkv_bias
+    assert model.model.layers[0].self_attn.q_norm.weight.shape == (ours.kv_channels,)
+    with pytest.raises(ValueError, match="attention_bias=true"):
+        ModelConfig.from_hf(dict(cfg, attention_bias=True))
+
+
+@pytest.mark.parametrize("step, only", [(1, []), (1, [0, 3]), (2, []), (2, [1]), (3, [0])])
+def test_qwen3_moe_expert_layers_are_transformers(step, only):
+    """mlp_only_layers and decoder_sparse_step pick the same expert layers as transformers' decoder."""
+    from transformers import Qwen3MoeConfig
+
+    hf = Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                        num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, num_experts=4,
+                        num_experts_per_tok=2, decoder_sparse_step=step, mlp_only_layers=only)
+    model = _model(hf)
+    want = [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    ours = ModelConfig.from_hf(hf.to_dict())
+    assert ours.moe_layers == want and ours.dense_layers == sorted(set(range(6)) - set(want))
+    # Written back as mlp_only_layers with step 1: transformers builds the same layers.
+    again = _model(Qwen3MoeConfig(**{k: v for k, v in hf_config_from_model_config(ours).items()
+                                     if k not in ("architectures", "model_type", "torch_dtype")}))
+    assert [i for i, layer in enumerate(again.model.layers) if hasattr(layer.mlp, "experts")] == want
+
+
+def test_qwen3_moe_router_fields():
+    from transformers import Qwen3MoeConfig
+
+    hf = Qwen3MoeConfig(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=12, norm_topk_prob=True,
+                        router_aux_loss_coef=0.02, num_hidden_layers=2).to_dict()
+    ours = ModelConfig.from_hf(hf)
+    assert (ours.num_experts, ours.moe_router_topk, ours.moe_ffn_hidden_size) == (16, 4, 12)
+    assert ours.moe_norm_topk_prob and ours.aux_loss_coeff == 0.02
+    # A config.json as the hub ships it names num_experts (transformers 5 writes num_local_experts).
+    hub = {k: v for k, v in hf.items() if k != "num_local_experts"} | {"num_experts": 16}
+    assert ModelConfig.from_hf(hub) == ours
+    with pytest.raises(ValueError, match="num_experts=0"):
+        ModelConfig.from_hf(dict(hub, num_experts=0))

@@ -1,13 +1,17 @@
 """HF <-> Megatron conversion, checked against transformers.
 
 Models: random tiny Llama (Llama-3.1 RoPE scaling, sharded safetensors), Qwen2 (QKV
-bias, tied embeddings, vocabulary padding) and Mistral (sharded pytorch_model*.bin),
-plus the real SmolLM2-135M-Instruct (GGUF dequantised by the project's reader, conftest.py's smollm2_hf) on GSM8K text.
+bias, tied embeddings, vocabulary padding), Mistral (sharded pytorch_model*.bin), Qwen3
+(query/key norms, head_dim 32 while hidden / heads is 16, tied embeddings) and Qwen3-MoE
+(4 experts, top 2 renormalised, layer 1 dense via mlp_only_layers, sharded safetensors with one
+tensor per expert), plus the real SmolLM2-135M-Instruct (GGUF dequantised by the project's
+reader, conftest.py's smollm2_hf) on GSM8K text.
 
 * one 1-process launch: convert every model, TP=1 logits vs transformers, export back
   bit-exact, error cases, tools/score.py vs transformers' NLL;
-* one 2-process launch: TP=2 then PP=2 logits for every model (SmolLM2 has 3 key/value
-  heads, so PP=2 only), a TP=2 re-save, and scoring at PP=2;
+* one 2-process launch: TP=2 (with SP for the MoE model: megatron's MoE layer requires it)
+  then PP=2 logits for every model (SmolLM2 has 3 key/value heads, so PP=2 only), EP=2 logits
+  for the MoE model (each rank holds 2 experts), a TP=2 re-save, and scoring at PP=2;
 * tools/convert_megatron_to_hf.py on the TP=2-saved checkpoint: bit-exact, loads in transformers.
 """
 
@@ -34,7 +38,7 @@ SHARED = ROOT.parent / "shared"
 GGUF_DIR = SHARED / "models" / "smollm2-135m-instruct-gguf"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOL = 1e-4
-TINY = ("llama", "qwen2", "mistral")
+TINY = ("llama", "qwen2", "mistral", "qwen3", "qwen3_moe")
 
 
 # --------------------------------------------------------------------------- HF fixtures (parent process)
@@ -48,11 +52,15 @@ def _tiny_hf(name: str) -> Any:
         MistralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager")
-    torch.manual_seed({"llama": 1, "qwen2": 2, "mistral": 3}[name])
+    torch.manual_seed({"llama": 1, "qwen2": 2, "mistral": 3, "qwen3": 4, "qwen3_moe": 5}[name])
     if name == "llama":
         cfg = LlamaConfig(vocab_size=1000, rope_theta=500000.0, rms_norm_eps=1e-5, **common,
                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -61,14 +69,22 @@ def _tiny_hf(name: str) -> Any:
     elif name == "qwen2":
         cfg = Qwen2Config(vocab_size=1100, tie_word_embeddings=True, rope_theta=1e6, **common)
         model = Qwen2ForCausalLM(cfg)
+    elif name == "qwen3":
+        cfg = Qwen3Config(vocab_size=1000, head_dim=32, tie_word_embeddings=True, rope_theta=1e6, **common)
+        model = Qwen3ForCausalLM(cfg)
+    elif name == "qwen3_moe":
+        cfg = Qwen3MoeConfig(vocab_size=1000, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                             norm_topk_prob=True, mlp_only_layers=[1], rope_theta=1e6, experts_implementation="eager",
+                             **common)
+        model = Qwen3MoeForCausalLM(cfg)
     else:
         cfg = MistralConfig(vocab_size=1000, sliding_window=None, **common)
         model = MistralForCausalLM(cfg)
-    with torch.no_grad():  # random norms and biases, so a mis-mapped one shows
+    with torch.no_grad():  # random norms, biases and router, so a mis-mapped one shows
         for n, p in model.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-            if n.endswith("bias"):
+            if n.endswith("bias") or n.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.5)
     return model.eval()
 
@@ -117,8 +133,8 @@ def work(tmp_path_factory, request) -> dict[str, Any]:
         folder = root / f"{name}_hf"
         if name == "mistral":
             _save_bin_shards(model, folder)
-        else:  # llama: sharded safetensors; qwen2: one file
-            model.save_pretrained(folder, max_shard_size="100KB" if name == "llama" else "50GB")
+        else:  # llama, qwen3_moe: sharded safetensors; qwen2, qwen3: one file
+            model.save_pretrained(folder, max_shard_size="100KB" if name in ("llama", "qwen3_moe") else "50GB")
         ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=g)
         if name == "llama":  # a bf16 copy: must stay bf16, bit for bit
             copy.deepcopy(model).to(torch.bfloat16).save_pretrained(root / "llama_bf16_hf")
@@ -313,8 +329,14 @@ def tp2_pp2_worker(root: str, models: dict[str, str], refs: dict[str, Any]) -> d
     out: dict[str, Any] = {"tp2": {}, "pp2": {}}
     tp2 = ParallelConfig(tensor_model_parallel_size=2)
     for name in TINY:
-        logits = _megatron_logits(f"{root}/{name}_mg", tp2, refs[name]["ids"])
+        # megatron's MoE layer refuses TP without SP (ids are 24 tokens: SP splits them evenly).
+        par = ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True) if name == "qwen3_moe" else tp2
+        logits = _megatron_logits(f"{root}/{name}_mg", par, refs[name]["ids"])
         out["tp2"][name] = float((logits - refs[name]["logits"]).abs().max())
+    # Expert parallelism: each rank holds 2 of the 4 experts and runs the same rows (DP=2 for the rest).
+    logits = _megatron_logits(f"{root}/qwen3_moe_mg", ParallelConfig(expert_model_parallel_size=2),
+                              refs["qwen3_moe"]["ids"])
+    out["ep2"] = float((logits - refs["qwen3_moe"]["logits"]).abs().max())
     # A trainer-style save at TP=2 (bf16 model, as training would hold it) for the export test.
     init_model_parallel(tp2)
     set_seed(0)
@@ -394,8 +416,13 @@ def test_hf_megatron_hf_is_bit_exact(work, tp1):
     assert tp1["reports"]["llama_bf16"]["dtype"] == "torch.bfloat16" and sorted(original) == sorted(back)
     assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], v) for k, v in original.items())
     assert json.loads((root / "llama_bf16_back" / "config.json").read_text()).get("dtype") == "bfloat16"
-    reloaded = AutoModelForCausalLM.from_pretrained(root / "qwen2_back", attn_implementation="eager").eval()
-    assert torch.equal(_logits(reloaded, work["refs"]["qwen2"]["ids"]), work["refs"]["qwen2"]["logits"])
+    # transformers reloads the exports (config.json and weights) to the same logits, bit for bit.
+    for name in ("qwen2", "qwen3", "qwen3_moe"):
+        extra = {"experts_implementation": "eager"} if name == "qwen3_moe" else {}
+        reloaded = AutoModelForCausalLM.from_pretrained(root / f"{name}_back", attn_implementation="eager",
+                                                        **extra).eval()
+        assert type(reloaded).__name__ == type(work["hf"][name]).__name__, name
+        assert torch.equal(_logits(reloaded, work["refs"][name]["ids"]), work["refs"][name]["logits"]), name
 
 
 def test_trainer_checkpoint_code_reads_and_writes_the_same_layout(work, tp1):
@@ -425,7 +452,8 @@ def test_errors_are_clear_and_leave_no_output(tp1):
 
 
 def test_tp2_and_pp2_logits_match_transformers(work, tp2_pp2):
-    print("TP=2:", tp2_pp2[0]["tp2"], "PP=2:", tp2_pp2[1]["pp2"], "PP=2 x VP=2:", tp2_pp2[1]["vp2"])
+    print("TP=2:", tp2_pp2[0]["tp2"], "PP=2:", tp2_pp2[1]["pp2"], "PP=2 x VP=2:", tp2_pp2[1]["vp2"],
+          "EP=2:", [r["ep2"] for r in tp2_pp2])
     for rank in tp2_pp2:
         assert set(rank["tp2"]) == set(TINY)
         for name, diff in rank["tp2"].items():
@@ -435,6 +463,7 @@ def test_tp2_and_pp2_logits_match_transformers(work, tp2_pp2):
     for name, diff in last.items():
         assert diff <= TOL, ("pp2", name, diff)
     assert tp2_pp2[1]["vp2"] <= TOL and "vp2" not in tp2_pp2[0]
+    assert all(rank["ep2"] <= TOL for rank in tp2_pp2)  # the MoE model at EP=2, on both ranks
 
 
 def test_score_matches_transformers_nll(work, tp1, tp2_pp2):

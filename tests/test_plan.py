@@ -13,14 +13,20 @@ Against published formulas and independent code (all in this process, no launche
 - micro-batches in flight: megatron's ``get_pp_rank_microbatches`` (warm-up forwards + 1);
 - FLOPs: Narayanan et al. 2021 ("Efficient Large-Scale Language Model Training on GPU Clusters"),
   ``96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h))`` per iteration with full recompute, the attention
-  term halved for causal masking (the plan counts causal attention), on a model with their shapes.
+  term halved for causal masking (the plan counts causal attention), on a model with their shapes;
+- mixture of experts (Qwen3-30B-A3B): transformers' model on the meta device gives the parameters
+  (all, per pipeline stage, and each expert layer's experts, which EP divides), and the
+  parameters a token passes through (its top-k experts and the router) give the forward FLOPs;
+  the experts' optimizer state is sharded over the expert-data-parallel ranks, the rest over DP x CP.
 
-The recipes (item 5 of issue #12): the three math recipes take their architecture from
-``model.hf_config``, run at 32k tokens, and ``--plan`` shows them fitting on 80 GB H100s; with
-recompute removed the 70B one is refused with one line naming the biggest term and the fix.
+The recipes (item 5 of issue #12, and issue #23's Qwen3 ones): the math recipes take their
+architecture from ``model.hf_config``, run at 32k tokens, and ``--plan`` shows them fitting on
+80 GB H100s; with recompute removed the 70B one is refused with one line naming the biggest term
+and the fix, and so is the Qwen3-30B-A3B one on one 8-GPU node.
 
-Measured memory: ``tests/test_recompute.py`` (activations, CPU, against the profiler) and
-``tests/test_distributed_optimizer.py`` (weights, gradients and optimizer state, to the byte).
+Measured memory: ``tests/test_recompute.py`` (activations, CPU, against the profiler),
+``tests/test_distributed_optimizer.py`` (weights, gradients and optimizer state, to the byte) and
+``tests/test_moe.py`` (an MoE model's, at EP=2, and its activations against the profiler).
 """
 
 from __future__ import annotations
@@ -38,16 +44,19 @@ from psft_megatron.plan import (
     Kernels,
     Shape,
     format_plan,
+    forward_flops_per_token,
     in_flight_chunks,
     layer_saved,
     plan_recipe,
+    stage_parameter_split,
     stage_parameters,
     step_flops,
 )
 from psft_megatron.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"8b_math": 8, "qwen2.5_7b_math": 8, "70b_math": 64}  # recipe: the job's GPUs
+RECIPES = {"8b_math": 8, "qwen2.5_7b_math": 8, "70b_math": 64, "qwen3_8b_math": 8,
+           "qwen3_30b_a3b_math": 16}  # recipe: the job's GPUs
 GPT3 = Kernels(norm_tensors=1, norm_stats=False, mlp="gelu", attention="unfused", score_bytes=5, dropout_masks=True,
                selective_keeps_qkv=False)
 
@@ -248,3 +257,71 @@ def test_lora_flops_are_forward_and_input_gradients_of_the_base():
     adapters = adapter_parameters_per_model(m)
     assert lora["train_per_step"] == pytest.approx(2 * base["forward_per_token"] * tokens + 6 * adapters * tokens)
     assert base["train_per_step"] == pytest.approx(3 * base["forward_per_token"] * tokens)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+
+
+def _meta_hf(r):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(ROOT / r.model.hf_config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_moe_experts_are_split_over_ep_as_transformers_counts_them():
+    r = _recipe("qwen3_30b_a3b_math")
+    m = r.resolved_model
+    hf = _meta_hf(r)
+    experts = sum(p.numel() for n, p in hf.named_parameters() if ".mlp.experts." in n)
+    everything = sum(p.numel() for p in hf.parameters())
+    for ep, etp in ((1, 1), (8, 1), (4, 2)):
+        dense, expert = stage_parameter_split(m, 1, 1, 0, ep=ep, etp=etp)
+        assert expert == experts // (ep * etp) and dense == everything - experts
+    # Pipeline stages split the layers: the expert parameters of all stages add up.
+    assert sum(stage_parameter_split(m, 1, 4, rank, ep=8)[1] for rank in range(4)) == experts // 8
+
+
+def test_moe_optimizer_state_sharded_over_expert_data_parallel():
+    """bf16 + distributed optimizer: 6 + 12/(DP x CP) bytes per dense parameter, 6 + 12/(expert DP)
+    per expert parameter (expert DP = world / (expert TP x EP x PP))."""
+    r = _recipe("qwen3_30b_a3b_math")
+    for world in (16, 32):
+        plan = plan_recipe(r, world, GPUS["h100-80gb"])
+        stage = plan.stages[0]
+        dense, expert = stage_parameter_split(r.resolved_model, 1, 1, 0, ep=8, etp=1)
+        assert plan.edp == world // 8 and plan.dp * plan.cp == world
+        want = dense * (6 + 12 / world) + expert * (6 + 12 / plan.edp)
+        assert sum(t.bytes for t in stage.static) == pytest.approx(want)
+
+
+def test_moe_forward_flops_count_the_routed_experts():
+    """2 x the matmul parameters one token passes through (attention, the router, k of the E experts
+    of an expert layer, from transformers' model) plus causal attention and the head."""
+    r = _recipe("qwen3_30b_a3b_math")
+    m, hf = r.resolved_model, _meta_hf(r)
+    cfg = hf.config
+    layer = hf.model.layers[0]
+    attention = sum(p.numel() for n, p in layer.self_attn.named_parameters() if n.endswith("proj.weight"))
+    expert_params = sum(p.numel() for p in layer.mlp.experts.parameters())
+    active = attention + layer.mlp.gate.weight.numel() + expert_params * cfg.num_experts_per_tok // cfg.num_experts
+    s = r.training.seq_length
+    want = cfg.num_hidden_layers * (2 * active + 2 * cfg.num_attention_heads * cfg.head_dim * s)
+    f = forward_flops_per_token(m, s)
+    assert f["layers"] == pytest.approx(want, rel=1e-12)
+    assert f["head"] == 2 * cfg.hidden_size * m.padded_vocab_size
+
+
+def test_moe_recipe_does_not_fit_one_node():
+    """One 8-GPU node cannot hold Qwen3-30B-A3B's weights, gradients and Adam state (18 bytes per
+    parameter): the plan refuses it naming the biggest term."""
+    from psft_megatron.config.load import ConfigError
+    from psft_megatron.plan import check_fits
+
+    r = load_recipe(ROOT / "recipes" / "qwen3_30b_a3b_math.yaml", ["parallel.context_parallel_size=2"], world_size=8)
+    plan = plan_recipe(r, 8, GPUS["h100-80gb"])
+    assert not plan.fits
+    assert sum(t.bytes for t in plan.stages[0].static) > 0.9 * plan.usable_bytes
+    with pytest.raises(ConfigError, match="does not fit on H100 80GB"):
+        check_fits(plan, r)

@@ -20,6 +20,7 @@ RECIPES = ROOT / "recipes"
 # The world size each recipe is written for (see its header comment).
 WORLD_SIZES = {"tiny_cpu.yaml": 2, "qwen2.5_7b_math.yaml": 8, "8b_math.yaml": 8, "70b_math.yaml": 64,
                "70b_math_lora.yaml": 8, "qwen2.5_7b_math_lora.yaml": 1,
+               "qwen3_8b_math.yaml": 8, "qwen3_30b_a3b_math.yaml": 16, "tiny_moe_cpu.yaml": 2,
                **{f"smollm2_gsm8k_{o}.yaml": 1 for o in ("sft", "psft", "dft", "sft_kl", "mix")}}
 
 

@@ -167,3 +167,17 @@ def test_trackers_are_fed_on_the_logging_rank_only(tmp_path):
     writer.finish("finished")
     assert good.records == good.plans == good.finished == []
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_per_layer_values_reach_trackers_one_metric_per_layer():
+    """A MoE step record: per-layer numbers become KEY/layer_NNN; per-expert lists stay out (metrics.jsonl
+    and TensorBoard keep them); eval rows get the eval/ prefix."""
+    from psft_megatron.training.trackers.base import metric_items
+
+    record = {"step": 3, "phase": "psft", "loss": 1.5, "expert_load_worst": 1.25,
+              "expert_load": {"1": [0.5, 0.5], "3": [0.75, 0.25]},
+              "expert_load_max_over_mean": {"1": 1.0, "3": 1.5}}
+    assert metric_items(record, "train") == {
+        "phase": "psft", "loss": 1.5, "expert_load_worst": 1.25,
+        "expert_load_max_over_mean/layer_001": 1.0, "expert_load_max_over_mean/layer_003": 1.5}
+    assert metric_items({"step": 4, "loss": 2.0, "kl": None}, "eval")["eval/loss"] == 2.0

@@ -31,6 +31,8 @@ import torch
 
 from reference_runs import (
     KL_BETA,
+    MOE_AUX_COEFF,
+    MOE_RUNS,
     OPTIMIZER,
     PSFT_RUNS,
     SFT_KL_RUNS,
@@ -72,14 +74,16 @@ def reference_runs(tmp_path_factory) -> dict[str, Any]:
 
 def _float64_run(reference_runs: dict[str, Any], objective: str, run: str, group: str | None = None,
                  **extra: Any) -> dict[str, Any]:
-    """The float64 reference trainer on the rows of ``group/run`` (group: the objective, or
-    ``variant``), from the same start model."""
-    from transformers import LlamaForCausalLM
+    """The float64 reference trainer on the rows of ``group/run`` (group: the objective, ``variant``
+    or ``moe``), from the same start model."""
+    from transformers import AutoModelForCausalLM
 
     from reference_trainer import train
 
     group = group or objective
-    model = LlamaForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float64, attn_implementation="eager")
+    start = reference_runs["moe_hf_init" if group == "moe" else "hf_init"]
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float64, attn_implementation="eager",
+                                                 experts_implementation="eager")
     records = train(model, reference_rows(reference_runs["recipes"][f"{group}/{run}"]), VOCAB,
                     reference_config(objective, **extra))
     return {"ref": records, "ref_weights": model.state_dict(), "trained": reference_runs[group],
@@ -405,3 +409,109 @@ def test_lora_eval_kl_to_start_is_to_the_base(reference_runs):
     assert evals[-1]["tokens"] == count
     assert total / count > 1e-3, "training must have moved the model for the comparison to mean something"
     assert evals[-1]["kl"] == pytest.approx(total / count, rel=EVAL_KL_RTOL)
+
+
+# ----------------------------------------------------------------------------- mixture of experts
+# The tiny Qwen3-MoE (megatron's MoE layer, SequentialMLP, the allgather dispatcher on gloo) against
+# the float64 trainer on transformers' Qwen3MoeForCausalLM with the load-balancing loss written out
+# (reference_trainer.load_balancing), at EP=1, EP=2 and TP=2+SP x EP=2, and with two passes per
+# snapshot at EP=2; and the EP=2 runs against the EP=1 run. The tolerances are the dense runs'
+# (measured against float64: metrics within 1.9e-6 relative, the ratio extrema; final weights within
+# 3.3e-5; EP=2 and TP=2+SP x EP=2 against EP=1: metrics within 1.5e-6, weights within 2.1e-5).
+
+MOE_METRICS = METRICS + ("moe_aux_loss",)
+MOE_WEIGHT_ATOL = WEIGHT_ATOL
+
+
+@pytest.fixture(scope="module")
+def moe_results(reference_runs) -> Callable[[str], dict[str, Any]]:
+    """The float64 run of an MoE run's schedule, trained when a test first asks for it and shared by
+    the runs with the same training section (EP=1, EP=2 and TP=2+SP x EP=2 share one), so no
+    single test's setup trains both (each is a few minutes of float64 MoE on a busy machine)."""
+    cache: dict[tuple, dict[str, Any]] = {}
+
+    def result(name: str) -> dict[str, Any]:
+        training = tuple(sorted(MOE_RUNS[name][3].items()))
+        if training not in cache:  # the rows of the first run with this schedule (the layouts' rows are the same)
+            run = next(n for n, spec in MOE_RUNS.items() if tuple(sorted(spec[3].items())) == training)
+            cache[training] = _float64_run(reference_runs, "psft", run, group="moe", aux_coeff=MOE_AUX_COEFF,
+                                           micro_batch_size=1, training=dict(training))
+        return cache[training]
+
+    return result
+
+
+def _relative_errors(got: list[dict], ref: list[dict], keys: tuple[str, ...]) -> dict[str, float]:
+    worst: dict[str, float] = {}
+    for g, r in zip(got, ref):
+        for key in keys:
+            err = abs(g[key] - r[key]) / max(abs(r[key]), METRIC_ATOL / METRIC_RTOL)
+            worst[key] = max(worst.get(key, 0.0), err)
+    return worst
+
+
+@pytest.mark.parametrize("name", list(MOE_RUNS))
+def test_moe_matches_the_float64_reference(moe_results, name):
+    res = moe_results(name)
+    got, ref = res["trained"][name]["records"], res["ref"]
+    assert [g["step"] for g in got] == [r["step"] for r in ref]
+    assert [g["phase"] for g in got] == [r["phase"] for r in ref]
+    assert all(g["tokens"] == r["tokens"] for g, r in zip(got, ref))
+    assert max(r["clip_frac"] for r in ref) > 0, "the trust region must act"
+    # The load-balancing term is really in the objective: it is a visible part of it.
+    assert all(r["moe_aux_loss"] > 0.02 for r in ref)
+    worst = _relative_errors(got, ref, MOE_METRICS)
+    assert all(v <= METRIC_RTOL for v in worst.values()), f"{name}: {worst}"
+    final = res["final"][name]
+    diffs = {k: float((final[k] - v).abs().max()) for k, v in res["ref_weights"].items()}
+    assert set(final) == set(res["ref_weights"])
+    assert max(diffs.values()) <= MOE_WEIGHT_ATOL, max(diffs.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.parametrize("name", list(MOE_RUNS))
+def test_moe_expert_load_is_the_reference_routing(moe_results, name):
+    """metrics.jsonl's per-layer expert load is the share of the mini-batch's routed positions
+    each expert got, as the float64 model routes them (a near-tie may flip one token's choice)."""
+    res = moe_results(name)
+    got, ref = res["trained"][name]["records"], res["ref"]
+    for g, r in zip(got, ref):
+        counts = r["expert_counts"]  # [expert layers, E], the layers in order
+        assert sorted(g["expert_load"], key=int) == ["0", "2", "3"]
+        for row, layer in zip(counts, sorted(g["expert_load"], key=int)):
+            want = (row / row.sum()).tolist()
+            slack = 1.5 / float(row.sum())  # one assignment moving between two experts
+            assert all(abs(a - b) <= slack for a, b in zip(g["expert_load"][layer], want)), (g["step"], layer)
+            assert g["expert_load_max_over_mean"][layer] == pytest.approx(max(g["expert_load"][layer]) * 4, rel=1e-5)
+        assert g["expert_load_worst"] == max(g["expert_load_max_over_mean"].values())
+
+
+@pytest.mark.parametrize("name", ["ep2", "tp2_sp_ep2"])
+def test_moe_expert_parallel_run_equals_ep1(reference_runs, name):
+    """EP=2 (and TP=2+SP x EP=2) trains the same model as EP=1: every step's metrics within the
+    reference tolerance, the same expert load (one assignment may flip on a near-tie), and final
+    weights within the dense runs' weight tolerance (the experts' outputs, and at TP=2 the attention,
+    are summed in another order; eight Adam steps amplify that round-off)."""
+    got, want = reference_runs["moe"][name]["records"], reference_runs["moe"]["ep1"]["records"]
+    assert [g["step"] for g in got] == [w["step"] for w in want]
+    worst = _relative_errors(got, want, MOE_METRICS + ("expert_load_worst",))
+    assert all(v <= METRIC_RTOL for v in worst.values()), f"{name}: {worst}"
+    rows = TRAINING["mini_batch_size"] * TRAINING["seq_length"] * 2  # routed assignments per layer and step (top 2)
+    load = max(abs(a - b) for g, w in zip(got, want) for layer in w["expert_load"]
+               for a, b in zip(g["expert_load"][layer], w["expert_load"][layer]))
+    assert load <= 1.5 / rows, f"{name}: expert load differs by {load}"
+    final, ep1 = reference_runs["final"][f"moe/{name}"], reference_runs["final"]["moe/ep1"]
+    diff = max(float((final[k] - v).abs().max()) for k, v in ep1.items())
+    assert diff <= WEIGHT_ATOL, f"{name}: final weights differ by {diff:.2e}"
+
+
+def test_moe_snapshot_routes_as_the_training_pass(reference_runs):
+    """With two passes per snapshot the snapshot pass also scores mini-batch 1, and the first step
+    of each PSFT global batch trains on exactly the weights the snapshot saw: its ratio is exactly 1
+    on every token, so the snapshot (no gradient) and the training pass routed every token alike."""
+    records = reference_runs["moe"]["passes2_ep2"]["records"]
+    k = TRAINING["global_batch_size"] // TRAINING["mini_batch_size"]
+    warmup = MOE_RUNS["passes2_ep2"][3]["sft_warmup_steps"]
+    firsts = [r for r in records if r["phase"] == "psft" and (r["step"] - warmup - 1) % (2 * k) == 0]
+    assert firsts and all(r["ratio_min"] == r["ratio_max"] == 1.0 for r in firsts)
+    later = [r for r in records if r["phase"] == "psft" and r not in firsts]
+    assert later and all(r["ratio_max"] != 1.0 for r in later)

@@ -269,6 +269,9 @@ _ARCH_FIELDS = (
     ("num_query_groups", "query_groups"),
     ("kv_channels", "kv_channels"),
     ("add_qkv_bias", "qkv_bias"),
+    ("qk_layernorm", "qk_layernorm"),
+    ("num_moe_experts", "num_experts"),
+    ("moe_ffn_hidden_size", "moe_ffn_hidden_size"),
 )
 
 

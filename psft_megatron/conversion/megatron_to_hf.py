@@ -73,9 +73,8 @@ def _check_checkpoint(model_dir: Path, slots: dict[str, Any], cfg: ModelConfig) 
     md = metadata.state_dict_metadata
     tensors = {k: v for k, v in md.items() if isinstance(v, TensorStorageMetadata)}
     expected: dict[str, tuple[int, ...]] = {}
-    for s in slots.values():
-        shape = s.shape if s.layer is None else (cfg.num_layers, *s.shape)
-        expected[s.ckpt_key] = shape
+    for s in slots.values():  # the stored shape: stacked layer and expert axes, then the tensor
+        expected[s.ckpt_key] = s.stored_shape
     missing = sorted(set(expected) - set(tensors))
     wrong = []
     for key in sorted(set(expected) & set(tensors)):

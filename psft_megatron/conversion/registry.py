@@ -17,7 +17,13 @@ import itertools
 
 from psft_megatron.conversion.transforms import TRANSFORMS
 from psft_megatron.model.architectures import architecture
-from psft_megatron.model.architectures.base import PLACEHOLDERS, Architecture, TensorTransform, WeightMapping
+from psft_megatron.model.architectures.base import (
+    PLACEHOLDERS,
+    Architecture,
+    TensorTransform,
+    WeightMapping,
+    placeholder_values,
+)
 from psft_megatron.model.config import ModelConfig
 
 __all__ = ["IGNORED_HF_SUFFIXES", "expand", "mappings_for", "transform_of"]
@@ -45,8 +51,9 @@ def mappings_for(cfg: ModelConfig, arch: Architecture | None = None) -> list[Wei
 
 def expand(cfg: ModelConfig, arch: Architecture | None = None) -> list[tuple[str, tuple[str, ...], TensorTransform]]:
     """Every concrete (megatron name, HF names, transform) for ``cfg``: a row with placeholders once
-    per combination of their values (``{layer}``: each of ``cfg.num_layers``). ``arch``: the family's
-    table, by default the registered one of ``cfg.family``."""
+    per combination of their values (``{layer}``: each of ``cfg.num_layers``; ``{moe_layer}``,
+    ``{dense_layer}``, ``{expert}``: see :data:`PLACEHOLDERS`). ``arch``: the family's table, by
+    default the registered one of ``cfg.family``."""
     arch = arch or architecture(cfg.family)
     out = []
     for m in mappings_for(cfg, arch):
@@ -55,7 +62,7 @@ def expand(cfg: ModelConfig, arch: Architecture | None = None) -> list[tuple[str
         if unknown:
             raise KeyError(f"{arch.family}: {m.megatron} uses unknown placeholder(s) {unknown}; known: {sorted(PLACEHOLDERS)}")
         fn = transform_of(arch, m)
-        for values in itertools.product(*(range(PLACEHOLDERS[n](cfg)) for n in names)):
+        for values in itertools.product(*(placeholder_values(n, cfg) for n in names)):
             fmt = dict(zip(names, values))
             out.append((m.megatron.format(**fmt), tuple(h.format(**fmt) for h in m.hf), fn))
     return out

@@ -15,8 +15,16 @@ alive until the file is closed, so the peak is about one layer plus the
 embedding and output matrices, not the model.)
 
 Loading: ``dist_checkpointing.load`` of one group at a time (the non-layer
-tensors, then each layer), as plain ShardedTensors covering that group's region
-of the stored global tensors (see :func:`load_groups`).
+tensors, then each layer, then each of its experts), as plain ShardedTensors covering
+that group's region of the stored global tensors (see :func:`load_groups`).
+
+Where a tensor sits in the checkpoint: megatron stacks the layers of a model whose layers are
+all alike under one key with a leading layer axis (``decoder.layers.mlp.linear_fc2.weight``
+``[L, ...]``), and saves the layers of a mixed model (dense and expert layers) one key each
+(``decoder.layers.3.mlp.linear_fc2.weight``); expert tensors add an expert axis after the layer
+axis (``decoder.layers.mlp.experts.experts.linear_fc2.weight`` ``[L, E, ...]``). A :class:`Slot`
+records these leading axes, so one canonical name (``decoder.layers.3.mlp.experts.local_experts.5.
+linear_fc2.weight``) finds its tensor in either layout.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from psft_megatron.conversion.errors import ConversionError, describe
 
 __all__ = ["Slot", "load_groups", "slots_of", "stream_save", "streaming_save_strategy"]
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LAYER_IN_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERTS = ".mlp.experts.experts."  # the checkpoint's expert tensors: mlp.experts.experts.linear_fc1...
 
 
 @dataclass(frozen=True)
@@ -42,18 +51,48 @@ class Slot:
 
     name: str  # canonical name, e.g. decoder.layers.3.self_attention.linear_qkv.weight
     state_key: str  # the model's state-dict key (spec-dependent naming)
-    ckpt_key: str  # the dist-checkpoint key (layer index dropped)
+    ckpt_key: str  # the dist-checkpoint key (a stacked layer's index dropped)
     layer: int | None
     shape: tuple[int, ...]  # the full TP=1 tensor
     dtype: torch.dtype
+    expert: int | None = None
+    # The leading axes of the stored tensor this one is an index of, as (axis, index, size): the
+    # stacked layer axis and/or the expert axis (what ShardedTensor.from_rank_offsets takes).
+    axes: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The global shape of the checkpoint key (leading axes, then the tensor)."""
+        return tuple(size for _, _, size in self.axes) + self.shape
 
 
-def _canonical(ckpt_key: str, layer: int | None) -> str:
-    if layer is None:
-        return ckpt_key
-    if not ckpt_key.startswith("decoder.layers."):
-        raise ValueError(f"layer tensor with unexpected checkpoint key {ckpt_key}")
-    return ckpt_key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
+def _canonical(ckpt_key: str, layer: int | None, expert: int | None) -> str:
+    """The table's name for the tensor at ``ckpt_key`` of ``layer`` (and ``expert``)."""
+    name = ckpt_key
+    if layer is not None and not _LAYER_IN_KEY.match(ckpt_key):
+        if not ckpt_key.startswith("decoder.layers."):
+            raise ValueError(f"layer tensor with unexpected checkpoint key {ckpt_key}")
+        name = ckpt_key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
+    if expert is not None:
+        if _EXPERTS not in name:
+            raise ValueError(f"expert tensor with unexpected checkpoint key {ckpt_key}")
+        name = name.replace(_EXPERTS, f".mlp.experts.local_experts.{expert}.", 1)
+    return name
+
+
+def _placement(sh: Any) -> tuple[int | None, int | None, tuple[tuple[int, int, int], ...]]:
+    """(layer, expert, leading axes) of a ShardedTensor (or a factory's first tensor) of a TP=1 model."""
+    if hasattr(sh, "build"):  # ShardedTensorFactory (SwiGLU's fc1): its tensors share the leading axes
+        built = sh.build()
+        sh = next(iter(built.values() if isinstance(built, dict) else built))
+    p = sh.prepend_axis_num
+    axes = tuple((i, sh.global_offset[i], sh.global_shape[i]) for i in range(p))
+    in_key = _LAYER_IN_KEY.match(sh.key)
+    stacked = sh.key.startswith("decoder.layers.") and not in_key
+    layer = int(in_key.group(1)) if in_key else (axes[0][1] if stacked else None)
+    expert_axes = axes[1:] if stacked else axes
+    expert = expert_axes[0][1] if expert_axes and _EXPERTS in sh.key else None
+    return layer, expert, axes
 
 
 def slots_of(meta_model: Any) -> dict[str, Slot]:
@@ -64,10 +103,11 @@ def slots_of(meta_model: Any) -> dict[str, Slot]:
     for state_key, sh in meta_model.sharded_state_dict().items():
         if isinstance(sh, ShardedObject):
             continue
-        m = _LAYER.match(state_key)
-        layer = int(m.group(1)) if m else None
-        name = _canonical(sh.key, layer)
-        slots[name] = Slot(name, state_key, sh.key, layer, tuple(sh.data.shape), sh.data.dtype)
+        layer, expert, axes = _placement(sh)
+        name = _canonical(sh.key, layer, expert)
+        if name in slots:
+            raise ValueError(f"two tensors of the model map to the canonical name {name}")
+        slots[name] = Slot(name, state_key, sh.key, layer, tuple(sh.data.shape), sh.data.dtype, expert, axes)
     return slots
 
 
@@ -78,9 +118,13 @@ class _LazyTensors:
     as two chunks of ``linear_fc1``); the writer asks for them back to back.
     """
 
-    def __init__(self, produce: Callable[[str], torch.Tensor], dtypes: dict[str, torch.dtype]):
+    def __init__(self, produce: Callable[[str], torch.Tensor], slots: dict[str, Slot]):
         self.produce = produce
-        self.dtypes = dtypes
+        self.dtypes = {n: s.dtype for n, s in slots.items()}
+        # checkpoint key -> leading-axis offsets -> canonical name
+        self.names: dict[str, dict[tuple[int, ...], str]] = {}
+        for s in slots.values():
+            self.names.setdefault(s.ckpt_key, {})[tuple(i for _, i, _ in s.axes)] = s.name
         self.prepend: dict[str, int] = {}
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
@@ -94,8 +138,7 @@ class _LazyTensors:
 
     def chunk(self, ckpt_key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         p = self.prepend[ckpt_key]
-        layer = offsets[0] if p else None
-        full = self.full(_canonical(ckpt_key, layer))
+        full = self.full(self.names[ckpt_key][tuple(offsets[:p])])
         index = tuple(slice(o, o + s) for o, s in zip(offsets[p:], sizes[p:]))
         # A view: the writer copies partial chunks itself (it clones views of larger storage),
         # and a chunk that is the whole tensor needs no copy at all.
@@ -153,7 +196,7 @@ def stream_save(meta_model: Any, checkpoint_dir: str | Path, produce: Callable[[
     from megatron.core import dist_checkpointing
 
     slots = slots_of(meta_model)
-    lazy = _LazyTensors(produce, {n: s.dtype for n, s in slots.items()})
+    lazy = _LazyTensors(produce, slots)
     # "model0": the same structure save_model_checkpoint uses for chunk 0.
     dist_checkpointing.save(
         {"model0": meta_model.sharded_state_dict()}, str(checkpoint_dir), sharded_strategy=streaming_save_strategy(lazy)
@@ -161,13 +204,14 @@ def stream_save(meta_model: Any, checkpoint_dir: str | Path, produce: Callable[[
 
 
 def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield {canonical name: full TP=1 tensor} for the non-layer tensors, then layer by layer.
+    """Yield {canonical name: full TP=1 tensor} for the non-layer tensors, then layer by layer, each
+    layer's experts one expert at a time after its other tensors.
 
     Each group is one ``dist_checkpointing.load`` of plain ShardedTensors covering
     that group's region of the global tensors (layer ``i`` = index ``i`` of the
-    stacked layer axis), so only that group is in memory. The model's own sharded
-    state dict cannot be loaded piecewise on one rank: torch's ShardedTensor
-    insists that one rank holds every shard of a stacked-layer key. Vocabulary
+    stacked layer axis, expert ``e`` = index ``e`` of the expert axis), so only that group is in
+    memory. The model's own sharded state dict cannot be loaded piecewise on one rank: torch's
+    ShardedTensor insists that one rank holds every shard of a stacked-layer key. Vocabulary
     tensors are read at the checkpoint's own padded size, every tensor in its stored dtype.
     """
     from megatron.core import dist_checkpointing
@@ -178,21 +222,20 @@ def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[st
         stored = FileSystemReader(str(checkpoint_dir)).read_metadata().state_dict_metadata
     except Exception as e:  # pickle raises many types on a damaged file
         raise ConversionError(f"{checkpoint_dir}/.metadata is unreadable (corrupt or truncated?): {describe(e)}") from None
-    slots = slots_of(meta_model)
-    num_layers = 1 + max((s.layer for s in slots.values() if s.layer is not None), default=-1)
-    groups: dict[int | None, list[Slot]] = {}
-    for s in slots.values():
-        groups.setdefault(s.layer, []).append(s)
-    for layer in [None] + list(range(num_layers)):
+    groups: dict[tuple[int, int], list[Slot]] = {}
+    for s in slots_of(meta_model).values():
+        key = (-1, -1) if s.layer is None else (s.layer, -1 if s.expert is None else s.expert)
+        groups.setdefault(key, []).append(s)
+    for key in sorted(groups):
         request = {}
-        for s in groups.get(layer, []):
+        for s in groups[key]:
             dtype = stored[s.ckpt_key].properties.dtype  # read as stored (e.g. fp32 norms beside bf16 weights)
-            if s.layer is None:
+            if not s.axes:  # the whole stored tensor (a vocabulary tensor at its stored padded size)
                 shape = tuple(stored[s.ckpt_key].size)
                 request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, torch.empty(shape, dtype=dtype))
             else:
-                data = torch.empty((1, *s.shape), dtype=dtype)
-                request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, data, (0, s.layer, num_layers))
+                data = torch.empty((1,) * len(s.axes) + s.shape, dtype=dtype)
+                request[s.name] = ShardedTensor.from_rank_offsets(s.ckpt_key, data, *s.axes)
         # A region of each global tensor, not a full cover: skip the access-pattern validation.
         try:
             loaded = dist_checkpointing.load(request, str(checkpoint_dir), validate_access_integrity=False)
@@ -202,4 +245,5 @@ def load_groups(meta_model: Any, checkpoint_dir: str | Path) -> Iterator[dict[st
             raise ConversionError(
                 f"cannot read the dist checkpoint {checkpoint_dir} (a file is corrupt or truncated?): {describe(e)}"
             ) from None
-        yield {name: (t if slots[name].layer is None else t[0]) for name, t in loaded.items()}
+        by_name = {s.name: s for s in groups[key]}
+        yield {n: (t.reshape(by_name[n].shape) if by_name[n].axes else t) for n, t in loaded.items()}

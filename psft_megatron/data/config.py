@@ -135,7 +135,8 @@ class DataConfig:
     eval: list[DataSourceConfig] = field(default_factory=list)
     # A SentencePiece .model, a folder/file with an HF tokenizer.json, or a hub name.
     tokenizer: str = ""
-    # None = the tokenizer's own Jinja template; or llama3, chatml, llama2, plain.
+    # None = the tokenizer's own Jinja template; or llama3, chatml, llama2, plain (built in), qwen3
+    # (Qwen3's own, bundled), or a .jinja file.
     chat_template: str | None = None
     # Token used for padding when the tokenizer has none (a token string or id; None = EOS).
     pad: str | None = None

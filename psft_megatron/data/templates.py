@@ -9,7 +9,8 @@ the tokens that start inside a span. Prompt text, including the assistant header
 ``\\n``), is never trained.
 
 Built-in templates (``chatml`` for Qwen/SmolLM2, ``llama3``, ``llama2``, ``plain``) know
-their spans by construction.
+their spans by construction. Bundled Jinja templates (``qwen3``: Qwen3's own, with its
+``<think>`` handling, in ``chat_templates/``) are used as a tokenizer's template would be.
 
 Jinja templates (the tokenizer's own, or a ``.jinja`` file) are rendered the way
 Hugging Face's ``apply_chat_template`` renders them (sandboxed jinja2, ``trim_blocks``,
@@ -18,7 +19,13 @@ rendering prefix by prefix: for trained assistant turn ``k``,
 ``P = render(messages[:k], add_generation_prompt=True)`` ends with the assistant header
 and ``Q = render(messages[:k+1])`` adds the turn, so the turn's text is ``Q[len(P):]``;
 it is trained from its start up to the end of the first special token after the
-content (the end of turn). Both ``P`` and ``Q`` must be prefixes of the full render,
+content (the end of turn): everything the model writes in that turn after the generation
+prompt. A template that moves a reasoning block (Qwen3 writes a demonstration's
+``<think>...</think>`` re-spaced, as ``<think>\nR\n</think>\n\n`` ahead of the answer) is
+located by its reasoning and its answer, each written verbatim, so the think block is trained
+with the answer; an empty one (Qwen3 writes ``<think>\n\n</think>\n\n`` into the last turn of a
+demonstration without reasoning) is trained too, unless the generation prompt already holds it
+(Qwen3 with ``enable_thinking: false``). Both ``P`` and ``Q`` must be prefixes of the full render,
 otherwise the template is not prefix-stable (e.g. it rewrites earlier turns) and the
 sample is rejected, since no honest mask exists for it. This needs no sentinel
 strings that could merge with neighbouring text in the tokenizer.
@@ -67,6 +74,10 @@ class ChatTemplate(Protocol):
 
 
 BUILTIN_TEMPLATES = ("chatml", "llama3", "llama2", "plain")
+# Jinja templates shipped with the package (name -> file in chat_templates/), for tokenizers that
+# lack their model's template (tests use Qwen3's with the Qwen2 tokenizer it extends).
+BUNDLED_TEMPLATES = {"qwen3": "qwen3.jinja"}
+_BUNDLED_DIR = Path(__file__).parent / "chat_templates"
 
 
 def load_template(
@@ -77,8 +88,8 @@ def load_template(
     """The chat template named by ``spec``, checked against ``tokenizer``.
 
     ``spec``: ``None``/``"auto"``/``"tokenizer"`` = the tokenizer's own Jinja template;
-    ``"chatml"``, ``"llama3"``, ``"llama2"``, ``"plain"`` = built-ins; otherwise a path
-    to a ``.jinja`` file. ``template_vars`` are extra variables for a Jinja template
+    ``"chatml"``, ``"llama3"``, ``"llama2"``, ``"plain"`` = built-ins; ``"qwen3"`` = a bundled
+    Jinja template (:data:`BUNDLED_TEMPLATES`); otherwise a path to a ``.jinja`` file. ``template_vars`` are extra variables for a Jinja template
     (e.g. ``{"enable_thinking": False}``).
     """
     if spec in (None, "auto", "tokenizer"):
@@ -90,9 +101,13 @@ def load_template(
         return JinjaTemplate(tokenizer.chat_template, tokenizer, tokenizer.chat_template_path or tokenizer.name, template_vars)
     if spec in BUILTIN_TEMPLATES:
         return BuiltinTemplate(spec, tokenizer)
+    if spec in BUNDLED_TEMPLATES:
+        path = _BUNDLED_DIR / BUNDLED_TEMPLATES[spec]
+        return JinjaTemplate(path.read_text(encoding="utf-8"), tokenizer, f"{spec} ({path.name})", template_vars)
     path = Path(spec)
     if not path.is_file():
-        raise TemplateError(str(spec), None, None, TEMPLATE, f"not a built-in template {list(BUILTIN_TEMPLATES)} nor a file")
+        raise TemplateError(str(spec), None, None, TEMPLATE,
+                            f"not a built-in template {list(BUILTIN_TEMPLATES) + list(BUNDLED_TEMPLATES)} nor a file")
     try:
         source = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -231,9 +246,12 @@ _KNOWN_VARS = frozenset({
     "enable_thinking", "date_string", "custom_tools", "tools_in_user_message", "builtin_tools",
     "add_vision_id", "reasoning_effort", "range", "namespace", "dict", "lipsum", "cycler", "joiner",
 })
-_PROBE = (  # no system turn: some templates (e.g. Gemma) reject one
+# No system turn: some templates (e.g. Gemma) reject one. Only the last turn is trained: a template
+# may render history turns differently (Qwen3 drops their think blocks), which makes an earlier
+# trained turn unlocatable; such a sample is refused on its own, the template is not.
+_PROBE = (
     Message("user", "What is 2 + 2?"),
-    Message("assistant", "2 + 2 = 4.", train=True),
+    Message("assistant", "2 + 2 = 4."),
     Message("user", "And 3 + 3?"),
     Message("assistant", "3 + 3 = 6.", train=True),
 )
@@ -249,6 +267,29 @@ def _raise_exception(message: str) -> None:
     from jinja2.exceptions import TemplateError as JinjaTemplateError
 
     raise JinjaTemplateError(message)
+
+
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+def _content_end(turn: str, content: str) -> int:
+    """Where the assistant text ends in its rendered ``turn`` (-1: not written there).
+
+    Verbatim, or stripped (templates that apply ``| trim``), or for a message that starts with a
+    ``<think>...</think>`` reasoning block, its reasoning and then its answer each verbatim
+    (templates that re-space the block, as Qwen3's and DeepSeek-R1's do)."""
+    for text in (content, content.strip()):
+        at = turn.find(text)
+        if at >= 0:
+            return at + len(text)
+    if _THINK_CLOSE in content:
+        reasoning, answer = content.rsplit(_THINK_CLOSE, 1)
+        reasoning, answer = reasoning.split(_THINK_OPEN)[-1].strip(), answer.strip()
+        at = turn.find(reasoning)
+        after = turn.find(answer, at + len(reasoning)) if at >= 0 else -1
+        if after >= 0:
+            return after + len(answer)
+    return -1
 
 
 class JinjaTemplate:
@@ -357,6 +398,10 @@ class JinjaTemplate:
             if not m.train:
                 continue
             field = m.source or f"messages[{k}].content"
+            if _content_end(full, m.content) < 0:  # nothing of it to train, wherever the spans would be
+                raise DataError.at(
+                    conv.provenance, field, TEMPLATE_RENDER, f"template {self.name} does not write the assistant text verbatim"
+                )
             prefix = self._render(conv, msgs[:k], True)
             upto = self._render(conv, msgs[: k + 1], False)
             if not (upto.startswith(prefix) and full.startswith(upto)):
@@ -366,16 +411,12 @@ class JinjaTemplate:
                     "turns exist), so the trained tokens cannot be located",
                 )
             turn = upto[len(prefix):]
-            content = m.content
-            at = turn.find(content)
-            if at < 0:  # templates that apply "| trim"
-                content = m.content.strip()
-                at = turn.find(content)
-            if at < 0:
+            end = _content_end(turn, m.content)
+            if end < 0:
                 raise DataError.at(
                     conv.provenance, field, TEMPLATE_RENDER, f"template {self.name} does not write the assistant text verbatim"
                 )
-            eot = self._special.search(turn, at + len(content)) if self._special else None
+            eot = self._special.search(turn, end) if self._special else None
             if eot is None:
                 raise DataError.at(
                     conv.provenance, field, TEMPLATE_RENDER,

@@ -5,7 +5,15 @@ One chunk per virtual pipeline stage (one chunk without interleaving), each with
 way megatron's schedules expect. Llama-family features map to megatron as:
 RMSNorm -> ``normalization="RMSNorm"``, SwiGLU -> ``gated_linear_unit`` + SiLU,
 GQA -> ``num_query_groups``, Qwen2's QKV bias -> ``add_qkv_bias`` with
-``add_bias_linear=False``, tied embeddings -> ``share_embeddings_and_output_weights``.
+``add_bias_linear=False``, Qwen3's query/key norms -> ``qk_layernorm``, tied embeddings ->
+``share_embeddings_and_output_weights``.
+
+Mixture of experts (Qwen3-MoE, ``model.num_experts``): megatron's MoE layer (``TopKRouter``,
+SequentialMLP on the local spec, the grouped GEMM with TransformerEngine) in the layers
+``ModelConfig.moe_layers`` names, a dense MLP in the others (``moe_layer_freq`` as a 0/1 list, one
+block spec per model chunk), the token dispatcher ``parallel.moe_token_dispatcher``, routing in
+fp32 (``moe_router_dtype``), the load-balancing loss megatron attaches to the router's output
+(``moe_aux_loss_coeff``; see :mod:`psft_megatron.training.moe_metrics`).
 
 Llama-3.1 RoPE scaling: megatron-core 0.16's ``GPTModel(rope_scaling=True)`` applies
 HF's llama3 formula but only passes ``factor``; ``low_freq_factor``,
@@ -18,6 +26,7 @@ The trainer wraps the chunks in megatron's DistributedDataParallel; this module 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -32,6 +41,7 @@ from psft_megatron.model.gpt import PSFTGPTModel
 from psft_megatron.model.lora.spec import lora_layer_spec
 from psft_megatron.model.lora.state import freeze_base
 from psft_megatron.runtime.config import ParallelConfig
+from psft_megatron.runtime.cpu_compat import apply_moe_without_te
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +118,27 @@ def select_transformer_impl(requested: str = "auto") -> str:
     return impl
 
 
-def model_layer_spec(model: ModelConfig, impl: str, context_parallel_size: int = 1) -> Any:
-    """The layer spec of ``model``: :func:`layer_spec`, with LoRA adapters in the targeted linears
-    when ``model.lora`` is set (:mod:`psft_megatron.model.lora.spec`)."""
-    spec = layer_spec(impl, context_parallel_size)
-    return lora_layer_spec(spec, model.family, model.lora) if model.lora is not None else spec
+def model_layer_spec(model: ModelConfig, impl: str, context_parallel_size: int = 1, config: Any = None,
+                     vp_stage: int | None = None) -> Any:
+    """The layer spec of ``model`` (:func:`layer_spec`: a layer spec, or a mixture-of-experts model's
+    block spec), with LoRA adapters in the targeted linears when ``model.lora`` is set
+    (:mod:`psft_megatron.model.lora.spec`; in a block spec, each distinct layer spec once)."""
+    spec = layer_spec(impl, context_parallel_size, config, vp_stage)
+    if model.lora is None:
+        return spec
+    if not hasattr(spec, "layer_specs"):
+        return lora_layer_spec(spec, model.family, model.lora)
+    adapted: dict[int, Any] = {}
+    for i, layer in enumerate(spec.layer_specs):
+        if id(layer) not in adapted:
+            adapted[id(layer)] = lora_layer_spec(layer, model.family, model.lora)
+        spec.layer_specs[i] = adapted[id(layer)]
+    return spec
 
 
-def layer_spec(impl: str, context_parallel_size: int = 1) -> Any:
-    """megatron-core's GPT layer spec for ``impl``.
+def layer_spec(impl: str, context_parallel_size: int = 1, config: Any = None, vp_stage: int | None = None) -> Any:
+    """megatron-core's GPT layer spec for ``impl``, or for a mixture-of-experts ``config`` the block
+    spec of this rank's model chunk ``vp_stage`` (dense and expert layers differ).
 
     Both specs save under the same dist-checkpoint keys (the local spec maps
     ``input_layernorm`` to ``self_attention.linear_qkv.layer_norm_weight`` through
@@ -124,15 +146,79 @@ def layer_spec(impl: str, context_parallel_size: int = 1) -> Any:
     parallelism the local spec's core attention is
     :class:`~psft_megatron.model.cp_attention.ContextParallelDotProductAttention` (megatron's
     own refuses CP; it has no parameters, so checkpoints are unchanged); TE's handles CP itself.
+    ``config`` (megatron's TransformerConfig) adds Qwen3's query/key norms (``qk_layernorm``).
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if config is not None and config.num_moe_experts:
+        return _moe_block_spec(impl, context_parallel_size, config, vp_stage)
+    qk_layernorm = bool(config is not None and config.qk_layernorm)
     if impl == "transformer_engine":
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     if context_parallel_size > 1:
         spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
     return spec
+
+
+def _moe_block_spec(impl: str, context_parallel_size: int, config: Any, vp_stage: int | None) -> Any:
+    """The decoder block spec of one model chunk of a mixture-of-experts model (megatron's own, with
+    the local spec's expert layers saving their pre-MLP norm as TransformerEngine does).
+
+    megatron's local layer spec maps ``pre_mlp_layernorm`` onto ``mlp.linear_fc1.layer_norm_weight``,
+    which is right for a dense MLP (TE fuses that norm into ``linear_fc1``) but not for an expert
+    layer, where TE keeps a separate ``pre_mlp_layernorm``: without the change a checkpoint written
+    on the CPU would not load into a TE model. Each distinct layer spec is copied before the change.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=impl == "transformer_engine",
+                                       normalization="RMSNorm", vp_stage=vp_stage)
+    if impl == "transformer_engine":
+        return block
+    fixed: dict[int, Any] = {}
+    for i, spec in enumerate(block.layer_specs):
+        if id(spec) not in fixed:
+            own = copy.deepcopy(spec)
+            if own.submodules.mlp.module is MoELayer:
+                own.submodules.sharded_state_dict_keys_map = {
+                    k: v for k, v in own.submodules.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."
+                }
+            if context_parallel_size > 1:
+                own.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
+            fixed[id(spec)] = own
+        block.layer_specs[i] = fixed[id(spec)]
+    return block
+
+
+def _moe_kwargs(model: ModelConfig, parallel: ParallelConfig, impl: str) -> dict[str, Any]:
+    """TransformerConfig fields of a mixture-of-experts model (none for a dense one)."""
+    if not model.is_moe:
+        return {}
+    moe = set(model.moe_layers)
+    coeff = model.aux_loss_coeff
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_topk=model.moe_router_topk,
+        # norm_topk_prob: top-k of the logits, softmax over those k (= HF's renormalised top-k of the
+        # full softmax); otherwise the top k of the full softmax, as HF without renormalisation.
+        moe_router_pre_softmax=not model.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
+        moe_aux_loss_coeff=coeff,
+        # Routing and the weighted sum of expert outputs in fp32 (megatron's advice for many experts).
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=parallel.moe_token_dispatcher,
+        moe_grouped_gemm=impl == "transformer_engine",
+        moe_permute_fusion=False,
+        # 1: every layer has experts (megatron then stacks the layers in the checkpoint); a list
+        # of 0/1 per layer otherwise (saved layer by layer). Either way the same at every layout.
+        moe_layer_freq=1 if len(moe) == model.num_layers else [int(i in moe) for i in range(model.num_layers)],
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tp_size,
+    )
 
 
 def transformer_config(
@@ -193,6 +279,8 @@ def transformer_config(
         recompute_granularity=model.recompute_granularity,
         recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
+        qk_layernorm=model.qk_layernorm,
+        **_moe_kwargs(model, parallel, impl),
     )
     kwargs.update(overrides or {})
     return TransformerConfig(**kwargs)
@@ -268,8 +356,9 @@ def build_model(
     parallel = parallel or ParallelConfig()
     model.validate(parallel)
     impl = select_transformer_impl(model.transformer_impl)
+    if model.is_moe and impl == "local":
+        apply_moe_without_te()  # megatron's router needs it without TransformerEngine (see cpu_compat)
     config = transformer_config(model, parallel, impl=impl, overrides=config_overrides)
-    spec = model_layer_spec(model, impl, parallel.context_parallel_size)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp != parallel.tensor_model_parallel_size:
         raise RuntimeError(
@@ -284,6 +373,7 @@ def build_model(
     for vp_stage in stages:
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=vp is None, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=vp is None, vp_stage=vp_stage)
+        spec = model_layer_spec(model, impl, parallel.context_parallel_size, config, vp_stage)
         chunk = _gpt_chunk(model, config, spec, vocab, pre, post, vp_stage, fused_output_layer)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
@@ -313,7 +403,7 @@ def build_meta_model(model: ModelConfig, impl: str = "local") -> Any:
     config = transformer_config(model, ParallelConfig(), impl=impl, perform_initialization=False)
     vocab = model.padded_vocab_size
     with torch.device("meta"):
-        chunk = _gpt_chunk(model, config, model_layer_spec(model, impl), vocab, True, True, None)
+        chunk = _gpt_chunk(model, config, model_layer_spec(model, impl, 1, config), vocab, True, True, None)
     # Norms are created in fp32 whatever params_dtype says; one dtype throughout, as a
     # Float16Module-wrapped training model saves.
     return chunk.to(_DTYPES[model.params_dtype])

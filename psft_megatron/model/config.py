@@ -47,10 +47,11 @@ class RopeScaling:
 @dataclass
 class ModelConfig:
     """Architecture of a Llama-style decoder; ``family`` is one registered in
-    :mod:`psft_megatron.model.architectures` (Llama 2/3/3.1, Qwen2/2.5, Mistral).
+    :mod:`psft_megatron.model.architectures` (Llama 2/3/3.1, Qwen2/2.5, Mistral, Qwen3, Qwen3-MoE).
 
     All of these share RMSNorm, SwiGLU MLP, RoPE and grouped-query attention; they
-    differ in QKV bias (Qwen2), tied embeddings and RoPE scaling.
+    differ in QKV bias (Qwen2), per-head query/key norms (Qwen3), tied embeddings, RoPE
+    scaling and, with ``num_experts`` set, mixture-of-experts MLPs (Qwen3-MoE).
     """
 
     family: Family = "llama"
@@ -68,7 +69,24 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False
+    # Per-head RMSNorm of queries and keys before RoPE (Qwen3's q_norm / k_norm; megatron's qk_layernorm).
+    qk_layernorm: bool = False
     tie_word_embeddings: bool = False
+    # Mixture of experts (Qwen3-MoE): megatron's MoE layer, a TopKRouter over num_experts experts.
+    # null: every layer has a dense MLP of ffn_hidden_size.
+    num_experts: int | None = None
+    # Each expert's SwiGLU width (HF moe_intermediate_size); ffn_hidden_size stays the dense layers' width.
+    moe_ffn_hidden_size: int | None = None
+    # Experts per token (HF num_experts_per_tok). The router takes the softmax over all experts, then
+    # the top k; with moe_norm_topk_prob the k weights are renormalised to sum to 1 (HF norm_topk_prob).
+    moe_router_topk: int = 2
+    moe_norm_topk_prob: bool = True
+    # The router's load-balancing loss coefficient (HF router_aux_loss_coef); null: the HF config's,
+    # else 0. Added to the objective, never inside the PSFT ratio (see psft_megatron.training.moe_metrics).
+    moe_aux_loss_coeff: float | None = None
+    # Layers (0-based) that keep a dense MLP instead of experts: HF mlp_only_layers and the layers
+    # decoder_sparse_step skips.
+    moe_dense_layers: list[int] = field(default_factory=list)
     params_dtype: Literal["fp32", "bf16"] = "bf16"
     transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
     # HF config.json (or its folder) to take the architecture from.
@@ -111,6 +129,30 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     @property
+    def is_moe(self) -> bool:
+        """Whether the model has mixture-of-experts layers."""
+        return bool(self.num_experts)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """0-based indices of the layers whose MLP is experts (none for a dense model)."""
+        if not self.is_moe:
+            return []
+        dense = set(self.moe_dense_layers)
+        return [i for i in range(self.num_layers) if i not in dense]
+
+    @property
+    def dense_layers(self) -> list[int]:
+        """0-based indices of the layers with a dense MLP (all of a dense model's)."""
+        moe = set(self.moe_layers)
+        return [i for i in range(self.num_layers) if i not in moe]
+
+    @property
+    def aux_loss_coeff(self) -> float:
+        """The load-balancing loss coefficient in use (0 for a dense model or when unset)."""
+        return float(self.moe_aux_loss_coeff or 0.0) if self.is_moe else 0.0
+
+    @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding and output layer: ``vocab_size`` rounded up to ``make_vocab_size_divisible_by``.
 
@@ -121,15 +163,28 @@ class ModelConfig:
         d = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // d) * d
 
-    def num_parameters(self) -> int:
-        """Parameters of the whole model (embedding and output rows padded; the output counted once
-        when tied), from the architecture alone."""
+    def attention_parameters(self) -> int:
+        """Parameters of one layer's attention (QKV, its bias, the output projection, q/k norms)."""
         h, kv, heads, groups = self.hidden_size, self.kv_channels, self.num_attention_heads, self.query_groups
-        attention = h * kv * (heads + 2 * groups) + heads * kv * h + (kv * (heads + 2 * groups) if self.qkv_bias else 0)
-        mlp = 3 * h * self.ffn_hidden_size  # gate, up, down (SwiGLU)
-        layer = attention + mlp + 2 * h  # two RMSNorm weights
+        qkv = h * kv * (heads + 2 * groups) + (kv * (heads + 2 * groups) if self.qkv_bias else 0)
+        return qkv + heads * kv * h + (2 * kv if self.qk_layernorm else 0)
+
+    def expert_parameters(self) -> int:
+        """Parameters of one expert (SwiGLU gate, up, down of moe_ffn_hidden_size); 0 for a dense model."""
+        return 3 * self.hidden_size * (self.moe_ffn_hidden_size or 0) if self.is_moe else 0
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameters of the whole model (embedding and output rows padded; the output counted once
+        when tied), from the architecture alone. ``active``: only the experts one token runs through
+        (``moe_router_topk`` of ``num_experts`` per MoE layer), for FLOPs."""
+        h = self.hidden_size
+        dense_mlp = 3 * h * self.ffn_hidden_size  # gate, up, down (SwiGLU)
+        experts = (self.moe_router_topk if active else (self.num_experts or 0)) * self.expert_parameters()
+        moe_mlp = experts + (self.num_experts or 0) * h  # + the router
+        mlps = len(self.dense_layers) * dense_mlp + len(self.moe_layers) * moe_mlp
+        layers = self.num_layers * (self.attention_parameters() + 2 * h) + mlps  # two RMSNorm weights per layer
         embeddings = self.padded_vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + embeddings + h  # + the final norm
+        return layers + embeddings + h  # + the final norm
 
     @classmethod
     def from_hf(cls, config_json: str | Path | dict[str, Any]) -> "ModelConfig":
@@ -266,8 +321,60 @@ class ModelConfig:
             )
 
         self._validate_recompute(pp, vp)
+        self._validate_moe(parallel)
         if self.lora is not None:
             self.lora.validate(self.family)
+
+    def _validate_moe(self, parallel: ParallelConfig) -> None:
+        """The mixture-of-experts fields against each other and the expert layout (megatron's own
+        checks, and the ones it makes only at the first training step, made up front)."""
+        ep, etp, tp = parallel.expert_model_parallel_size, parallel.expert_tp_size, parallel.tensor_model_parallel_size
+        if not self.is_moe:
+            for name, value, default in (("moe_ffn_hidden_size", self.moe_ffn_hidden_size, None),
+                                         ("moe_dense_layers", self.moe_dense_layers, [])):
+                if value != default:
+                    raise FieldError(f"model.{name}", f"({value}) needs a mixture-of-experts model: set model.num_experts "
+                                     f"or remove model.{name}")
+            if ep > 1 or parallel.expert_tensor_parallel_size not in (None, tp):
+                raise FieldError("parallel.expert_model_parallel_size",
+                                 f"(EP {ep}, expert TP {etp}) needs a mixture-of-experts model (model.num_experts); "
+                                 "remove the expert layout for a dense model")
+            return
+        e, k = self.num_experts, self.moe_router_topk
+        if not isinstance(e, int) or e < 2:
+            raise FieldError("model.num_experts", f"must be an integer >= 2 or null (a dense model), got {e!r}")
+        if not isinstance(self.moe_ffn_hidden_size, int) or self.moe_ffn_hidden_size < 1:
+            raise FieldError("model.moe_ffn_hidden_size", f"must be a positive integer with num_experts set, got "
+                             f"{self.moe_ffn_hidden_size!r} (HF moe_intermediate_size)")
+        if not 1 <= k <= e:
+            raise FieldError("model.moe_router_topk", f"({k}) must be between 1 and model.num_experts ({e})")
+        if k == 1 and self.moe_norm_topk_prob:
+            raise FieldError("model.moe_norm_topk_prob", "with moe_router_topk 1 would give every token weight 1, which "
+                             "megatron's router does not compute (it takes the softmax probability): set it to false")
+        bad = sorted({i for i in self.moe_dense_layers if not 0 <= i < self.num_layers})
+        if bad or len(set(self.moe_dense_layers)) != len(self.moe_dense_layers):
+            raise FieldError("model.moe_dense_layers", f"({self.moe_dense_layers}) must list distinct layer indices in "
+                             f"0..{self.num_layers - 1}" + (f"; {bad} are outside" if bad else ""))
+        if not self.moe_layers:
+            raise FieldError("model.moe_dense_layers", "lists every layer: no layer would have experts; set "
+                             "model.num_experts: null for a dense model")
+        if self.moe_aux_loss_coeff is not None and self.moe_aux_loss_coeff < 0:
+            raise FieldError("model.moe_aux_loss_coeff", f"must be >= 0, got {self.moe_aux_loss_coeff}")
+        if e % ep:
+            divisors = [d for d in range(1, e + 1) if e % d == 0]
+            raise FieldError("parallel.expert_model_parallel_size",
+                             f"({ep}) must divide model.num_experts ({e}): every EP rank holds the same number of "
+                             f"experts; use one of {divisors}")
+        if self.moe_ffn_hidden_size % etp:
+            raise FieldError("parallel.expert_tensor_parallel_size",
+                             f"({etp}) must divide model.moe_ffn_hidden_size ({self.moe_ffn_hidden_size}): each expert's "
+                             "MLP is split over expert TP ranks" + ("" if parallel.expert_tensor_parallel_size else
+                                                                    " (null means tensor_model_parallel_size)"))
+        if tp > 1 and not parallel.sequence_parallel:
+            raise FieldError("parallel.sequence_parallel",
+                             f"must be true with a mixture-of-experts model at tensor_model_parallel_size {tp}: megatron's "
+                             "MoE layer refuses TP without SP in training (each TP rank routes its own slice of the "
+                             "sequence)")
 
     def _validate_recompute(self, pp: int, vp: int) -> None:
         """The recompute fields against each other and the layers of one model chunk (megatron's

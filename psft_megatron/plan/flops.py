@@ -3,8 +3,9 @@
 Model FLOPs per optimizer step = training (3 x forward) over the mini-batch plus this step's
 share of the snapshot pass (PSFT runs one forward over mini-batches 2..k per global batch:
 ``(k-1)/k`` of a mini-batch forward per step) and of a reference model's pass; forward FLOPs
-per token = ``2 x`` the matmul parameters + causal attention ``2 * heads * head_dim * s`` per
-layer over the whole packed row (an upper bound: packed samples attend only within
+per token = ``2 x`` the matmul parameters a token passes through (for an expert layer its router
+and ``moe_router_topk`` experts, not all of them) + causal attention ``2 * heads * head_dim * s``
+per layer over the whole packed row (an upper bound: packed samples attend only within
 themselves). Step time = FLOPs / (GPUs x peak x MFU); recompute adds hardware FLOPs, reported
 apart, not model FLOPs.
 
@@ -26,7 +27,10 @@ __all__ = ["forward_flops_per_token", "step_flops"]
 def forward_flops_per_token(m: ModelConfig, seq: int) -> dict[str, float]:
     """Forward FLOPs per token: the layers (matmuls, causal attention over the packed row) and the head."""
     h, a, g, d, f = m.hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels, m.ffn_hidden_size
-    matmuls = h * d * (a + 2 * g) + a * d * h + 3 * h * f
+    # The MLP a token passes through, averaged over the layers: dense, or the router and its top-k experts.
+    experts = m.moe_router_topk * m.expert_parameters() + (m.num_experts or 0) * h
+    mlp = (len(m.dense_layers) * 3 * h * f + len(m.moe_layers) * experts) / m.num_layers
+    matmuls = h * d * (a + 2 * g) + a * d * h + mlp
     attention = 2 * a * d * seq  # QK^T and PV, each 2*a*d*(s/2) on average under the causal mask
     adapters = 2 * adapter_parameters_per_model(m) if m.lora is not None else 0
     return {"layers": m.num_layers * (2 * matmuls + attention) + adapters, "attention": m.num_layers * attention,

@@ -1,8 +1,8 @@
 """What one transformer layer keeps for backward, tensor by tensor, for one micro-batch on one rank.
 
 The list of tensors autograd keeps: norm inputs (and, for torch's composite RMSNorm, the
-normalised input), the linear layers' inputs, Q/K/V, the attention output, the MLP's
-intermediates. Tokens per rank ``n = s * b / CP``; tensors outside the tensor-parallel
+normalised input), the linear layers' inputs, Q/K/V (and Qwen3's query/key norms' inputs), the
+attention output, the MLP's intermediates. Tokens per rank ``n = s * b / CP``; tensors outside the tensor-parallel
 regions are ``/TP`` only with sequence parallelism. Attention:
 
 * TransformerEngine (``transformer_impl`` auto/transformer_engine: what a GPU job runs):
@@ -85,6 +85,9 @@ class Shape:
     cp: int = 1
     sp: bool = False
     act_bytes: int = 2
+    ep: int = 1  # expert parallelism (mixture-of-experts models)
+    etp: int = 1  # tensor parallelism inside each expert
+    dispatcher: str = "allgather"  # the MoE token dispatcher
 
     @property
     def tokens(self) -> float:
@@ -170,6 +173,9 @@ def layer_saved(m: ModelConfig, k: Kernels, sh: Shape, granularity: str | None =
     h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels
     norm = n * h / ss * e * norm_tensors(m, k) + (n / ss * (4 if e == 4 else e) if k.norm_stats else 0)
     items = [Term("input norm", norm), Term("QKV input", _linear_input(m, "linear_qkv", n * h / ss, e))]
+    if m.qk_layernorm:  # Qwen3's per-head query/key norms keep what any norm keeps, on q and k
+        qk = n * (a + g) * d / t
+        items.append(Term("query/key norms", qk * e * norm_tensors(m, k) + (qk / d * (4 if e == 4 else e) if k.norm_stats else 0)))
     if granularity == "selective":
         v = (a + 2 * g) * d if k.selective_keeps_qkv else g * d  # V: a view of the fused QKV output
         items.append(Term("q, k, v (kept for the recomputed attention)", n * (a * d + g * d + v) / t * e))
@@ -194,15 +200,17 @@ def sum_terms(terms: list[Term]) -> float:
     return sum(x.bytes for x in terms)
 
 
-def layer_backward_working(m: ModelConfig, k: Kernels, sh: Shape) -> float:
+def layer_backward_working(m: ModelConfig, k: Kernels, sh: Shape, mlp: float | None = None) -> float:
     """Gradients alive while one layer runs backward (the larger of its attention and its MLP),
-    plus the weight gradient megatron's linear layers materialise before adding it to main_grad."""
+    plus the weight gradient megatron's linear layers materialise before adding it to main_grad.
+    ``mlp``: the MLP part's figure when it is not the dense MLP's (an expert layer's)."""
     n, t, e = sh.tokens, sh.tp, sh.act_bytes
     h, f, a, g, d = m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.query_groups, m.kv_channels
     # SP re-gathers a linear's input in backward for its weight gradient; a frozen (LoRA) base forms none.
     wgrad = 0 if m.lora is not None else 1
     gathered = n * h * e if sh.sp and t > 1 and wgrad else 0
-    mlp = n * 4 * f / t * e + wgrad * 2 * f * h / t * e + gathered  # grads of fc1 out (2f), silu/linear; fc1 wgrad
+    if mlp is None:  # grads of fc1 out (2f), silu/linear parts; fc1 wgrad
+        mlp = n * 4 * f / t * e + wgrad * 2 * f * h / t * e + gathered
     if k.attention == "flash":
         attn = 2 * n * (a + 2 * g) * d / t * e + wgrad * (a + 2 * g) * d * h / t * e + gathered
     else:  # grads of the probabilities and of the scores (fp32), dq and the expanded dk, dv

@@ -21,11 +21,17 @@ def format_plan(plan: Plan) -> str:
     out.append(f"  model: {m.family}, {m.num_parameters() / 1e9:.2f}B parameters, {m.num_layers} layers, hidden "
                f"{m.hidden_size}, {m.num_attention_heads} heads / {m.query_groups} KV groups, ffn {m.ffn_hidden_size}, "
                f"vocabulary {m.vocab_size} (padded {m.padded_vocab_size}), {m.params_dtype}")
+    if m.is_moe:
+        out.append(f"  experts: {m.num_experts} per layer in {len(m.moe_layers)} of {m.num_layers} layers, top "
+                   f"{m.moe_router_topk}, width {m.moe_ffn_hidden_size}; {m.num_parameters(active=True) / 1e9:.2f}B "
+                   f"parameters active per token")
     if m.lora is not None:
         out.append(f"  LoRA: rank {m.lora.rank}, alpha {m.lora.alpha:g} on {', '.join(m.lora.target_modules)}: "
                    f"{adapter_parameters_per_model(m) / 1e6:.1f}M adapter parameters train, the base is frozen")
     out.append(f"  layout: TP {plan.tp}{' + SP' if plan.sp else ''} x PP {plan.pp}"
-               f"{f' (VP {plan.vp})' if plan.vp else ''} x CP {plan.cp} x DP {plan.dp}; seq_length {plan.seq}, "
+               f"{f' (VP {plan.vp})' if plan.vp else ''} x CP {plan.cp} x DP {plan.dp}"
+               + (f"; experts: EP {plan.ep} x expert TP {plan.etp} x expert DP {plan.edp}" if m.is_moe else "")
+               + f"; seq_length {plan.seq}, "
                f"micro-batch {plan.micro}, {plan.micro_batches} micro-batches per mini-batch per DP rank, k = {plan.k}")
     attn = "TransformerEngine flash attention" if plan.impl == "transformer_engine" else "local spec (unfused attention, [s, s] scores)"
     out.append(f"  attention: {attn}; recompute: {plan.recompute}")

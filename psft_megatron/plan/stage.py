@@ -19,8 +19,20 @@ from psft_megatron.loss.token_stats import auto_chunk_size
 from psft_megatron.model.config import ModelConfig
 from psft_megatron.plan.gpus import GiB
 from psft_megatron.plan.layer import Kernels, Shape, Term, layer_backward_working, layer_saved, norm_tensors, sum_terms
+from psft_megatron.plan.moe import expert_layer_saved, expert_layer_working
 
-__all__ = ["head_terms", "in_flight_chunks", "stage_activations"]
+__all__ = ["head_terms", "in_flight_chunks", "layer_kept", "stage_activations"]
+
+_DENSE_MLP_ITEMS = ("MLP norm", "fc1 input", "MLP intermediates")
+
+
+def layer_kept(m: ModelConfig, k: Kernels, sh: Shape, granularity: str | None, expert: bool) -> list[Term]:
+    """What one layer keeps for backward: :func:`layer_saved`, with an expert layer's MLP part
+    (:func:`psft_megatron.plan.moe.expert_layer_saved`) in place of the dense MLP's."""
+    items = layer_saved(m, k, sh, granularity)
+    if not expert:
+        return items
+    return [t for t in items if t.name not in _DENSE_MLP_ITEMS] + expert_layer_saved(m, k, sh)
 
 
 
@@ -71,13 +83,20 @@ def head_terms(m: ModelConfig, sh: Shape, fused: bool, device: str) -> tuple[lis
             {"logits": logits, "fused": fused_work, "unfused": work})
 
 
-def stage_activations(m: ModelConfig, k: Kernels, sh: Shape, layers: int, first: bool, last: bool) -> dict[str, float]:
+def stage_activations(m: ModelConfig, k: Kernels, sh: Shape, layers: int, first: bool, last: bool,
+                      expert_layers: int = 0) -> dict[str, float]:
     """Activations one micro-batch keeps on a chunk of ``layers`` layers (``first``/``last``: it holds
-    the embedding / the final norm and output layer), and the working memory of its backward."""
-    full_layer = sum_terms(layer_saved(m, k, sh, None))
-    per_layer = sum_terms(layer_saved(m, k, sh, m.recompute_granularity if m.recompute_granularity == "selective" else None))
+    the embedding / the final norm and output layer), and the working memory of its backward.
+    ``expert_layers``: how many of the layers are mixture-of-experts layers."""
+    selective = m.recompute_granularity if m.recompute_granularity == "selective" else None
+    dense = layers - expert_layers
+    kinds = [(n, expert) for n, expert in ((dense, False), (expert_layers, True)) if n]
+    # The larger layer (recomputed groups), and the kept bytes per layer averaged over the chunk's layers.
+    full_layer = max((sum_terms(layer_kept(m, k, sh, None, expert)) for _, expert in kinds), default=0.0)
+    per_layer = sum(n * sum_terms(layer_kept(m, k, sh, selective, expert)) for n, expert in kinds) / max(layers, 1)
     group_input = sh.tokens * m.hidden_size / sh.seq_shard * sh.act_bytes
-    bwd = layer_backward_working(m, k, sh)
+    bwd = max(layer_backward_working(m, k, sh) if dense else 0.0,
+              layer_backward_working(m, k, sh, mlp=expert_layer_working(m, sh)) if expert_layers else 0.0)
     g = m.recompute_granularity
     if g == "full" and m.recompute_method == "uniform":
         n_r = min(m.recompute_num_layers, layers)

@@ -16,7 +16,11 @@ process groups and dist checkpoints fine, but a handful of places hard-code CUDA
   installed) refusing sequence parallelism outright;
 * the distributed optimizer sorting parameters by ``param.type()`` ('torch.cuda.FloatTensor',
   a TypeError for anything else) and, when a checkpoint gathers its state shards, copying
-  them to CUDA (``send_tensor.cuda()``) before the all-gather over DP.
+  them to CUDA (``send_tensor.cuda()``) before the all-gather over DP;
+* the MoE router's gating linear reading ``te_general_gemm``, a name ``moe_utils`` defines only
+  when TransformerEngine imports (a NameError at the first routed token without TE, on any
+  device: :func:`apply_moe_without_te`, which build_model also applies for MoE models on a GPU
+  without TE).
 
 :func:`apply` patches exactly these, and only when CUDA is absent, so GPU runs use
 megatron-core untouched. Every patch is listed in :data:`PATCH_TARGETS` with a
@@ -28,7 +32,11 @@ tensors created on "cuda" are created on the CPU instead.
 
 The distributed optimizer's bucket collectives need no route: gloo (torch 2.13) runs
 ``reduce_scatter_tensor`` and ``all_gather_into_tensor``, inside megatron's
-``_coalescing_manager`` too (tests/test_distributed_optimizer.py).
+``_coalescing_manager`` too (tests/test_distributed_optimizer.py). Nor does expert parallelism
+with the ``allgather`` token dispatcher: it gathers tokens and reduce-scatters expert outputs
+over the TP x EP group with those same collectives. (The ``alltoall`` dispatcher is not routed:
+its constructor creates a ``torch.cuda.Stream`` and it syncs split sizes through CUDA events;
+the recipe check refuses it without CUDA.)
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-__all__ = ["PATCH_TARGETS", "PatchTarget", "apply", "is_applied", "needed"]
+__all__ = ["PATCH_TARGETS", "PatchTarget", "apply", "apply_moe_without_te", "is_applied", "needed"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,18 @@ PATCH_TARGETS: tuple[PatchTarget, ...] = tuple(
         "GlobalMemoryBuffer",
         "torch.cuda.current_device()",
         "one of many torch.cuda.current_device() call sites (patched once, in torch.cuda)",
+    ),
+    PatchTarget(
+        "megatron.core.transformer.moe.moe_utils",
+        "RouterGatingLinearFunction",
+        "if te_general_gemm is not None and router_dtype != torch.float64:",
+        "the MoE router's gating linear reads te_general_gemm, defined only when TransformerEngine imports",
+    ),
+    PatchTarget(
+        "megatron.core.transformer.moe.router",
+        "Router",
+        "self.weight.data = self.weight.data.to(device=torch.cuda.current_device())",
+        "the router moves its weight to torch.cuda.current_device() on every forward (the CPU under the route)",
     ),
 )
 
@@ -346,6 +366,15 @@ def _patch_distributed_optimizer(distrib_optimizer: types.ModuleType) -> None:
     cls.get_parameter_state_dp_zero = get_parameter_state_dp_zero
 
 
+def apply_moe_without_te() -> None:
+    """Give megatron's ``moe_utils`` the ``te_general_gemm = None`` it means to have without
+    TransformerEngine, so the router's gating linear takes its torch ``mm`` branch (megatron's own
+    fallback, same numerics). Idempotent; a no-op where TransformerEngine defined the name."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply(force: bool = False) -> bool:
     """Apply the CPU routes once, if CUDA is absent (or ``force``). Returns whether they are active."""
     global _applied
@@ -372,5 +401,6 @@ def apply(force: bool = False) -> bool:
     _patch_torch_norm(importlib.import_module("megatron.core.transformer.torch_norm"))
     _patch_tied_embedding_setup(importlib.import_module("megatron.core.models.common.language_module.language_module"))
     _patch_distributed_optimizer(importlib.import_module("megatron.core.optimizer.distrib_optimizer"))
+    apply_moe_without_te()
     _applied = True
     return True

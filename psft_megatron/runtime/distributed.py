@@ -89,15 +89,19 @@ def init_model_parallel(parallel: ParallelConfig) -> int:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tp_size,
     )
     log.info(
-        "parallel layout: TP=%d PP=%d VP=%s CP=%d DP=%d SP=%s",
+        "parallel layout: TP=%d PP=%d VP=%s CP=%d DP=%d SP=%s EP=%d expert TP=%d",
         parallel.tensor_model_parallel_size,
         parallel.pipeline_model_parallel_size,
         parallel.virtual_pipeline_model_parallel_size,
         parallel.context_parallel_size,
         dp,
         parallel.sequence_parallel,
+        parallel.expert_model_parallel_size,
+        parallel.expert_tp_size,
     )
     return dp
 

@@ -30,6 +30,7 @@ from psft_megatron.training.data_setup import TrainData
 from psft_megatron.training.evaluator import Evaluator
 from psft_megatron.training.guards import LossSpikeDetector, NonFiniteGuard
 from psft_megatron.training.metrics import MetricsWriter, train_record
+from psft_megatron.training.moe_metrics import MoEMetrics, counting
 from psft_megatron.training.optimizer import OptimizerBundle
 from psft_megatron.training.phases import PhaseSchedule
 from psft_megatron.training.progress import TrainProgress
@@ -83,6 +84,8 @@ class Trainer:
     # global batch's reference log-probs (recomputed on resume: the reference never changes).
     reference: list | None = None
     logp_ref: list = field(default_factory=list)
+    # Expert load and the load-balancing loss per step (mixture-of-experts models only).
+    moe: MoEMetrics | None = None
 
     def save(self) -> Path:
         b = self.bundle
@@ -139,7 +142,9 @@ def train(t: Trainer) -> TrainResult:
             objective = t.phases.objective_at(cursor.start_step)
             j = cursor.next_mini
             by_source = t.data.source_fields(cursor.minis[j])  # {"tokens/NAME": ...}, several sources only
-            result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
+            with counting(t.moe):  # the step's routing (MoE models), not the snapshot's or evaluation's
+                result = train_step(t.bundle, cursor.minis[j], objective, t.setup, cursor.logp_old[j], t.logp_ref[j])
+            moe = t.moe.step_record(t.setup.device) if t.moe is not None else {}  # collective: every rank
             cursor.advance()
             progress.advance(t.tokens_per_step, {k.removeprefix("tokens/"): v for k, v in by_source.items()})
             step = progress.step
@@ -149,6 +154,7 @@ def train(t: Trainer) -> TrainResult:
                 rec = train_record(step, objective.name, result.stats, result.grad_norm, result.lr,
                                    t.tokens_per_step, time.monotonic() - t0)
                 rec.update(by_source)
+                rec.update(moe)
                 if result.skipped:
                     rec["skipped"] = True
                 else:

@@ -118,6 +118,8 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, record["step"])
+                elif isinstance(v, dict):  # per-layer values (expert load): one tag per layer
+                    self._write_per_layer(f"{prefix}/{k}", v, record["step"])
         self._to_trackers("log", rec, prefix)
 
     def log_plan(self, summary: dict[str, Any], text: str) -> None:
@@ -139,6 +141,18 @@ class MetricsWriter:
                 log.warning("%s failed (%s: %s); it gets no more records in this launch (metrics.jsonl has them)",
                             type(tracker).__name__, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 self.trackers.remove(tracker)
+
+    def _write_per_layer(self, tag: str, values: dict[str, Any], step: int) -> None:
+        """A number per key as a scalar ``tag/layer_K``; a list per key (each expert's share) as a
+        histogram ``tag/layer_K`` (a collapsing router shows as mass at 0 and one large share)."""
+        import numpy as np
+
+        for key, v in values.items():
+            name = f"{tag}/layer_{int(key):03d}" if str(key).isdigit() else f"{tag}/{key}"
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(name, v, step)
+            elif isinstance(v, list) and v:
+                self._tb.add_histogram(name, np.asarray(v, dtype=np.float64), step)
 
     def progress(self, record: dict[str, Any]) -> None:
         """A console line with throughput and ETA every ``log_interval`` steps."""

@@ -2,8 +2,9 @@
 
 Belongs here: each family's HF config mapping (config.json <-> ``ModelConfig`` fields), its
 weight-mapping table (plain data naming HF and Megatron tensors), its own tensor transforms and
-the HF model types it claims (``llama.py``, ``qwen2.py``, ``mistral.py``); the shapes they share
-(``base``) and the config fields every Llama-style decoder shares (``decoder``).
+the HF model types it claims (``llama.py``, ``qwen2.py``, ``mistral.py``, ``qwen3.py``,
+``qwen3_moe.py``); the shapes they share (``base``) and the config fields every Llama-style
+decoder shares (``decoder``).
 Not here: reading or writing tensors, the generic transforms (QKV interleave, gate/up, vocabulary
 padding) and the streaming converters (``psft_megatron.conversion``, which consumes the tables).
 
@@ -15,12 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from psft_megatron.model.architectures import llama, mistral, qwen2
+from psft_megatron.model.architectures import llama, mistral, qwen2, qwen3, qwen3_moe
 from psft_megatron.model.architectures.base import Architecture
 
 __all__ = ["ARCHITECTURES", "FAMILIES", "FAMILY_MODULES", "architecture", "architecture_of_hf"]
 
-FAMILY_MODULES = (llama, qwen2, mistral)
+FAMILY_MODULES = (llama, qwen2, mistral, qwen3, qwen3_moe)
 
 
 def _index(pairs: list[tuple[str, Architecture]], what: str) -> dict[str, Architecture]:

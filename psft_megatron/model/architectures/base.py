@@ -12,31 +12,41 @@ without importing the converters:
   (``direct``, ``qkv``, ``gate_up``, ``vocab``) live in ``psft_megatron.conversion.transforms``,
   which looks a row's name up here first; a family may not reuse a generic name.
 
-Names in a row may hold placeholders: ``{layer}`` (each of ``num_layers``) is expanded by the
-converters, once per value, in HF and Megatron names alike (see :data:`PLACEHOLDERS`). A
-mixture-of-experts family adds ``{expert}`` there (per-expert HF tensors
+Names in a row may hold placeholders, expanded by the converters once per value, in HF and
+Megatron names alike (see :data:`PLACEHOLDERS`): ``{layer}`` (each of ``num_layers``); for a
+mixture-of-experts model ``{moe_layer}`` and ``{dense_layer}`` (the layers with experts, and those
+that keep a dense MLP) and ``{expert}`` (each of ``num_experts``: per-expert HF tensors
 ``mlp.experts.{expert}.gate_proj`` <-> megatron's ``mlp.experts.local_experts.{expert}.linear_fc1``,
-or the grouped GEMM's ``mlp.experts.linear_fc1.weight{expert}``).
+the name the checkpoint's expert tensors get whether SequentialMLP or the grouped GEMM saved them).
 """
 
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:  # model.config imports this package; these modules never build a ModelConfig
     import torch
 
     from psft_megatron.model.config import ModelConfig
 
-__all__ = ["PLACEHOLDERS", "Architecture", "TensorTransform", "WeightMapping", "placeholders_of"]
+__all__ = ["PLACEHOLDERS", "Architecture", "TensorTransform", "WeightMapping", "placeholder_values", "placeholders_of"]
 
-# Placeholder in a mapping row's names -> how many values it takes for a model. The converters
-# expand a row once per combination of the placeholders it names.
-PLACEHOLDERS: dict[str, Callable[["ModelConfig"], int]] = {
+# Placeholder in a mapping row's names -> the values it takes for a model: a count n (0..n-1) or
+# the values themselves. The converters expand a row once per combination of the placeholders it names.
+PLACEHOLDERS: dict[str, Callable[["ModelConfig"], int | Sequence[int]]] = {
     "layer": lambda cfg: cfg.num_layers,
+    "moe_layer": lambda cfg: cfg.moe_layers,
+    "dense_layer": lambda cfg: cfg.dense_layers,
+    "expert": lambda cfg: cfg.num_experts or 0,
 }
+
+
+def placeholder_values(name: str, cfg: "ModelConfig") -> Sequence[int]:
+    """The values placeholder ``name`` takes for ``cfg`` (KeyError for an unknown one)."""
+    values = PLACEHOLDERS[name](cfg)
+    return range(values) if isinstance(values, int) else values
 
 
 def placeholders_of(name: str) -> tuple[str, ...]:

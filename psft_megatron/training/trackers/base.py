@@ -45,6 +45,15 @@ def metric_items(record: dict[str, Any], split: str) -> dict[str, Any]:
             value = int(value)
         if value is None:  # metrics.jsonl writes a non-finite number as null
             value = math.nan
+        if isinstance(value, dict):
+            # Per-layer values (a MoE model's expert_load_max_over_mean): one metric per layer,
+            # KEY/layer_NNN as in TensorBoard. Per-expert lists (expert_load) stay in metrics.jsonl and
+            # TensorBoard's histograms: layers x experts series per step would swamp a tracker.
+            for sub, v in value.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    name = f"layer_{int(sub):03d}" if str(sub).isdigit() else str(sub)
+                    out[f"{prefix}{key}/{name}"] = v
+            continue
         out[prefix + key] = value
     return out
 
