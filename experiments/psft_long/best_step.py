@@ -23,7 +23,10 @@ def best_kept_step(run_dir: Path) -> str:
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {path}:{n}: not JSON ({e.msg})") from None
         if row.get("split") == "eval":
             evals[int(row["step"])] = float(row["loss"])  # a resumed run's repeat keeps the last
     kept = {int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()}
