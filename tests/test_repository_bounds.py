@@ -19,11 +19,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Folders that hold a machine's work rather than the system: where a developer's or CI's checkout,
-# tool library and home live. System folders (/etc, /var, /usr, /tmp) are fine: the Slurm test
-# cluster configures them, and a scratch folder names /tmp.
-WORK_FOLDERS = ("/work/", "/root/", "/home/", "/old_root/", "/farm/", "/.library/")
-
 # "../" followed by a name: a climb out of the folder the file is read from.
 CLIMB = re.compile(r"(?<![\w./])\.\./(?!shared\b)([A-Za-z_][\w.-]*)")
 # Path(__file__).resolve().parents[N] from a file d folders below the root climbs above it when N > d.
@@ -52,8 +47,12 @@ def tracked() -> list[tuple[Path, list[str]]]:
 
 
 def _machine_folders() -> tuple[str, ...]:
+    """The folders that hold this machine's work rather than the system, read from the machine itself
+    (so this file names none): the folder the checkout sits in (beside it ../shared, sibling
+    checkouts, tool libraries) and the home folder. System folders (/etc, /var, /usr, /tmp) are fine:
+    the Slurm test cluster configures them, and a scratch folder names /tmp."""
     here = [str(ROOT.parent) + "/", str(Path.home()) + "/"]
-    return WORK_FOLDERS + tuple(h for h in here if h not in ("//", "/"))
+    return tuple(h for h in here if h not in ("//", "/"))
 
 
 def test_no_tracked_file_names_a_machine_work_folder(tracked):
@@ -87,7 +86,8 @@ def test_no_python_file_resolves_a_folder_above_the_repository(tracked):
 
 def test_the_checks_see_a_planted_path(tmp_path):
     """The patterns themselves: each kind of escape is found, a ../shared path is not."""
-    assert any(f in 'KINDS = Path("/work/.library/device/KINDS.md")' for f in _machine_folders())
+    planted = f'KINDS = Path("{ROOT.parent}/.library/device/KINDS.md")'
+    assert any(f in planted for f in _machine_folders())
     assert CLIMB.search("cat ../notes/x.md") and CLIMB.search("open('../data/x')")
     assert not CLIMB.search("path: ../shared/data/gsm8k/train.jsonl")
     assert PARENTS.findall("ROOT = Path(__file__).resolve().parents[3]") == ["3"]
