@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,7 @@ def test_the_markdown_tables_hold_each_runs_numbers(tmp_path):
 
 
 def test_best_kept_step_is_the_lowest_evaluated_nll_among_checkpoints_on_disk(tmp_path):
-    best = runpy.run_path(str(ROOT / "experiments" / "psft_long" / "best_step.py"))["best_kept_step"]
+    best = CURVES["best_kept_step"]
     run = tmp_path / "sft"
     evals = {0: 1.43, 32: 1.05, 64: 0.99, 96: 1.01, 128: 1.10, 160: 1.01}
     _write(run, [{"step": s, "split": "eval", "loss": v, "entropy": 1.0} for s, v in evals.items()]
@@ -75,3 +77,6 @@ def test_best_kept_step_is_the_lowest_evaluated_nll_among_checkpoints_on_disk(tm
     with (run / "metrics.jsonl").open("a") as f:  # a resumed run re-evaluated step 64: the last row counts
         f.write(json.dumps({"step": 64, "split": "eval", "loss": 1.2, "entropy": 1.0}) + "\n")
     assert best(run) == "step_000096"
+    script = ROOT / "experiments" / "psft_long" / "best_step.py"  # run.sh calls it by path
+    out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "step_000096"

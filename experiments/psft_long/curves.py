@@ -53,6 +53,23 @@ def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, An
     return rows, [r for _, r in sorted(evals.items())]
 
 
+def best_kept_step(run_dir: Path) -> str:
+    """``step_NNNNNN`` of the kept checkpoint with the lowest held-out NLL (the early-stopping point).
+
+    Only steps with both an evaluation and a checkpoint on disk are candidates (checkpoint.keep_every
+    keeps every N-th), so the answer is always a checkpoint that can be evaluated; step 0 is the start
+    model, not a checkpoint. Ties go to the earlier step.
+    """
+    evals = {int(r["step"]): float(r["loss"]) for r in read_metrics(run_dir)[1]}
+    kept = {int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()}
+    candidates = sorted(s for s in kept & set(evals) if s > 0)
+    if not candidates:
+        raise SystemExit(f"error: {run_dir}: no checkpoint on disk has a held-out evaluation in "
+                         f"{run_dir / 'metrics.jsonl'}")
+    best = min(candidates, key=lambda s: (evals[s], s))
+    return f"step_{best:06d}"
+
+
 def window_means(rows: list[dict[str, Any]], key: str, window: int) -> list[tuple[int, float]]:
     """``(last step, token-weighted mean of key)`` over consecutive windows of ``window`` steps
     (steps 1..w, w+1..2w, ...; a last partial window is kept)."""
