@@ -16,7 +16,8 @@ BASE=experiments/psft_long/gsm8k.yaml
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-finished() { [[ -f $OUT/$1/run_status.json ]] && grep -q '"status": "finished"' "$OUT/$1/run_status.json"; }
+# shellcheck source=../common.sh
+source experiments/common.sh
 
 # One run: train NAME [overrides...] into $OUT/NAME (skipped when finished; resumed otherwise).
 train_run() {
@@ -118,18 +119,11 @@ GEN_SAMPLES=${GEN_SAMPLES:-8}
 
 evaluate_checkpoint() {
     local ckpt=$1 dest=$2
-    local common=(--ckpt "$ckpt" --data-root "$SHARED/data")
-    [[ -f $dest/heldout.jsonl ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest" --ref "$START" \
-            --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$HELDOUT_LIMIT"
-    [[ -f $dest/hh_harmless/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/hh_harmless" \
-            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
-    [[ -f $dest/mmlu/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/mmlu" --tasks mmlu --limit "$MMLU_LIMIT"
-    [[ -f $dest/svamp/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/svamp" --tasks svamp --limit "$GEN_LIMIT" \
-            --num-samples "$GEN_SAMPLES" --temperature 0.7 --top-p 0.95 --max-gen-toks 256 --gen-batch-size 16
+    heldout_gsm8k "$ckpt" "$dest" "$HELDOUT_LIMIT"
+    heldout_hh_harmless "$ckpt" "$dest/hh_harmless" "$HELDOUT_LIMIT"
+    lm_eval_tasks "$ckpt" "$dest/mmlu" mmlu --limit "$MMLU_LIMIT"
+    lm_eval_tasks "$ckpt" "$dest/svamp" svamp --limit "$GEN_LIMIT" \
+        --num-samples "$GEN_SAMPLES" --temperature 0.7 --top-p 0.95 --max-gen-toks 256 --gen-batch-size 16
 }
 
 # The steps evaluated: the last kept checkpoint of SFT and the one with SFT's lowest held-out NLL.

@@ -21,6 +21,8 @@ MMLU_LIMIT=${MMLU_LIMIT:-1}         # questions per MMLU subject
 TQA_LIMIT=${TQA_LIMIT:-24}          # TruthfulQA MC1 questions
 HELDOUT_LIMIT=${HELDOUT_LIMIT:-32}  # GSM8K test / HH-RLHF harmless conversations for NLL, entropy, KL
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# shellcheck source=../common.sh
+source experiments/common.sh
 
 prepare() {
     if [[ ! -f $OUT/smollm2_hf/config.json ]]; then
@@ -33,7 +35,6 @@ prepare() {
     fi
 }
 
-finished() { [[ -f $OUT/$1/run_status.json ]] && grep -q '"status": "finished"' "$OUT/$1/run_status.json"; }
 
 train() {
     for name in "${RUNS[@]}"; do
@@ -48,17 +49,10 @@ train() {
 # one evaluate.py call into its own folder, skipped when already written.
 evaluate_loglik() {
     local ckpt=$1 dest=$2
-    local common=(--ckpt "$ckpt" --data-root "$SHARED/data")
-    [[ -f $dest/heldout.jsonl ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest" \
-            --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$HELDOUT_LIMIT" --ref "$START"
-    [[ -f $dest/hh_harmless/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/hh_harmless" \
-            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$HELDOUT_LIMIT"
-    [[ -f $dest/mmlu/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/mmlu" --tasks mmlu --limit "$MMLU_LIMIT"
-    [[ -f $dest/truthfulqa/summary.json ]] ||
-        python tools/evaluate.py "${common[@]}" --out "$dest/truthfulqa" --tasks truthfulqa_mc1 --limit "$TQA_LIMIT"
+    heldout_gsm8k "$ckpt" "$dest" "$HELDOUT_LIMIT"
+    heldout_hh_harmless "$ckpt" "$dest/hh_harmless" "$HELDOUT_LIMIT"
+    lm_eval_tasks "$ckpt" "$dest/mmlu" mmlu --limit "$MMLU_LIMIT"
+    lm_eval_tasks "$ckpt" "$dest/truthfulqa" truthfulqa_mc1 --limit "$TQA_LIMIT"
 }
 
 GEN_TASKS=${GEN_TASKS:-gsm8k,svamp,asdiv}  # another list goes to its own folder, gen_<tasks>

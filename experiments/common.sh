@@ -1,0 +1,30 @@
+# What the experiments' run.sh scripts share (sourced, not run): whether a run has finished, and the
+# evaluations of one checkpoint. Needs OUT (the runs), SHARED (the data) and START (the start model,
+# the reference of the KL). Each evaluation writes into DEST and is skipped when its result is
+# there already, so an interrupted stage resumes where it stopped.
+
+finished() { [[ -f $OUT/$1/run_status.json ]] && grep -q '"status": "finished"' "$OUT/$1/run_status.json"; }
+
+# heldout_gsm8k CKPT DEST LIMIT: held-out GSM8K test NLL, token entropy and KL to $START.
+heldout_gsm8k() {
+    local ckpt=$1 dest=$2 limit=$3
+    [[ -f $dest/heldout.jsonl ]] ||
+        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest" --ref "$START" \
+            --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$limit"
+}
+
+# heldout_hh_harmless CKPT DEST LIMIT: HH-RLHF harmless-base test NLL and token entropy.
+heldout_hh_harmless() {
+    local ckpt=$1 dest=$2 limit=$3
+    [[ -f $dest/summary.json ]] ||
+        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest" \
+            --heldout "$SHARED/data/hh/harmless-base_test.jsonl.gz" --adapter hh_rlhf --heldout-limit "$limit"
+}
+
+# lm_eval_tasks CKPT DEST TASKS [evaluate.py options...]: lm-eval tasks (comma-separated) on local data.
+lm_eval_tasks() {
+    local ckpt=$1 dest=$2 tasks=$3
+    shift 3
+    [[ -f $dest/summary.json ]] ||
+        python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest" --tasks "$tasks" "$@"
+}
