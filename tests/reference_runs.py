@@ -65,8 +65,10 @@ LORA_RUNS = {  # name: (objective, processes, micro_batch_size, parallel section
     "tp1_resume": ("psft", 1, 2, {}, {}),
     # init_from tp1's final (LoRA) checkpoint: its base and adapters, a fresh optimizer, 8 more steps
     "tp1_continue": ("psft", 1, 2, {}, {}),
-    # also the evaluator's KL to the start, which for LoRA is the base (the adapters switched off)
-    "tp2_sp": ("psft", 2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, {"training": EVAL_KL}),
+    # also the evaluator's KL to the start, which for LoRA is the base (the adapters switched off), and
+    # the HF copy at save (checkpoint.save_hf), which for LoRA is the base with the adapters merged
+    "tp2_sp": ("psft", 2, 2, {"tensor_model_parallel_size": 2, "sequence_parallel": True},
+               {"training": EVAL_KL, "checkpoint": {"save_hf": 1, "save_hf_dtype": "float32"}}),
     "pp2_vp2": ("psft", 2, 2, {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}, {}),
     "cp2": ("psft", 2, 2, {"context_parallel_size": 2}, {}),
     # DP=2: megatron's distributed optimizer over the adapters, and the fused output layer (frozen weight)
@@ -177,6 +179,7 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
         ref_before = [p.detach().clone() for c in reference for p in c.parameters()]
         opt_params = {id(p) for g in trainer.bundle.optimizer.param_groups for p in g["params"]}
         result = train(trainer)
+        trainer.checkpointer.finish(wait=True)  # as a launch ends (run.py): the HF copy in flight completes
         out[name] = {"records": result.records, "eval": result.eval_records,
                      "checkpoint": str(result.last_checkpoint), "init_from": recipe.checkpoint.init_from}
         if name.endswith("_resume"):
@@ -204,14 +207,14 @@ def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
 
 def recipe(data: Path, tmp: Path, name: str, micro: int, parallel: dict, loss: dict | None = None,
            training: dict | None = None, lora: dict | None = None, optimizer: dict | None = None,
-           model: str = "") -> dict:
+           model: str = "", checkpoint: dict | None = None) -> dict:
     """The tiny recipe of one run, starting from the converted model at ``tmp/{model}init``
     (``model``: "" the Llama, "moe_" the Qwen3-MoE)."""
     r = tiny_recipe(data, tmp / name, training=dict(TRAINING, micro_batch_size=micro, **(training or {})),
                     optimizer=dict(OPTIMIZER, **(optimizer or {})),
                     parallel=parallel,
                     checkpoint={"init_from": str(tmp / f"{model}init"), "allow_random_init": False,
-                                "save_at_end": True, "keep_last": 1})
+                                "save_at_end": True, "keep_last": 1, **(checkpoint or {})})
     r["model"] = {"hf_config": str(tmp / f"{model}hf_init"), "params_dtype": "fp32", "transformer_impl": "local"}
     if lora is not None:
         r["model"]["lora"] = lora
@@ -296,7 +299,8 @@ def train_all(tmp: Path) -> dict[str, Any]:
             loss = dict({"name": objective, "kl_beta": KL_BETA} if objective != "psft" else {}, **extra.get("loss", {}))
             recipes[f"{group}/{name}"] = recipe(
                 data, tmp, f"{group}_{name}", micro, par, loss or None, dict(training, **extra.get("training", {})),
-                lora=dict(LORA, **extra.get("lora", {})), optimizer=dict(LORA_OPTIMIZER, **extra.get("optimizer", {})))
+                lora=dict(LORA, **extra.get("lora", {})), optimizer=dict(LORA_OPTIMIZER, **extra.get("optimizer", {})),
+                checkpoint=extra.get("checkpoint"))
             continue
         objective = VARIANT_RUNS[name][0] if group == "variant" else "psft" if group == "moe" else group
         if isinstance(objective, dict):

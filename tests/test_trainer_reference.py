@@ -411,6 +411,28 @@ def test_lora_eval_kl_to_start_is_to_the_base(reference_runs):
     assert evals[-1]["kl"] == pytest.approx(total / count, rel=EVAL_KL_RTOL)
 
 
+def test_lora_hf_copy_at_save_is_the_base_with_its_adapters_merged(reference_runs):
+    """checkpoint.save_hf on a LoRA run (lora/tp2_sp, TP=2+SP): the background HF copy of the final
+    checkpoint holds merged weights, equal to peft's own merge (``merge_and_unload``) of the same
+    checkpoint's PEFT export onto the transformers base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(reference_runs["lora"]["tp2_sp"]["checkpoint"])
+    copy = ckpt.parent / f"{ckpt.name}_hf"
+    assert (copy / "config.json").is_file(), f"no HF copy beside {ckpt}: {sorted(p.name for p in ckpt.parent.iterdir())}"
+    got = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(reference_runs["hf_init"], dtype=torch.float32)
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    peft_dir = Path(reference_runs["hf_init"]).parent / "final" / "lora" / "tp2_sp_peft"
+    want = PeftModel.from_pretrained(base, peft_dir).merge_and_unload().state_dict()
+    assert got.keys() == want.keys()
+    moved = [k for k in want if not torch.equal(want[k], base_weights[k])]
+    assert moved and all(".self_attn." in k or ".mlp." in k for k in moved), moved  # the adapted linears only
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
 # ----------------------------------------------------------------------------- mixture of experts
 # The tiny Qwen3-MoE (megatron's MoE layer, SequentialMLP, the allgather dispatcher on gloo) against
 # the float64 trainer on transformers' Qwen3MoeForCausalLM with the load-balancing loss written out
