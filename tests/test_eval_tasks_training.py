@@ -1,7 +1,7 @@
 """lm-eval log-likelihood tasks during training (``training.eval_tasks``), and log-likelihood
 scoring at PP > 1, in real processes on gloo, against independent references.
 
-Two launches:
+Three launches:
 
 1. one process: a random 4-layer Llama with SmolLM2's vocabulary and tokenizer and tied embeddings
    (tied: at PP=2 the output layer on the last stage shares the first stage's embedding) is made
@@ -12,13 +12,16 @@ Two launches:
 2. two processes: (a) scoring rows with the pieces ``psft-evaluate`` uses (``load_scoring_model``,
    the driver, the Megatron scorer) at PP=2, PP=2 x VP=2 and PP=1 x DP=2; (b) the same model fine-tuned 4
    steps at PP=2 x VP=2 (the interleaved schedule: scoring groups topped up to PP micro-batches) and
-   at TP=2 with ``eval_at_start`` and the two tasks every 4 steps, on GSM8K conversations; (c) the ``psft-evaluate --pp 2`` command itself on the converted checkpoint.
+   at TP=2 with ``eval_at_start`` and the two tasks every 4 steps, on GSM8K conversations, and a LoRA
+   run at TP=2 the same way; (c) the ``psft-evaluate --pp 2`` command itself on the converted checkpoint;
+3. one process: the LoRA run's final checkpoint exported merged, and lm-eval's ``hf`` backend on it.
 
 Checked: PP=2 (with and without VP) and PP=1 row scores equal each other and the float64 reference; ``psft-evaluate
 --pp 2``'s per-item task log-likelihoods and both training layouts' at step 0 equal lm-eval's
 ``hf`` backend on the starting model, with identical accuracy; at step 4 the two layouts agree;
 metrics.jsonl carries ``TASK/acc`` on the eval records, equal to lm-eval's results file of the
-same step, and TensorBoard's ``eval/TASK/acc`` equals metrics.jsonl.
+same step, and TensorBoard's ``eval/TASK/acc`` equals metrics.jsonl; the LoRA run's step-4 task scores
+equal the ``hf`` backend's on its merged export.
 """
 
 from __future__ import annotations
@@ -68,13 +71,9 @@ def _rows() -> list[tuple[list[int], list[list[int]]]]:
 
 def prepare(root: str) -> dict[str, Any]:
     """Launch 1 (one process): the HF model, its conversion, and every reference."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
-    from psft_megatron.evaluation.tasks import check_data, default_paths, render_tasks
 
     hf = Path(root) / "hf"
     torch.manual_seed(1)
@@ -100,10 +99,21 @@ def prepare(root: str) -> dict[str, Any]:
             per_row.append((float(lp[pos, t].sum()), bool((lp[pos].argmax(-1) == t).all())))
         scores.append(per_row)
 
-    # lm-eval's hf backend on the task files the trainer renders.
+    return {"scores": scores, **hf_backend(str(hf), root)}
+
+
+def hf_backend(hf: str, root: str) -> dict[str, Any]:
+    """lm-eval's ``hf`` backend on the HF folder ``hf``, over the task files the trainer renders: per
+    item the prompt and each choice's (log-likelihood, is_greedy, continuation tokens); the accuracy."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from psft_megatron.evaluation.tasks import check_data, default_paths, render_tasks
+
     names = TASKS
     tasks = render_tasks(Path(root) / "ref_tasks", names, check_data(names, default_paths(SHARED / "data")))
-    lm = HFLM(pretrained=str(hf), device="cpu", dtype="float32", batch_size=1)
+    lm = HFLM(pretrained=hf, device="cpu", dtype="float32", batch_size=1)
     res = simple_evaluate(model=lm, tasks=tasks.loglik, limit=LIMIT, log_samples=True, bootstrap_iters=0,
                           apply_chat_template=True, fewshot_as_multiturn=True,
                           task_manager=TaskManager(include_path=str(tasks.folder), include_defaults=False))
@@ -111,7 +121,19 @@ def prepare(root: str) -> dict[str, Any]:
                               "resps": [(float(ll), bool(g), len(lm._encode_pair(*args)[1]))
                                         for ((ll, g),), args in zip(d["resps"], d["arguments"])]}
                 for d in res["samples"][t]} for t in LM_EVAL_TASKS}
-    return {"scores": scores, "acc": {t: res["results"][t]["acc,none"] for t in LM_EVAL_TASKS}, "docs": docs}
+    return {"acc": {t: res["results"][t]["acc,none"] for t in LM_EVAL_TASKS}, "docs": docs}
+
+
+def merged_reference(root: str, ckpt: str) -> dict[str, Any]:
+    """Launch 3 (one process): the LoRA run's final checkpoint exported merged (base + scale B A) as an
+    HF folder with the tokenizer, and lm-eval's ``hf`` backend on it."""
+    from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    merged = Path(root) / "lora_merged"
+    convert_megatron_to_hf(ckpt, merged, dtype="float32")
+    for f in TOKENIZER.iterdir():
+        shutil.copy2(f, merged / f.name)
+    return hf_backend(str(merged), root)
 
 
 def _score(ckpt: str, pp: int, vp: int | None = None) -> list[list[tuple[float, bool]]] | None:
@@ -153,28 +175,31 @@ def train_and_score(root: str, recipes: dict[str, dict]) -> dict[str, Any]:
                            "score_pp2_vp2": _score(f"{root}/mg", 2, vp=2)}
     for name, r in recipes.items():
         result = run(recipe_from_dict(copy.deepcopy(r)))
-        out[name] = {"records": result.records, "eval": result.eval_records}
+        out[name] = {"records": result.records, "eval": result.eval_records,
+                     "checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None}
     out["cli_status"] = psft_evaluate(["--ckpt", f"{root}/mg", "--pp", "2", "--tasks", ",".join(TASKS),
                                        "--data-root", str(SHARED / "data"), "--limit", str(LIMIT),
                                        "--batch-size", "2", "--out", f"{root}/cli_pp2"])
     return out
 
 
-def _recipe(root: Path, name: str, parallel: dict, batch_size: int) -> dict:
+def _recipe(root: Path, name: str, parallel: dict, batch_size: int, lora: dict | None = None) -> dict:
     gsm8k = SHARED / "data" / "gsm8k"
     return {
-        "model": {"hf_config": str(root / "hf"), "params_dtype": "fp32", "transformer_impl": "local"},
+        "model": {"hf_config": str(root / "hf"), "params_dtype": "fp32", "transformer_impl": "local",
+                  **({"lora": lora} if lora else {})},
         "parallel": parallel,
         "training": {"seq_length": 256, "global_batch_size": 4, "mini_batch_size": 2, "micro_batch_size": 1,
                      "train_steps": STEPS, "seed": 7, "eval_interval": STEPS, "eval_at_start": True, "eval_rows": 2,
                      "eval_tasks": TASKS, "eval_tasks_data_root": str(SHARED / "data"), "eval_tasks_limit": LIMIT,
                      "eval_tasks_batch_size": batch_size},
-        "optimizer": {"lr": 1e-3, "lr_warmup_steps": 0, "weight_decay": 0.0},
+        # LoRA: a larger lr, so that 4 steps from B = 0 move the task scores measurably
+        "optimizer": {"lr": 3e-2 if lora else 1e-3, "lr_warmup_steps": 0, "weight_decay": 0.0},
         "loss": {"name": "psft"},
         "data": {"train": [{"path": str(gsm8k / "train.jsonl"), "adapter": "gsm8k", "limit": 24}],
                  "eval": [{"path": str(gsm8k / "test.jsonl"), "adapter": "gsm8k", "limit": 4}],
                  "tokenizer": str(TOKENIZER), "chat_template": None, "cache_dir": str(root / "cache")},
-        "checkpoint": {"init_from": str(root / "mg"), "save_at_end": False},
+        "checkpoint": {"init_from": str(root / "mg"), "save_at_end": bool(lora)},
         "logging": {"run_dir": str(root / name), "tensorboard": name == "pp2_vp2", "progress_bar": False},
     }
 
@@ -188,9 +213,13 @@ def runs(tmp_path_factory) -> dict[str, Any]:
     # Two batch sizes: the layouts' step-4 scores agree although they batch the rows differently.
     recipes = {"pp2_vp2": _recipe(root, "pp2_vp2", {"pipeline_model_parallel_size": 2,
                                                     "virtual_pipeline_model_parallel_size": 2}, batch_size=1),
-               "tp2": _recipe(root, "tp2", {"tensor_model_parallel_size": 2}, batch_size=2)}
+               "tp2": _recipe(root, "tp2", {"tensor_model_parallel_size": 2}, batch_size=2),
+               "lora_tp2": _recipe(root, "lora_tp2", {"tensor_model_parallel_size": 2}, batch_size=2,
+                                   lora={"rank": 4, "alpha": 8.0})}
     ranks = run_in_processes(train_and_score, 2, timeout=900, kwargs={"root": str(root), "recipes": recipes})
-    return {"root": root, "refs": refs, "rank0": ranks[0], "last": ranks[-1]}
+    merged = run_in_processes(merged_reference, 1, timeout=600, init_process_group=False,
+                              kwargs={"root": str(root), "ckpt": ranks[0]["lora_tp2"]["checkpoint"]})[0]
+    return {"root": root, "refs": refs, "rank0": ranks[0], "last": ranks[-1], "lora_merged": merged}
 
 
 @pytest.mark.parametrize("layout", ["score_pp2", "score_pp2_vp2"])
@@ -250,8 +279,9 @@ def test_psft_evaluate_pp2_matches_lm_eval_hf_backend(runs):
         assert summary[f"{task}/acc"] == runs["refs"]["acc"]["psft_" + task]
 
 
-@pytest.mark.parametrize("layout", ["pp2_vp2", "tp2"])
+@pytest.mark.parametrize("layout", ["pp2_vp2", "tp2", "lora_tp2"])
 def test_step0_task_logliks_match_lm_eval_hf_backend(runs, layout):
+    """At step 0 every run is the starting model (a LoRA run's B = 0: its base)."""
     run_dir = runs["root"] / layout
     _assert_match_hf_backend(runs["refs"]["docs"], lambda task: _samples(run_dir, 0, task), layout)
     first = runs["last"][layout]["eval"][0]
@@ -259,6 +289,21 @@ def test_step0_task_logliks_match_lm_eval_hf_backend(runs, layout):
     for task in TASKS:
         assert first[f"{task}/acc"] == runs["refs"]["acc"]["psft_" + task]
 
+
+def test_lora_task_scores_during_training_are_its_merged_exports(runs):
+    """A LoRA run (TP=2, adapters on every projection) scores the tasks with its adapters on: at step 4
+    its per-item log-likelihoods and accuracy equal lm-eval's ``hf`` backend on the merged export of
+    the same step's checkpoint."""
+    run_dir = runs["root"] / "lora_tp2"
+    want = runs["lora_merged"]
+    _assert_match_hf_backend(want["docs"], lambda task: _samples(run_dir, STEPS, task), "lora_tp2 step 4")
+    last = runs["last"]["lora_tp2"]["eval"][-1]
+    assert last["step"] == STEPS
+    for task in TASKS:
+        assert last[f"{task}/acc"] == want["acc"]["psft_" + task]
+    moved = [abs(a[0] - b[0]) for t in LM_EVAL_TASKS for d in want["docs"][t]
+             for a, b in zip(want["docs"][t][d]["resps"], runs["refs"]["docs"][t][d]["resps"])]
+    assert max(moved) > 1e-2, "the adapters must have moved the scores for the comparison to mean something"
 
 def test_task_metrics_logged_at_each_evaluation_and_layouts_agree(runs):
     pp2, tp2 = runs["last"]["pp2_vp2"], runs["last"]["tp2"]
