@@ -39,6 +39,8 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's hf backend
 
+from lm_eval_reference import hf_backend_logliks, tiny_llama  # noqa: E402
+
 from psft_megatron.testing.multiproc import run_in_processes  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -71,19 +73,11 @@ def _rows() -> list[tuple[list[int], list[list[int]]]]:
 
 def prepare(root: str) -> dict[str, Any]:
     """Launch 1 (one process): the HF model, its conversion, and every reference."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from psft_megatron.conversion.hf_to_megatron import convert_hf_to_megatron
 
-    hf = Path(root) / "hf"
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg).eval()  # a wide init: peaked predictions, so choices rarely tie
-    model.save_pretrained(hf)
-    for f in TOKENIZER.iterdir():
-        shutil.copy2(f, hf / f.name)
+    hf = tiny_llama(Path(root) / "hf", TOKENIZER, seed=1, layers=4, tied=True, max_positions=1024)
     convert_hf_to_megatron(hf, Path(root) / "mg")
 
     # Float64 row scores: sum of the targets' log-probs on the row's last len(target) predictions.
@@ -105,24 +99,10 @@ def prepare(root: str) -> dict[str, Any]:
 def hf_backend(hf: str, root: str) -> dict[str, Any]:
     """lm-eval's ``hf`` backend on the HF folder ``hf``, over the task files the trainer renders: per
     item the prompt and each choice's (log-likelihood, is_greedy, continuation tokens); the accuracy."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     from psft_megatron.evaluation.tasks import check_data, default_paths, render_tasks
 
-    names = TASKS
-    tasks = render_tasks(Path(root) / "ref_tasks", names, check_data(names, default_paths(SHARED / "data")))
-    lm = HFLM(pretrained=hf, device="cpu", dtype="float32", batch_size=1)
-    res = simple_evaluate(model=lm, tasks=tasks.loglik, limit=LIMIT, log_samples=True, bootstrap_iters=0,
-                          apply_chat_template=True, fewshot_as_multiturn=True,
-                          task_manager=TaskManager(include_path=str(tasks.folder), include_defaults=False))
-    docs = {t: {d["doc_id"]: {"prompt": d["arguments"][0][0],
-                              "resps": [(float(ll), bool(g), len(lm._encode_pair(*args)[1]))
-                                        for ((ll, g),), args in zip(d["resps"], d["arguments"])]}
-                for d in res["samples"][t]} for t in LM_EVAL_TASKS}
-    return {"acc": {t: res["results"][t]["acc,none"] for t in LM_EVAL_TASKS}, "docs": docs}
-
+    tasks = render_tasks(Path(root) / "ref_tasks", TASKS, check_data(TASKS, default_paths(SHARED / "data")))
+    return hf_backend_logliks(hf, str(tasks.folder), tasks.loglik, LIMIT)
 
 def merged_reference(root: str, ckpt: str) -> dict[str, Any]:
     """Launch 3 (one process): the LoRA run's final checkpoint exported merged (base + scale B A) as an

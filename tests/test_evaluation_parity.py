@@ -26,7 +26,6 @@ from __future__ import annotations
 import glob
 import json
 import runpy
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,8 @@ pytest.importorskip("lm_eval")
 pytest.importorskip("math_verify")
 pytest.importorskip("accelerate")  # lm-eval's hf backend
 
+from lm_eval_reference import hf_backend_logliks, tiny_llama  # noqa: E402
+
 from psft_megatron.testing.multiproc import run_in_processes  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -48,39 +49,6 @@ TOKENIZER = SHARED / "tokenizers" / "smollm2"
 LOGLIK_TASKS = ["psft_mmlu_anatomy", "psft_truthfulqa_mc1"]
 LIMIT = 2
 TOL = 1e-4
-
-
-def _tiny_llama(folder: Path, seed: int) -> Path:
-    """A random 2-layer Llama with SmolLM2's vocabulary and tokenizer (4 heads, 2 query groups: splits at TP=2)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      initializer_range=0.5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()  # a wide init: peaked predictions, so choices rarely tie
-    model.save_pretrained(folder)
-    for f in TOKENIZER.iterdir():
-        shutil.copy2(f, folder / f.name)
-    return folder
-
-
-def _hf_loglik(hf_dir: str, task_dir: str) -> dict[str, Any]:
-    """lm-eval's own ``hf`` backend on the rendered task files (batch 1: no padding effects)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    lm = HFLM(pretrained=hf_dir, device="cpu", dtype="float32", batch_size=1)
-    res = simple_evaluate(model=lm, tasks=LOGLIK_TASKS, limit=LIMIT, log_samples=True, bootstrap_iters=0,
-                          apply_chat_template=True, fewshot_as_multiturn=True,
-                          task_manager=TaskManager(include_path=task_dir, include_defaults=False))
-    return {"acc": {t: res["results"][t]["acc,none"] for t in LOGLIK_TASKS},
-            "docs": {t: {d["doc_id"]: {"prompt": d["arguments"][0][0],
-                                       # (log-likelihood, is_greedy, continuation tokens as HFLM splits them)
-                                       "resps": [(float(ll), bool(g), len(lm._encode_pair(*args)[1]))
-                                                 for ((ll, g),), args in zip(d["resps"], d["arguments"])]}
-                         for d in res["samples"][t]} for t in LOGLIK_TASKS}}
 
 
 def _hf_generate(hf_dir: str, prompts: dict[int, str], max_new: int) -> dict[int, str]:
@@ -142,7 +110,8 @@ def evaluate_worker(convert: list[list[str]], argv: list[str], references: dict[
     out_dir = Path(argv[argv.index("--out") + 1])
     prompts = {i: d["arguments"]["gen_args_0"]["arg_0"] for i, d in _samples(out_dir, "psft_gsm8k").items()}
     heldout = argv[argv.index("--heldout") + 1]
-    refs = {name: {**_hf_loglik(hf, str(out_dir / "tasks")), "gen": _hf_generate(hf, prompts, max_new),
+    refs = {name: {**hf_backend_logliks(hf, str(out_dir / "tasks"), LOGLIK_TASKS, LIMIT),
+                   "gen": _hf_generate(hf, prompts, max_new),
                    "heldout": _float64_heldout(hf, ref_hf, heldout)}
             for name, (hf, ref_hf, max_new) in references.items()}
     seconds["references"] = round(time.monotonic() - start - seconds["evaluate"], 1)
@@ -152,8 +121,8 @@ def evaluate_worker(convert: list[list[str]], argv: list[str], references: dict[
 @pytest.fixture(scope="module")
 def runs(smollm2_hf, tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("evaluation")
-    hf = {"smol": smollm2_hf, "a": _tiny_llama(root / "a_hf", 1),
-          "b": _tiny_llama(root / "b_hf", 2)}
+    hf = {"smol": smollm2_hf, "a": tiny_llama(root / "a_hf", TOKENIZER, 1),
+          "b": tiny_llama(root / "b_hf", TOKENIZER, 2)}
     mg = {k: root / f"{k}_mg" for k in hf}
     heldout = root / "heldout.jsonl"
     with open(SHARED / "data" / "gsm8k" / "test.jsonl") as f:

@@ -23,14 +23,13 @@ from __future__ import annotations
 import copy
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
+from activation_memory import nll_step, profiled_memory
 
 from psft_megatron.config.load import ConfigError
 from psft_megatron.recipe import load_recipe
@@ -113,18 +112,7 @@ def _micro_batch():
     return collate(rows)
 
 
-def _kept_bytes(trace: Path) -> float:
-    """Bytes held when the forward ended, above the start (the allocation and free events' sizes)."""
-    events = json.loads(trace.read_text())["traceEvents"]
-    backward = next(e["ts"] for e in events if e.get("name") == "psft_backward")
-    mem = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
-    running = np.cumsum([b for _, b in mem])
-    return float([r for (ts, _), r in zip(mem, running) if ts < backward][-1])
-
-
 def _measure_activations(dense: bool = False) -> float:
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     from psft_megatron.model.build import build_model
     from psft_megatron.model.config import ModelConfig
     from psft_megatron.model.init import init_layout_independent
@@ -139,23 +127,11 @@ def _measure_activations(dense: bool = False) -> float:
     chunk = built.chunks[0]
     mb = _micro_batch()
 
-    def step() -> None:
-        with record_function("psft_forward"):
-            logits = chunk(**mb.forward_kwargs("local"), labels=mb.labels)  # [s, b, V]
-            logp = torch.log_softmax(logits, -1).gather(-1, mb.labels.t().unsqueeze(-1)).squeeze(-1)
-            loss = -(logp * mb.loss_mask.t()).sum() / mb.num_loss_tokens
-        with record_function("psft_backward"):
-            loss.backward()
-
+    step = nll_step(chunk, mb)
     step()  # warm-up: gradients exist before the measured step
     for p in chunk.parameters():
         p.grad = None
-    with tempfile.TemporaryDirectory() as tmp:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        prof.export_chrome_trace(f"{tmp}/trace.json")
-        return _kept_bytes(Path(tmp) / "trace.json")
-
+    return profiled_memory(step)[0]
 
 def _train(recipes: dict[str, dict]) -> dict[str, Any]:
     from psft_megatron.recipe import recipe_from_dict

@@ -21,13 +21,10 @@ same packed micro-batch (samples of several lengths, seq 256).
 
 from __future__ import annotations
 
-import json
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from activation_memory import nll_step, profiled_memory
 
 from psft_megatron.testing.multiproc import run_in_processes
 from psft_megatron.testing.recipes import TINY_MODEL
@@ -60,23 +57,7 @@ def _micro_batch():
     return collate(rows)
 
 
-def _allocated(trace: Path) -> tuple[float, float]:
-    """(bytes held when the forward ended, peak bytes) above the start, from a profiler trace.
-
-    Sums the allocation and free events' sizes in order. (The events' own running "Total
-    Allocated" field overcounts inside megatron's CheckpointFunction: it disagrees with the
-    events' sizes there, while the sizes match allocation by allocation.)"""
-    events = json.loads(trace.read_text())["traceEvents"]
-    backward = next(e["ts"] for e in events if e.get("name") == "psft_backward")
-    mem = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
-    running = np.cumsum([b for _, b in mem])
-    before = [r for (ts, _), r in zip(mem, running) if ts < backward]
-    return float(before[-1]), float(running.max())
-
-
 def _measure() -> dict:
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     from psft_megatron.model.build import build_model
     from psft_megatron.model.config import ModelConfig
     from psft_megatron.model.init import init_layout_independent
@@ -94,23 +75,12 @@ def _measure() -> dict:
         init_layout_independent(built.chunks, 3)
         chunk = built.chunks[0]
 
-        def step() -> None:
-            with record_function("psft_forward"):
-                logits = chunk(**mb.forward_kwargs("local"), labels=mb.labels)  # [s, b, V]
-                logp = torch.log_softmax(logits, -1).gather(-1, mb.labels.t().unsqueeze(-1)).squeeze(-1)
-                loss = -(logp * mb.loss_mask.t()).sum() / mb.num_loss_tokens
-            with record_function("psft_backward"):
-                loss.backward()
-
+        step = nll_step(chunk, mb)
         step()  # warm-up: the gradients exist before the measured step (they are not activations)
         grads_first = {n: p.grad.detach().clone() for n, p in chunk.named_parameters() if p.grad is not None}
         for p in chunk.parameters():
             p.grad = None
-        with tempfile.TemporaryDirectory() as tmp:
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                step()
-            prof.export_chrome_trace(f"{tmp}/trace.json")
-            kept, peak = _allocated(Path(tmp) / "trace.json")
+        kept, peak = profiled_memory(step)
         out[name] = {"grads": grads_first, "kept": kept, "peak": peak,
                      "config": {f: getattr(chunk.config, f) for f in ("recompute_granularity", "recompute_method",
                                                                       "recompute_num_layers")}}
