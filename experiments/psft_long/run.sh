@@ -3,7 +3,7 @@
 # on 64 GSM8K train problems (32 packed rows of 512 tokens), repeated until plain SFT memorises them.
 #
 #   bash experiments/psft_long/run.sh                # every stage below, in order
-#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | evaluate | report
+#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | evaluate | clip_room | report
 #   JOBS=2 bash experiments/psft_long/run.sh probe   # two runs at a time, one CPU thread each
 #
 # Every stage resumes: a finished run is skipped, an interrupted one continues from its latest
@@ -144,6 +144,19 @@ evaluate() {
     done
 }
 
+# Why the clip stops acting: per kept checkpoint of the long runs (and the start model), the share of the
+# training tokens the snapshot predicts with p >= 1 / (1 + eps_high), which no update can clip from above.
+clip_room() {
+    local name step ckpts=(--ckpt "start=$START")
+    for name in "${EVAL_RUNS[@]}"; do
+        for step in "$LONG_OUT/$name"/checkpoints/step_*[0-9]; do
+            [[ -f $step/psft_meta.json ]] && ckpts+=(--ckpt "$name/$(basename "$step")=$step")
+        done
+    done
+    python experiments/psft_long/clip_room.py --train "$SHARED/data/gsm8k/train.jsonl" --limit 64 \
+        "${ckpts[@]}" --out "$LONG_OUT/clip_room.json"
+}
+
 # Tables, plots and each run's metrics.jsonl under docs/experiments/long (the probes' with PROBES=1).
 report() {
     local docs=docs/experiments/long name present=() step
@@ -154,6 +167,7 @@ report() {
     done
     python experiments/psft_long/curves.py "$LONG_OUT" --runs "${present[@]}" --window 32 --out "$docs" \
         --title "GSM8K, 608 steps"
+    [[ -f $LONG_OUT/clip_room.json ]] && cp "$LONG_OUT/clip_room.json" "$docs/"
     if finished long/sft; then
         for step in $(eval_steps | sort -u); do
             python experiments/psft_vs_sft/summarize.py "$LONG_OUT" --runs "${present[@]}" --step "$step" \
@@ -168,7 +182,7 @@ report() {
     fi
 }
 
-stages=("${@:-prepare probe long evaluate report}")
+stages=("${@:-prepare probe long evaluate clip_room report}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"
