@@ -80,3 +80,19 @@ def test_best_kept_step_is_the_lowest_evaluated_nll_among_checkpoints_on_disk(tm
     script = ROOT / "experiments" / "psft_long" / "best_step.py"  # run.sh calls it by path
     out = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "step_000096"
+
+
+def test_match_lr_reads_the_lr_scale_off_the_cumulative_lr_at_the_target_kl(tmp_path, monkeypatch):
+    """Steps 1-4 at lr 2, steps 5-8 at lr 1 (cumulative 2, 4, 6, 8, 9, 10, 11, 12); KL 0 at step 0,
+    0.4 at step 4 (cumulative 8), 0.6 at step 8 (12): KL 0.5 is reached at cumulative 10, c = 10 / 12."""
+    run = tmp_path / "sft"
+    _write(run, [dict(_step(s, 1.0, 10), lr=2.0 if s <= 4 else 1.0) for s in range(1, 9)]
+           + [{"step": s, "split": "eval", "loss": 1.0, "entropy": 1.0, "kl": kl} for s, kl in ((0, 0.0), (4, 0.4), (8, 0.6))])
+    script = ROOT / "experiments" / "psft_long" / "match_lr.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # where a script run by path finds curves.py
+    scale = runpy.run_path(str(script), run_name="match_lr")["lr_scale_for_kl"]
+    assert scale(run, 0.5) == pytest.approx(10 / 12)
+    assert scale(run, 0.2) == pytest.approx(4 / 12)
+    assert scale(run, 0.9) == 1.0  # never reached: the run's own lr
+    out = subprocess.run([sys.executable, str(script), str(run), "--kl", "0.5"], capture_output=True, text=True, check=True)
+    assert float(out.stdout) == pytest.approx(2.0 * 10 / 12, rel=5e-3)  # c x the peak lr, printed to 3 digits
