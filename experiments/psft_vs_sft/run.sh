@@ -35,7 +35,6 @@ prepare() {
     fi
 }
 
-
 train() {
     for name in "${RUNS[@]}"; do
         finished "$name" && { echo "$name: finished already"; continue; }
