@@ -129,7 +129,7 @@ evaluate_checkpoint() {
 
 # The steps evaluated: the last kept checkpoint of SFT and the one with SFT's lowest held-out NLL.
 eval_steps() {
-    cat "$LONG_OUT/sft/checkpoints/latest"
+    echo "$(cat "$LONG_OUT/sft/checkpoints/latest")"  # the file has no newline of its own
     python experiments/psft_long/best_step.py "$LONG_OUT/sft"
 }
 
@@ -137,9 +137,10 @@ evaluate() {
     local step name
     finished long/sft || { echo "evaluate: long/sft has not finished"; return 1; }
     evaluate_checkpoint "$START" "$LONG_OUT/start"
-    for step in $(eval_steps | sort -u); do
+    for step in $(eval_steps | sort -ru); do  # the end first
         for name in "${EVAL_RUNS[@]}"; do
-            finished "long/$name" && [[ -d $LONG_OUT/$name/checkpoints/$step ]] || continue
+            finished "long/$name" || continue
+            [[ -d $LONG_OUT/$name/checkpoints/$step ]] || { echo "evaluate: long/$name has no $step"; continue; }
             evaluate_checkpoint "$LONG_OUT/$name/checkpoints/$step" "$LONG_OUT/$name/eval/$step"
         done
     done
