@@ -16,7 +16,7 @@ BASE=experiments/psft_long/gsm8k.yaml
 JOBS=${JOBS:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# shellcheck source=../common.sh
+# shellcheck source=experiments/common.sh
 source experiments/common.sh
 
 # One run: train NAME [overrides...] into $OUT/NAME (skipped when finished; resumed otherwise).

@@ -21,7 +21,7 @@ MMLU_LIMIT=${MMLU_LIMIT:-1}         # questions per MMLU subject
 TQA_LIMIT=${TQA_LIMIT:-24}          # TruthfulQA MC1 questions
 HELDOUT_LIMIT=${HELDOUT_LIMIT:-32}  # GSM8K test / HH-RLHF harmless conversations for NLL, entropy, KL
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# shellcheck source=../common.sh
+# shellcheck source=experiments/common.sh
 source experiments/common.sh
 
 prepare() {
