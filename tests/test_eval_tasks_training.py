@@ -104,6 +104,7 @@ def hf_backend(hf: str, root: str) -> dict[str, Any]:
     tasks = render_tasks(Path(root) / "ref_tasks", TASKS, check_data(TASKS, default_paths(SHARED / "data")))
     return hf_backend_logliks(hf, str(tasks.folder), tasks.loglik, LIMIT)
 
+
 def merged_reference(root: str, ckpt: str) -> dict[str, Any]:
     """Launch 3 (one process): the LoRA run's final checkpoint exported merged (base + scale B A) as an
     HF folder with the tokenizer, and lm-eval's ``hf`` backend on it."""
