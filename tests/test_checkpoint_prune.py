@@ -44,3 +44,11 @@ def test_keep_every_must_fall_on_saved_steps():
     CheckpointConfig(save_interval=40, keep_every=80, allow_random_init=True).validate()
     with pytest.raises(FieldError, match="checkpoint.keep_every"):
         CheckpointConfig(save_interval=40, keep_every=60, allow_random_init=True).validate()
+
+
+def test_weights_only_needs_checkpoints_kept_by_keep_every():
+    CheckpointConfig(save_interval=40, keep_every=80, keep_every_weights_only=True, allow_random_init=True).validate()
+    for bad in ({"keep_every": 0}, {"keep_every": 80, "keep_last": 0}):
+        cfg = CheckpointConfig(save_interval=40, keep_every_weights_only=True, allow_random_init=True, **bad)
+        with pytest.raises(FieldError, match="checkpoint.keep_every_weights_only"):
+            cfg.validate()

@@ -1,7 +1,7 @@
 """What the trainer owns besides the maths, each checked by an assertion that can fail.
 
 One SFT run (1 process) over the tiny data, by epochs, with held-out scoring of a few
-rows, frequent checkpoints with ``keep_last``, TensorBoard and a ``log_interval``; then a
+rows, frequent checkpoints with ``keep_last`` and weights-only ``keep_every``, TensorBoard and a ``log_interval``; then a
 relaunch from its middle checkpoint with another objective, as after a crash whose later
 records must disappear from metrics.jsonl and TensorBoard.
 """
@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 EPOCHS = 0.5
 EVAL_ROWS = 5
 LOG_INTERVAL = 3
+KEEP_EVERY = 4
 
 
 class _Lines(logging.Handler):
@@ -98,7 +99,8 @@ def outcome(tiny_data, tmp_path_factory) -> dict[str, Any]:
         training={"train_steps": None, "epochs": EPOCHS, "sft_warmup_steps": 0, "eval_interval": 2,
                   "eval_rows": EVAL_ROWS, "eval_at_start": True},
         loss={"name": "sft"},
-        checkpoint={"save_interval": 2, "keep_last": 2, "save_at_end": True},
+        checkpoint={"save_interval": 2, "keep_last": 2, "keep_every": KEEP_EVERY, "keep_every_weights_only": True,
+                    "save_at_end": True},
         logging={"tensorboard": True, "log_interval": LOG_INTERVAL},
     )
     relaunch = copy.deepcopy(first)
@@ -138,7 +140,24 @@ def test_eval_rows_selects_exactly_that_many_rows(outcome):
 
 def test_keep_last_prunes_older_checkpoints(outcome):
     steps = outcome["a"]["step"]
-    assert outcome["checkpoints"] == [f"step_{steps - 2:06d}", f"step_{steps:06d}"]  # saved every 2, kept 2
+    kept = list(range(KEEP_EVERY, steps - 2, KEEP_EVERY))
+    assert kept, "the run must be long enough to keep a checkpoint by keep_every"
+    # saved every 2: the newest 2, and the older multiples of KEEP_EVERY
+    assert outcome["checkpoints"] == [f"step_{s:06d}" for s in [*kept, steps - 2, steps]]
+
+
+def test_keep_every_weights_only_keeps_a_model_checkpoint(outcome):
+    """A kept checkpoint outside keep_last holds the model only, and resuming no longer offers it."""
+    from psft_megatron.checkpoint.model_checkpoint import read_meta
+    from psft_megatron.checkpoint.train_checkpoint import complete_checkpoints
+
+    ckpts = outcome["run_dir"] / "checkpoints"
+    kept = ckpts / f"step_{KEEP_EVERY:06d}"
+    assert sorted(p.name for p in kept.iterdir()) == ["model", "psft_meta.json"]
+    assert read_meta(kept)["step"] == KEEP_EVERY
+    resumable = complete_checkpoints(ckpts)
+    assert kept not in resumable
+    assert {"optimizer", "rng", "train_state.json"} <= {p.name for p in resumable[0].iterdir()}
 
 
 def test_log_interval_lines(outcome):

@@ -29,9 +29,10 @@ train_run() {
     weights_only "$OUT/$name/checkpoints"
 }
 
-# A finished run's kept checkpoints (checkpoint.keep_every) are only evaluated, never resumed from:
-# keep their weights (psft_meta.json + model/, what evaluation loads) and drop the optimizer state,
-# two thirds of each. The latest stays whole.
+# A finished run's older checkpoints are only evaluated, never resumed from: keep their weights
+# (psft_meta.json + model/, what evaluation loads) and drop the optimizer state, two thirds of each. The
+# latest stays whole. The long runs do this as they go (checkpoint.keep_every_weights_only); the probes
+# keep two checkpoints (keep_last: 2) and rely on this.
 weights_only() {
     local dir=$1 latest step
     [[ -f $dir/latest ]] || return 0
@@ -86,7 +87,7 @@ PLAN
 # the lr that ends at PSFT's KL to the start model (`python experiments/psft_long/match_lr.py
 # $OUT/long/sft --kl KL`); both PSFT runs end within 0.005 of SFT's own KL, so that is SFT's lr, and
 # the lower-lr run (half of it) shows instead what a smaller step does that PSFT does not.
-LONG="training.train_steps=608 training.sft_warmup_steps=32 training.eval_interval=32 training.eval_kl_to_start=true checkpoint.save_interval=32 checkpoint.keep_last=1 checkpoint.keep_every=96"
+LONG="training.train_steps=608 training.sft_warmup_steps=32 training.eval_interval=32 training.eval_kl_to_start=true checkpoint.save_interval=32 checkpoint.keep_last=1 checkpoint.keep_every=96 checkpoint.keep_every_weights_only=true"
 LOWLR=${LOWLR:-1e-5}
 # In order of need (the issue keeps SFT, PSFT, the lower-lr SFT and the seeds if time forces a cut):
 # SFT and PSFT at the paper's k = 8; k = 32, where the probes found the objectives differ; the seeds;

@@ -169,7 +169,7 @@ class Checkpointer:
         meta = {"model": self.model_config, "step": step, **self.meta}
         self.last = save_training_checkpoint(
             self.save_dir, step, model, optimizer, scheduler, train_state, meta, keep_last=self.cfg.keep_last,
-            shards=shards, keep_every=self.cfg.keep_every,
+            shards=shards, keep_every=self.cfg.keep_every, keep_every_weights_only=self.cfg.keep_every_weights_only,
         )
         self.hf_copy.after_save(self.last, step, final=step == self._final_step)
         return self.last

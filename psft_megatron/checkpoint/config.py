@@ -19,6 +19,10 @@ class CheckpointConfig:
     # ... except every checkpoint whose step is a multiple of this (0 = none): kept for later
     # evaluation of the run's course while keep_last bounds the disk used for resuming.
     keep_every: int = 0
+    # Those kept checkpoints keep only the model (psft_meta.json + model/: evaluation, conversion and
+    # init_from read it) once keep_last no longer covers them, dropping the optimizer state, about two
+    # thirds of each; they can then no longer be resumed from.
+    keep_every_weights_only: bool = False
     save_at_end: bool = True
     # Resume from the latest checkpoint in save_dir when one exists.
     resume: bool = True
@@ -53,6 +57,10 @@ class CheckpointConfig:
         if self.keep_every < 0 or (self.keep_every and self.save_interval and self.keep_every % self.save_interval):
             raise FieldError("checkpoint.keep_every", f"({self.keep_every}) must be 0 or a multiple of "
                              f"checkpoint.save_interval ({self.save_interval}): only saved steps can be kept")
+        if self.keep_every_weights_only and not (self.keep_every and self.keep_last):
+            raise FieldError("checkpoint.keep_every_weights_only", "is set, but no checkpoint is kept by "
+                             f"checkpoint.keep_every ({self.keep_every}) outside checkpoint.keep_last "
+                             f"({self.keep_last}; 0 keeps every checkpoint whole): set both, or drop this option")
         if self.save_hf < 0:
             raise FieldError("checkpoint.save_hf", f"must be >= 0 (0 = no HF copies), got {self.save_hf}")
         if self.save_hf and not (self.save_interval or self.save_at_end):

@@ -140,6 +140,7 @@ def save_training_checkpoint(
     keep_last: int = 0,
     shards: dict[str, Any] | None = None,
     keep_every: int = 0,
+    keep_every_weights_only: bool = False,
 ) -> Path:
     """Write checkpoint ``step`` (all ranks call this); returns its final path.
 
@@ -193,7 +194,7 @@ def save_training_checkpoint(
             ) from None
     if global_rank() == 0:
         _write_text_atomic(save_dir / "latest", final.name)
-        prune_checkpoints(save_dir, step, keep_last, keep_every)
+        prune_checkpoints(save_dir, step, keep_last, keep_every, keep_every_weights_only)
         log.info("saved checkpoint %s", final)
     barrier()
     return final
@@ -284,9 +285,21 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def prune_checkpoints(save_dir: Path, step: int, keep_last: int, keep_every: int = 0) -> None:
+# What a training checkpoint adds to a model checkpoint (psft_meta.json + model/): what resuming needs.
+# train_state.json first: a folder interrupted while being thinned is then no longer offered for resuming.
+_RESUME_ONLY = ("train_state.json", "optimizer", "rng", "shards")
+
+
+def prune_checkpoints(
+    save_dir: Path, step: int, keep_last: int, keep_every: int = 0, keep_every_weights_only: bool = False
+) -> None:
     """Delete all but the ``keep_last`` newest checkpoints up to ``step`` (never ``step`` itself),
-    except those whose step is a multiple of ``keep_every`` (0: none kept that way)."""
+    except those whose step is a multiple of ``keep_every`` (0: none kept that way).
+
+    ``keep_every_weights_only``: those kept checkpoints lose what only resuming needs (optimizer
+    state, RNG, shards, train state) and stay model checkpoints; without ``train_state.json`` the
+    resume search no longer offers them.
+    """
     if keep_last <= 0:
         return
     steps = sorted(
@@ -295,3 +308,10 @@ def prune_checkpoints(save_dir: Path, step: int, keep_last: int, keep_every: int
     for s, p in steps[:-keep_last]:
         if not (keep_every and s % keep_every == 0):
             shutil.rmtree(p, ignore_errors=True)
+        elif keep_every_weights_only:
+            for name in _RESUME_ONLY:
+                part = p / name
+                if part.is_dir():
+                    shutil.rmtree(part, ignore_errors=True)
+                else:
+                    part.unlink(missing_ok=True)
