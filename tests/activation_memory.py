@@ -1,5 +1,5 @@
-"""What the memory tests share (tests/test_recompute.py, tests/test_moe.py): one forward and backward
-of a model chunk on a micro-batch, and the bytes it holds, from torch's profiler (``profile_memory``:
+"""What the memory tests share (tests/test_recompute.py, tests/test_moe.py): a packed micro-batch, one
+forward and backward of a model chunk on it, and the bytes it holds, from torch's profiler (``profile_memory``:
 every CPU allocation and free)."""
 
 from __future__ import annotations
@@ -11,6 +11,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+
+def packed_micro_batch(seq: int) -> Any:
+    """Two rows of ``seq`` tokens: three documents packed into one (padded), one filling the other."""
+    from psft_megatron.data.batches import collate
+    from psft_megatron.data.packing import pack_row
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for lens in ([70, 101, 85], [seq]):
+        samples = [(rng.integers(1, 300, n), (rng.random(n) < 0.7).astype(np.float32)) for n in lens]
+        rows.append(pack_row(samples, seq, pad_id=0))
+    return collate(rows)
 
 
 def nll_step(chunk: Any, mb: Any) -> Callable[[], None]:

@@ -26,10 +26,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
-from activation_memory import nll_step, profiled_memory
+from activation_memory import nll_step, packed_micro_batch, profiled_memory
 
 from psft_megatron.config.load import ConfigError
 from psft_megatron.recipe import load_recipe
@@ -100,18 +99,6 @@ def _model_fields(dense: bool = False) -> dict[str, Any]:
     return model
 
 
-def _micro_batch():
-    from psft_megatron.data.batches import collate
-    from psft_megatron.data.packing import pack_row
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for lens in ([70, 101, 85], [256]):
-        samples = [(rng.integers(1, 300, n), (rng.random(n) < 0.7).astype(np.float32)) for n in lens]
-        rows.append(pack_row(samples, SEQ, pad_id=0))
-    return collate(rows)
-
-
 def _measure_activations(dense: bool = False) -> float:
     from psft_megatron.model.build import build_model
     from psft_megatron.model.config import ModelConfig
@@ -125,7 +112,7 @@ def _measure_activations(dense: bool = False) -> float:
     built = build_model(ModelConfig(**_model_fields(dense)), ParallelConfig())
     init_layout_independent(built.chunks, 3)
     chunk = built.chunks[0]
-    mb = _micro_batch()
+    mb = packed_micro_batch(SEQ)
 
     step = nll_step(chunk, mb)
     step()  # warm-up: gradients exist before the measured step

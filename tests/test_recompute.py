@@ -21,10 +21,9 @@ same packed micro-batch (samples of several lengths, seq 256).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from activation_memory import nll_step, profiled_memory
+from activation_memory import nll_step, packed_micro_batch, profiled_memory
 
 from psft_megatron.testing.multiproc import run_in_processes
 from psft_megatron.testing.recipes import TINY_MODEL
@@ -45,18 +44,6 @@ LORA_VARIANTS = {
 MODEL = {**TINY_MODEL, "max_position_embeddings": SEQ}
 
 
-def _micro_batch():
-    from psft_megatron.data.batches import collate
-    from psft_megatron.data.packing import pack_row
-
-    rng = np.random.default_rng(0)
-    rows = []
-    for lens in ([70, 101, 85], [256]):
-        samples = [(rng.integers(1, 300, n), (rng.random(n) < 0.7).astype(np.float32)) for n in lens]
-        rows.append(pack_row(samples, SEQ, pad_id=0))
-    return collate(rows)
-
-
 def _measure() -> dict:
     from psft_megatron.model.build import build_model
     from psft_megatron.model.config import ModelConfig
@@ -67,7 +54,7 @@ def _measure() -> dict:
     init_distributed()
     parallel = ParallelConfig()
     init_model_parallel(parallel)
-    mb = _micro_batch()
+    mb = packed_micro_batch(SEQ)
     out = {}
     for name, fields in {**VARIANTS, **LORA_VARIANTS}.items():
         set_seed(3)
