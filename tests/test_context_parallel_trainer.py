@@ -23,13 +23,13 @@ independent float64 trainer. Each launch runs once, on first use, shared by the 
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 import torch
+from layout_compare import COMPARED, assert_same_curve, train_each
 from test_context_parallel import S, _cp2_and_cp1
 
 from psft_megatron.testing.multiproc import run_in_processes
@@ -37,8 +37,6 @@ from psft_megatron.testing.recipes import tiny_recipe, with_sections
 
 pytestmark = pytest.mark.slow
 
-COMPARED = ("loss", "entropy", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "mean_logp", "grad_norm", "lr",
-            "tokens")
 CP2 = {"context_parallel_size": 2}
 FOUR_PROC = {  # run together in one 4-process launch
     "cp2_tp2_sp": {"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True},
@@ -51,21 +49,9 @@ FOUR_PROC = {  # run together in one 4-process launch
 FOUR_PROC_LOSS = {"cp2_tp2_sp_fused": {"fused_output_layer": True}}
 
 
-def _train_all(recipes: dict[str, dict]) -> dict[str, Any]:
-    """Run each recipe in turn in this launch; records of the logging (last) rank."""
-    from psft_megatron.recipe import recipe_from_dict
-    from psft_megatron.run import run
-
-    out = {}
-    for name, recipe in recipes.items():
-        result = run(recipe_from_dict(copy.deepcopy(recipe)))
-        out[name] = {"records": result.records, "eval": result.eval_records, "step": result.step}
-    return out
-
-
 def _model_then_train(recipes: dict[str, dict]) -> dict[str, Any]:
     """The model at CP=2 and CP=1 on one packed micro-batch (test_context_parallel.py), then the runs."""
-    return {"model": _cp2_and_cp1(), **_train_all(recipes)}
+    return {"model": _cp2_and_cp1(), **train_each(recipes)}
 
 
 class Runs:
@@ -105,12 +91,12 @@ class Runs:
                 dst.mkdir()
                 shutil.copytree(src / "step_000001", dst / "step_000001")
                 (dst / "latest").write_text("step_000001")
-            return 1, _train_all, {"recipes": {
+            return 1, train_each, {"recipes": {
                 "cp1": self.recipe("cp1"),
                 "cp1_from_cp2": self.recipe("cp1_from_cp2", checkpoint={"save_dir": str(dst)}),
             }}
         if name == "four":
-            return 4, _train_all, {"recipes": {n: self.recipe(n, parallel=p, loss=FOUR_PROC_LOSS.get(n, {}))
+            return 4, train_each, {"recipes": {n: self.recipe(n, parallel=p, loss=FOUR_PROC_LOSS.get(n, {}))
                                                for n, p in FOUR_PROC.items()}}
         raise KeyError(name)
 
@@ -122,14 +108,6 @@ def runs(tiny_data, tmp_path_factory) -> Runs:
     training = {"train_steps": 2, "sft_warmup_steps": 0, "eval_interval": 2, "eval_rows": 6}
     base = tiny_recipe(tiny_data, tmp / "unused", training=training)
     return Runs(tmp, base)
-
-
-def _assert_same_curve(got: list[dict], ref: list[dict], what: str) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in ref], what
-    for g, r in zip(got, ref):
-        assert g["phase"] == r["phase"], f"{what} step {r['step']}"
-        for key in COMPARED:
-            assert g[key] == pytest.approx(r[key], rel=2e-4, abs=2e-5), f"{what} step {r['step']} {key}: {g[key]} vs {r[key]}"
 
 
 def _assert_same_eval(got: list[dict], ref: list[dict], what: str) -> None:
@@ -146,7 +124,7 @@ def test_cp2_matches_cp1_step_by_step(runs):
     assert [r["phase"] for r in ref["records"]] == ["psft"] * 2
     # The snapshot pass moved the ratios (so logp_old of the CP shares was used and lined up).
     assert all(abs(r["ratio_max"] - 1) > 1e-4 for r in ref["records"][1::2])
-    _assert_same_curve(got["records"], ref["records"], "CP=2")
+    assert_same_curve(got["records"], ref["records"], "CP=2")
     _assert_same_eval(got["eval"], ref["eval"], "CP=2")
 
 
@@ -154,7 +132,7 @@ def test_cp2_matches_cp1_step_by_step(runs):
 def test_cp2_with_tp_sp_or_pp_vp_matches_cp1(runs, name):
     ref = runs.get("cp1")["cp1"]
     got = runs.get("four")[name]
-    _assert_same_curve(got["records"], ref["records"], name)
+    assert_same_curve(got["records"], ref["records"], name)
     _assert_same_eval(got["eval"], ref["eval"], name)
 
 
@@ -173,7 +151,7 @@ def test_cp2_checkpoint_inside_a_global_batch_resumes_at_cp1(runs):
     ref = runs.get("cp1")["cp1"]["records"][1:]
     # Step 2 runs on logp_old that CP=2's ranks saved as shares, merged back into rows here.
     assert got[0]["ratio_max"] != 1.0
-    _assert_same_curve(got, ref, "resumed at CP=1")
+    assert_same_curve(got, ref, "resumed at CP=1")
 
 
 def test_model_at_cp2_equals_cp1_logits_loss_and_gradients(runs):

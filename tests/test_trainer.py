@@ -24,33 +24,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from layout_compare import COMPARED, assert_same_curve, train_each, train_one
 
 from psft_megatron.testing.multiproc import run_in_processes
 from psft_megatron.testing.recipes import tiny_recipe, with_sections
 
 pytestmark = pytest.mark.slow
 
-# Compared metrics: everything a layout change must not change (fp32 tolerances).
-COMPARED = ("loss", "entropy", "clip_frac", "ratio_mean", "ratio_min", "ratio_max", "mean_logp", "grad_norm", "lr", "tokens")
-
-
-def _train(recipe_dict: dict) -> dict:
-    """One run (in a launched rank); its records on the logging rank."""
-    from psft_megatron.recipe import recipe_from_dict
-    from psft_megatron.run import run
-
-    result = run(recipe_from_dict(copy.deepcopy(recipe_dict)))
-    return {"records": result.records, "eval": result.eval_records, "step": result.step}
-
-
-def _train_each(recipes: dict[str, dict]) -> dict[str, dict]:
-    """Several runs, one after the other, in one launch."""
-    return {name: _train(recipe) for name, recipe in recipes.items()}
-
-
 def _train_stopped_then_resumed(stopped: dict, resumed: dict) -> dict:
     """A launch that stops after 4 steps, then a second run of the same recipe in the same job."""
-    return {"stopped": _train(stopped), "resumed": _train(resumed)}
+    return {"stopped": train_one(stopped), "resumed": train_one(resumed)}
 
 
 def _save_initial_model(recipe_dict: dict, out: str) -> None:
@@ -99,7 +82,7 @@ class Runs:
                 specs = {n: self._spec(n) for n in group}
                 (nprocs,) = {n for n, _, _ in specs.values()}
                 recipes = {n: kw["recipe_dict"] for n, (_, _, kw) in specs.items()}
-                self._done.update(run_in_processes(_train_each, nprocs, kwargs={"recipes": recipes}, timeout=400)[-1])
+                self._done.update(run_in_processes(train_each, nprocs, kwargs={"recipes": recipes}, timeout=400)[-1])
         return self._done[name]
 
     def _spec(self, name: str) -> tuple[int, Callable, dict]:
@@ -119,19 +102,19 @@ class Runs:
             sections: dict[str, Any] = {"parallel": parallel}
             if name.endswith("_fused"):
                 sections["loss"] = {"fused_output_layer": True}
-            return nprocs, _train, {"recipe_dict": self.recipe(name, **sections)}
+            return nprocs, train_one, {"recipe_dict": self.recipe(name, **sections)}
         if name in ("unfused_16", "fused_16", "fused_tp2_sp_16"):  # the fused output layer + loss, 16 steps
             sixteen = {"train_steps": 16, "sft_warmup_steps": 4}
             fused = {"fused_output_layer": name != "unfused_16"}
             parallel = {"tensor_model_parallel_size": 2, "sequence_parallel": True} if "tp2" in name else {}
-            return (2 if parallel else 1), _train, {"recipe_dict": self.recipe(name, training=sixteen, loss=fused,
+            return (2 if parallel else 1), train_one, {"recipe_dict": self.recipe(name, training=sixteen, loss=fused,
                                                                                parallel=parallel)}
         if name == "psft_k1":  # one mini-batch per global batch: PSFT must equal SFT
-            return 1, _train, {"recipe_dict": self.recipe(name, training=one)}
+            return 1, train_one, {"recipe_dict": self.recipe(name, training=one)}
         if name == "sft_k1":
-            return 1, _train, {"recipe_dict": self.recipe(name, training=one, loss={"name": "sft"})}
+            return 1, train_one, {"recipe_dict": self.recipe(name, training=one, loss={"name": "sft"})}
         if name == "dft":
-            return 1, _train, {"recipe_dict": self.recipe(name, loss={"name": "dft"},
+            return 1, train_one, {"recipe_dict": self.recipe(name, loss={"name": "dft"},
                                                           training={"train_steps": 4, "sft_warmup_steps": 0})}
         if name == "stop_resume":  # stopped after 4 steps (checkpoint), then resumed to 8: must equal tp1
             ckpt = dict(self.ckpt, save_dir=str(self.tmp / "resume_ckpt"))
@@ -146,7 +129,7 @@ class Runs:
                 (dst / "latest").write_text("step_000004")
             parallel = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
             recipe = self.recipe("resume_tp2", checkpoint=dict(self.ckpt, save_dir=str(dst)), parallel=parallel)
-            return 2, _train, {"recipe_dict": recipe}
+            return 2, train_one, {"recipe_dict": recipe}
         raise KeyError(name)
 
 
@@ -155,14 +138,6 @@ def runs(tiny_data, tmp_path_factory) -> Runs:
     tmp = tmp_path_factory.mktemp("trainer")
     base = tiny_recipe(tiny_data, tmp / "unused", training={"eval_interval": 4, "eval_rows": 6})
     return Runs(tmp, base)
-
-
-def _assert_same_curve(got: list[dict], ref: list[dict], what: str) -> None:
-    assert [r["step"] for r in got] == [r["step"] for r in ref], what
-    for g, r in zip(got, ref):
-        assert g["phase"] == r["phase"], f"{what} step {r['step']}"
-        for key in COMPARED:
-            assert g[key] == pytest.approx(r[key], rel=2e-4, abs=2e-5), f"{what} step {r['step']} {key}: {g[key]} vs {r[key]}"
 
 
 def test_tp1_run_switches_phase_and_snapshot_moves_ratios(runs):
@@ -180,7 +155,7 @@ def test_tp1_run_switches_phase_and_snapshot_moves_ratios(runs):
 def test_layouts_match_tp1(runs, layout):
     ref = runs.get("tp1")
     got = runs.get(layout)
-    _assert_same_curve(got["records"], ref["records"], layout)
+    assert_same_curve(got["records"], ref["records"], layout)
     assert [e["step"] for e in got["eval"]] == [e["step"] for e in ref["eval"]] == [4, 8]
     for g, r in zip(got["eval"], ref["eval"]):
         assert g["loss"] == pytest.approx(r["loss"], rel=2e-4)
@@ -190,7 +165,7 @@ def test_layouts_match_tp1(runs, layout):
 def test_fused_output_layer_gives_the_same_run(runs, name):
     """loss.fused_output_layer: no logits tensor, same 16 steps (SFT warm-up, PSFT, evaluation)."""
     ref, got = runs.get("unfused_16"), runs.get(name)
-    _assert_same_curve(got["records"], ref["records"], name)
+    assert_same_curve(got["records"], ref["records"], name)
     assert [e["step"] for e in got["eval"]] == [e["step"] for e in ref["eval"]]
     for g, r in zip(got["eval"], ref["eval"]):
         assert g["loss"] == pytest.approx(r["loss"], rel=2e-4) and g["entropy"] == pytest.approx(r["entropy"], rel=2e-4)
@@ -236,7 +211,7 @@ def test_stop_and_resume_equals_uninterrupted(runs):
 def test_checkpoint_resumed_at_other_layout_gives_same_next_steps(runs):
     got = runs.get("resumed_tp2")["records"]
     ref = runs.get("tp1")["records"][4:]
-    _assert_same_curve(got, ref, "resumed at TP=2")
+    assert_same_curve(got, ref, "resumed at TP=2")
 
 
 def test_metrics_jsonl_has_every_field(runs):
