@@ -178,6 +178,11 @@ report() {
         done
     fi
     if [[ ${PROBES:-0} == 1 ]]; then
+        for name in "$OUT"/probe/*/; do
+            name=$(basename "$name")
+            finished "probe/$name" || continue
+            mkdir -p "$docs/probe/$name" && cp "$OUT/probe/$name/metrics.jsonl" "$docs/probe/$name/"
+        done
         python experiments/psft_long/curves.py "$OUT/probe" --runs sft psft_k8 psft_k32 unweighted_k32 \
             sft_2pass psft_k8_2pass sft_lr8e-5 psft_k32_lr8e-5 --window 16 --out "$docs/probe" --title "GSM8K probes"
         python experiments/psft_long/curves.py "$OUT/probe" --runs math_sft math_psft_k32 --window 16 \
