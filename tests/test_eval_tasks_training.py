@@ -14,14 +14,15 @@ Three launches:
    steps at PP=2 x VP=2 (the interleaved schedule: scoring groups topped up to PP micro-batches) and
    at TP=2 with ``eval_at_start`` and the two tasks every 4 steps, on GSM8K conversations, and a LoRA
    run at TP=2 the same way; (c) the ``psft-evaluate --pp 2`` command itself on the converted checkpoint;
-3. one process: the LoRA run's final checkpoint exported merged, and lm-eval's ``hf`` backend on it.
+3. one process: the LoRA run's final adapters merged into the base by peft, and lm-eval's ``hf``
+   backend on that.
 
 Checked: PP=2 (with and without VP) and PP=1 row scores equal each other and the float64 reference; ``psft-evaluate
 --pp 2``'s per-item task log-likelihoods and both training layouts' at step 0 equal lm-eval's
 ``hf`` backend on the starting model, with identical accuracy; at step 4 the two layouts agree;
 metrics.jsonl carries ``TASK/acc`` on the eval records, equal to lm-eval's results file of the
 same step, and TensorBoard's ``eval/TASK/acc`` equals metrics.jsonl; the LoRA run's step-4 task scores
-equal the ``hf`` backend's on its merged export.
+equal the ``hf`` backend's on peft's merge of its adapters.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import copy
 import glob
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +106,18 @@ def hf_backend(hf: str, root: str) -> dict[str, Any]:
 
 
 def merged_reference(root: str, ckpt: str) -> dict[str, Any]:
-    """Launch 3 (one process): the LoRA run's final checkpoint exported merged (base + scale B A) as an
-    HF folder with the tokenizer, and lm-eval's ``hf`` backend on it."""
-    from psft_megatron.conversion.megatron_to_hf import convert_megatron_to_hf
+    """Launch 3 (one process): the LoRA run's adapters exported for PEFT, merged into the transformers
+    base by peft itself (``merge_and_unload``), saved with the tokenizer, and lm-eval's ``hf`` backend on it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    merged = Path(root) / "lora_merged"
-    convert_megatron_to_hf(ckpt, merged, dtype="float32")
-    for f in TOKENIZER.iterdir():
-        shutil.copy2(f, merged / f.name)
+    from psft_megatron.conversion.lora_export import export_peft_adapter
+
+    hf, adapters, merged = Path(root) / "hf", Path(root) / "lora_peft", Path(root) / "lora_merged"
+    export_peft_adapter(ckpt, adapters, dtype="float32", base_model=str(hf))
+    base = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+    PeftModel.from_pretrained(base, adapters).merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(hf).save_pretrained(merged)
     return hf_backend(str(merged), root)
 
 
@@ -271,10 +275,10 @@ def test_step0_task_logliks_match_lm_eval_hf_backend(runs, layout):
         assert first[f"{task}/acc"] == runs["refs"]["acc"]["psft_" + task]
 
 
-def test_lora_task_scores_during_training_are_its_merged_exports(runs):
+def test_lora_task_scores_during_training_equal_its_peft_merge(runs):
     """A LoRA run (TP=2, adapters on every projection) scores the tasks with its adapters on: at step 4
-    its per-item log-likelihoods and accuracy equal lm-eval's ``hf`` backend on the merged export of
-    the same step's checkpoint."""
+    its per-item log-likelihoods and accuracy equal lm-eval's ``hf`` backend on the base with the same
+    step's adapters merged by peft."""
     run_dir = runs["root"] / "lora_tp2"
     want = runs["lora_merged"]
     _assert_match_hf_backend(want["docs"], lambda task: _samples(run_dir, STEPS, task), "lora_tp2 step 4")
