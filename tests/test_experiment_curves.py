@@ -63,6 +63,21 @@ def test_the_markdown_tables_hold_each_runs_numbers(tmp_path):
     assert "| psft | 1.1 | 1.1 |" in md  # max ratio
 
 
+def test_gaps_to_the_first_run_over_shared_evaluation_steps(tmp_path):
+    def ev(step: int, loss: float, entropy: float) -> dict:
+        return {"step": step, "loss": loss, "entropy": entropy, "tokens": 5, "split": "eval"}
+
+    _write(tmp_path / "sft", [_step(1, 1.0, 10), ev(0, 1.4, 1.2), ev(32, 1.0, 0.9), ev(64, 1.1, 0.7)])
+    # step 96 has no SFT evaluation: not compared
+    _write(tmp_path / "seed2", [_step(1, 1.0, 10), ev(0, 1.4, 1.2), ev(32, 1.05, 0.8), ev(64, 1.08, 0.72),
+                                ev(96, 9.0, 9.0)])
+    assert CURVES["main"]([str(tmp_path), "--runs", "sft", "seed2", "--out", str(tmp_path / "o"), "--no-plots"]) == 0
+    md = (tmp_path / "o" / "curves.md").read_text()
+    nll = f"{0.05:+.3f} (32), mean {(0 + 0.05 - 0.02) / 3:+.3f}"
+    entropy = f"{-0.1:+.3f} (32), mean {(0 - 0.1 + 0.02) / 3:+.3f}"
+    assert f"| seed2 | {nll} | {entropy} |  |" in md, md
+
+
 def test_best_kept_step_is_the_lowest_evaluated_nll_among_checkpoints_on_disk(tmp_path):
     best = CURVES["best_kept_step"]
     run = tmp_path / "sft"

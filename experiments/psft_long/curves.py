@@ -10,7 +10,8 @@ start model). Written into ``--out``:
 
 - ``curves.md``: per run, the token-weighted mean of each training metric over consecutive
   windows of ``--window`` steps (entropy, response NLL, clip fraction; max ratio), and the
-  held-out metrics at every evaluation step;
+  held-out metrics at every evaluation step, and each run's largest gap to the first run over
+  those steps (for a second seed of the first run: how far chance alone moves the curves);
 - ``train_entropy.png``, ``train_nll.png``, ``clip_frac.png`` (running means over ``--window``
   steps, every run on each) and ``eval_nll.png``, ``eval_entropy.png``, ``eval_kl.png`` (every
   evaluation point).
@@ -94,6 +95,19 @@ def running_mean(rows: list[dict[str, Any]], key: str, window: int) -> tuple[lis
     return steps, values
 
 
+def eval_gaps(ref: list[dict[str, Any]], run: list[dict[str, Any]], key: str) -> tuple[float, int, float] | None:
+    """Over the evaluation steps both runs scored ``key`` at: (the signed difference ``run - ref``
+    largest in size, its step, the mean difference); None when they share no step."""
+    a = {e["step"]: e[key] for e in ref if e.get(key) is not None}
+    b = {e["step"]: e[key] for e in run if e.get(key) is not None}
+    steps = sorted(a.keys() & b.keys())
+    if not steps:
+        return None
+    diffs = [(b[s] - a[s], s) for s in steps]
+    largest, at = max(diffs, key=lambda d: abs(d[0]))
+    return largest, at, sum(d for d, _ in diffs) / len(diffs)
+
+
 def markdown(runs: dict[str, tuple[list, list]], window: int, title: str) -> str:
     lines = [f"# {title}", ""]
     for key, label in TRAIN:
@@ -120,6 +134,18 @@ def markdown(runs: dict[str, tuple[list, list]], window: int, title: str) -> str
         for name, (_, ev) in runs.items():
             got = {e["step"]: e[key] for e in ev if e.get(key) is not None}
             lines.append(f"| {name} | " + " | ".join(f"{got[s]:.3f}" if s in got else "" for s in steps) + " |")
+        lines.append("")
+    first, *others = runs
+    if others:
+        lines += [f"## held-out gaps to {first}: the largest difference (at step) and the mean, over the shared "
+                  "evaluation steps", "", "| run | " + " | ".join(label for _, _, label in EVAL) + " |",
+                  "| --- |" + " --- |" * len(EVAL)]
+        for name in others:
+            cells = []
+            for key, _, _ in EVAL:
+                gap = eval_gaps(runs[first][1], runs[name][1], key)
+                cells.append("" if gap is None else f"{gap[0]:+.3f} ({gap[1]}), mean {gap[2]:+.3f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
