@@ -252,16 +252,17 @@ def reference_rows(recipe_dict: dict) -> list[list[list[dict[str, torch.Tensor]]
 
 def eval_rows(recipe_dict: dict) -> list[dict[str, torch.Tensor]]:
     """The held-out rows the trainer's evaluator scores (``training.eval_rows`` of the eval split, in
-    its fixed order), as the project's loader packs them."""
+    its fixed order, whatever the seed), as the project's loader packs them."""
     from psft_megatron.data.loader import LoaderConfig, PackedLoader
     from psft_megatron.data.prepare import prepare_dataset
     from psft_megatron.recipe import recipe_from_dict
+    from psft_megatron.training.data_setup import HELD_OUT_SEED
 
     r = recipe_from_dict(copy.deepcopy(recipe_dict))
     cached = prepare_dataset(Path(r.data.cache_dir) / "eval", r.data.eval, r.data.tokenizer, r.data.chat_template,
                              is_writer=True, pad=r.data.pad)
     t = r.training
-    cfg = LoaderConfig(t.seq_length, 1, 1, 1, seed=t.seed, pack=r.data.pack,
+    cfg = LoaderConfig(t.seq_length, 1, 1, 1, seed=HELD_OUT_SEED, pack=r.data.pack,
                        pad_id=int(cached.manifest.identity["tokenizer"]["pad_id"]))
     loader = PackedLoader(cached, cfg)
     mb = loader.build_micro_batch(loader.epoch_order(0)[: t.eval_rows])

@@ -68,11 +68,12 @@ def _eval_rows_tokens(recipe: dict, rows: int) -> int:
     from psft_megatron.data.loader import LoaderConfig, PackedLoader
     from psft_megatron.data.prepare import prepare_dataset
     from psft_megatron.recipe import recipe_from_dict
+    from psft_megatron.training.data_setup import HELD_OUT_SEED
 
     r = recipe_from_dict(copy.deepcopy(recipe))
     cached = prepare_dataset(Path(r.data.cache_dir) / "eval", r.data.eval, r.data.tokenizer, r.data.chat_template,
                              is_writer=True)
-    loader = PackedLoader(cached, LoaderConfig(r.training.seq_length, 1, 1, 1, seed=r.training.seed))
+    loader = PackedLoader(cached, LoaderConfig(r.training.seq_length, 1, 1, 1, seed=HELD_OUT_SEED))
     order = loader.epoch_order(0)
     assert len(order) > rows, "the held-out split must hold more rows than eval_rows for this check"
     return int(np.asarray(loader.row_loss_tokens)[order[:rows]].sum())

@@ -43,7 +43,7 @@ class TrainingConfig:
     # the time a save takes); the next launch resumes. None = no budget.
     exit_duration_minutes: float | None = None
     # Validation: score the held-out split every N optimizer steps (0 = never), on its first
-    # eval_rows packed rows (the same rows at every layout; None = the whole split).
+    # eval_rows packed rows (the same rows at every layout and seed; None = the whole split).
     eval_interval: int = 0
     eval_rows: int | None = None
     # Also score them before the first step (step 0: the starting model), so every curve has

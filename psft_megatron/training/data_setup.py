@@ -25,6 +25,12 @@ from psft_megatron.training.config import TrainingConfig
 log = logging.getLogger("psft")
 
 
+# The held-out rows (their packing and which eval_rows are scored) do not follow training.seed: runs
+# that differ only in their seed are scored on the same rows. 1234 is training.seed's default, so runs
+# at the default score the rows they always did.
+HELD_OUT_SEED = 1234
+
+
 class DataSetupError(UserError, RuntimeError):
     """Another rank (rank 0) failed to prepare the data; its message is included."""
 
@@ -184,6 +190,6 @@ def build_data(data: DataConfig, t: TrainingConfig, parallel: ParallelConfig, en
     train = loader(train_cache, t.seed, sources=_sources(data, train_cache))
     if env.rank == 0:
         _log_sources(train)
-    held_out = loader(_cache(data, env, "eval", t.seq_length), t.seed, one_row=True) if data.eval else None
+    held_out = loader(_cache(data, env, "eval", t.seq_length), HELD_OUT_SEED, one_row=True) if data.eval else None
     multiple = parallel.pipeline_model_parallel_size if parallel.virtual_pipeline_model_parallel_size else 1
     return TrainData(train, held_out, t.micro_batch_size, dp_rank, dp_size, multiple)
