@@ -13,6 +13,8 @@ Layout of ``<save_dir>``::
         train_state.json        step, LR schedule, layout, and each registered state by name
                                 ("progress": step and consumed tokens, "data": the loader position)
         rng/rank_00000.pt ...   each rank's Python/NumPy/torch RNG state
+    step_000050/                kept by keep_every with keep_every_weights_only, once keep_last no
+                                longer covers it: the model checkpoint alone (not resumable)
 
 Crash safety: everything is written into ``step_000100.partial``; only when every rank
 is done does rank 0 rename it and then replace ``latest`` atomically. A crash mid-save
