@@ -180,6 +180,10 @@ report() {
         for step in $(eval_steps | sort -u); do
             python experiments/psft_vs_sft/summarize.py "$LONG_OUT" --runs "${present[@]}" --step "$step" \
                 --out "$docs/results_$step.md"
+            # The second seed's PSFT runs against the second seed's SFT (the same 64 items at every seed).
+            [[ -d $LONG_OUT/sft_seed2/eval/$step ]] &&
+                python experiments/psft_vs_sft/summarize.py "$LONG_OUT" --runs sft_seed2 psft_k8_seed2 psft_k32_seed2 \
+                    --baseline sft_seed2 --step "$step" --out "$docs/seed2/results_$step.md"
         done
     fi
     if [[ ${PROBES:-0} == 1 ]]; then
