@@ -173,17 +173,20 @@ report() {
     done
     python experiments/psft_long/curves.py "$LONG_OUT" --runs "${same_rows[@]}" --window 32 --out "$docs" \
         --title "GSM8K, 608 steps"
-    (( ${#own_rows[@]} )) && python experiments/psft_long/curves.py "$LONG_OUT" --runs "${own_rows[@]}" --window 32 \
-        --out "$docs/seed2" --title "GSM8K, 608 steps, seed 2 (the held-out rows seed 2 drew)"
+    if (( ${#own_rows[@]} )); then
+        python experiments/psft_long/curves.py "$LONG_OUT" --runs "${own_rows[@]}" --window 32 --out "$docs/seed2" \
+            --title "GSM8K, 608 steps, seed 2 (the held-out rows seed 2 drew)"
+    fi
     [[ -f $LONG_OUT/clip_room.json ]] && cp "$LONG_OUT/clip_room.json" "$docs/"
     if finished long/sft; then
         for step in $(eval_steps | sort -u); do
             python experiments/psft_vs_sft/summarize.py "$LONG_OUT" --runs "${present[@]}" --step "$step" \
                 --out "$docs/results_$step.md"
             # The second seed's PSFT runs against the second seed's SFT (the same 64 items at every seed).
-            [[ -d $LONG_OUT/sft_seed2/eval/$step ]] &&
+            if [[ -d $LONG_OUT/sft_seed2/eval/$step ]]; then
                 python experiments/psft_vs_sft/summarize.py "$LONG_OUT" --runs sft_seed2 psft_k8_seed2 psft_k32_seed2 \
                     --baseline sft_seed2 --step "$step" --out "$docs/seed2/results_$step.md"
+            fi
         done
     fi
     if [[ ${PROBES:-0} == 1 ]]; then
