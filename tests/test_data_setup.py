@@ -8,9 +8,12 @@ import copy
 from typing import Any
 
 import numpy as np
+import pytest
 
 from psft_megatron.testing.multiproc import run_in_processes
 from psft_megatron.testing.recipes import tiny_recipe
+
+pytestmark = pytest.mark.slow  # a launched process (megatron's import)
 
 
 def _data_of_each(recipes: dict[str, dict]) -> dict[str, Any]:
