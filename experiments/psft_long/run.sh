@@ -164,7 +164,7 @@ clip_room() {
 report() {
     local docs=docs/experiments/long name present=() same_rows=() own_rows=() step
     for name in "${EVAL_RUNS[@]}"; do
-        [[ -f $LONG_OUT/$name/metrics.jsonl ]] || continue
+        finished "long/$name" || continue  # a run still going is reported once it has finished
         present+=("$name")
         mkdir -p "$docs/$name" && cp "$LONG_OUT/$name/metrics.jsonl" "$docs/$name/"
         # The second seed's SFT and PSFT k = 8 ran before the held-out rows stopped following
