@@ -22,10 +22,10 @@ def _data_of_each(recipes: dict[str, dict]) -> dict[str, Any]:
     from psft_megatron.training.data_setup import build_data
 
     env = init_distributed()
+    built = {name: recipe_from_dict(copy.deepcopy(d)) for name, d in recipes.items()}
+    init_model_parallel(next(iter(built.values())).parallel)  # one layout (TP=PP=DP=1) for all
     out = {}
-    for name, recipe_dict in recipes.items():
-        r = recipe_from_dict(copy.deepcopy(recipe_dict))
-        init_model_parallel(r.parallel)
+    for name, r in built.items():
         data = build_data(r.data, r.training, r.parallel, env)
         out[name] = {"eval": [(mb.tokens.numpy(), mb.loss_mask.numpy()) for mb in data.eval_micro_batches(5)],
                      "train": data.loader.epoch_order(0)}
