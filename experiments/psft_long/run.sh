@@ -32,13 +32,17 @@ train_run() {
 # A finished run's older checkpoints are only evaluated, never resumed from: keep their weights
 # (psft_meta.json + model/, what evaluation loads) and drop the optimizer state, two thirds of each. The
 # latest stays whole. The long runs do this as they go (checkpoint.keep_every_weights_only); the probes
-# keep two checkpoints (keep_last: 2) and rely on this.
+# keep two checkpoints (keep_last: 2) and rely on this. The same parts as that option removes
+# (_RESUME_ONLY in psft_megatron/checkpoint/train_checkpoint.py), train_state.json first, so a folder
+# left half-thinned is not offered for resuming.
 weights_only() {
     local dir=$1 latest step
     [[ -f $dir/latest ]] || return 0
     latest=$(cat "$dir/latest")
     for step in "$dir"/step_*; do
-        [[ $(basename "$step") == "$latest" ]] || rm -rf "$step/optimizer" "$step/rng" "$step/shards"
+        [[ $(basename "$step") == "$latest" ]] && continue
+        rm -f "$step/train_state.json"
+        rm -rf "$step/optimizer" "$step/rng" "$step/shards"
     done
 }
 
