@@ -114,7 +114,8 @@ PLAN
 # (among the kept checkpoints): held-out GSM8K NLL, entropy and KL to the start model; HH-RLHF
 # harmless NLL and entropy; MMLU (MMLU_LIMIT per subject); SVAMP with GEN_SAMPLES samples per problem
 # at the paper's sampling (temperature 0.7, top-p 0.95): mean@n, pass@n and distinct answers, plus
-# greedy accuracy. EVAL_RUNS narrows the runs; every evaluation already written is skipped.
+# greedy accuracy. EVAL_RUNS narrows the runs, EVAL_STEPS the steps (step_000096 ...: two processes, one
+# step each, evaluate a run in half the time on 2 cores); every evaluation already written is skipped.
 START=runs/psft_vs_sft/smollm2_megatron
 LONG_OUT=$OUT/long
 read -ra EVAL_RUNS <<< "${EVAL_RUNS:-sft psft_k8 psft_k32 unweighted_k32 sft_seed2 psft_k8_seed2 psft_k32_seed2 sft_kl sft_lowlr}"
@@ -142,7 +143,7 @@ evaluate() {
     local step name
     finished long/sft || { echo "evaluate: long/sft has not finished"; return 1; }
     evaluate_checkpoint "$START" "$LONG_OUT/start"
-    for step in $(eval_steps | sort -ru); do  # the end first
+    for step in ${EVAL_STEPS:-$(eval_steps | sort -ru)}; do  # the end first
         for name in "${EVAL_RUNS[@]}"; do
             finished "long/$name" || continue
             [[ -d $LONG_OUT/$name/checkpoints/$step ]] || { echo "evaluate: long/$name has no $step"; continue; }
