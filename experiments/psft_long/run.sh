@@ -118,7 +118,9 @@ PLAN
 # step each, evaluate a run in half the time on 2 cores); every evaluation already written is skipped.
 START=runs/psft_vs_sft/smollm2_megatron
 LONG_OUT=$OUT/long
-read -ra EVAL_RUNS <<< "${EVAL_RUNS:-sft psft_k8 psft_k32 unweighted_k32 sft_seed2 psft_k8_seed2 psft_k32_seed2 sft_kl sft_lowlr}"
+# In the order the runs finished: summarize.py draws every bootstrap from one generator, so a run added
+# in the middle would move the intervals of the rows after it (those the docs cite).
+read -ra EVAL_RUNS <<< "${EVAL_RUNS:-sft psft_k8 psft_k32 sft_seed2 psft_k8_seed2 sft_lowlr unweighted_k32 sft_kl psft_k32_seed2}"
 HELDOUT_LIMIT=${HELDOUT_LIMIT:-64}  # GSM8K test problems / HH-RLHF harmless conversations
 MMLU_LIMIT=${MMLU_LIMIT:-5}         # questions per MMLU subject (57 subjects)
 GEN_LIMIT=${GEN_LIMIT:-16}          # SVAMP problems
