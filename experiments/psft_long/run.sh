@@ -3,7 +3,7 @@
 # on 64 GSM8K train problems (32 packed rows of 512 tokens), repeated until plain SFT memorises them.
 #
 #   bash experiments/psft_long/run.sh                # every stage below, in order
-#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | evaluate | clip_room | report
+#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | long_math | evaluate | clip_room | report
 #   JOBS=2 bash experiments/psft_long/run.sh probe   # two runs at a time, one CPU thread each
 #
 # Every stage resumes: a finished run is skipped, an interrupted one continues from its latest
@@ -110,6 +110,16 @@ long/psft_k32_seed2 $LONG loss.name=psft training.global_batch_size=32 training.
 PLAN
 }
 
+# The same regime on MATH's worked solutions (longer and more alike than GSM8K's, where the probes found
+# the clip acting most): SFT, PSFT at k = 32 (where the objectives differ) and at the paper's k = 8.
+long_math() {
+    run_plan <<PLAN
+long_math/sft $LONG $MATH loss.name=sft training.global_batch_size=32
+long_math/psft_k32 $LONG $MATH loss.name=psft training.global_batch_size=32
+long_math/psft_k8 $LONG $MATH loss.name=psft training.global_batch_size=8
+PLAN
+}
+
 # The evaluations at the end of the long runs, and at the step where SFT's held-out NLL is lowest
 # (among the kept checkpoints): held-out GSM8K NLL, entropy and KL to the start model; HH-RLHF
 # harmless NLL and entropy; MMLU (MMLU_LIMIT per subject); SVAMP with GEN_SAMPLES samples per problem
@@ -207,9 +217,19 @@ report() {
         python experiments/psft_long/curves.py "$OUT/probe" --runs math_sft math_psft_k32 --window 16 \
             --out "$docs/probe_math" --title "MATH probes"
     fi
+    present=()
+    for name in sft psft_k32 psft_k8; do
+        finished "long_math/$name" || continue
+        present+=("$name")
+        mkdir -p "$docs/math/$name" && cp "$OUT/long_math/$name/metrics.jsonl" "$docs/math/$name/"
+    done
+    if (( ${#present[@]} )); then
+        python experiments/psft_long/curves.py "$OUT/long_math" --runs "${present[@]}" --window 32 \
+            --out "$docs/math" --title "MATH, 608 steps"
+    fi
 }
 
-stages=("${@:-prepare probe long evaluate clip_room report}")
+stages=("${@:-prepare probe long long_math evaluate clip_room report}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"
