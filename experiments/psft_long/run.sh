@@ -46,6 +46,9 @@ weights_only() {
     done
 }
 
+# copy_metrics RUN_DIR DEST: a run's metrics.jsonl into the docs, where the curves can be re-plotted.
+copy_metrics() { mkdir -p "$2" && cp "$1/metrics.jsonl" "$2/"; }
+
 # Run the lines of a plan ("name override ...") JOBS at a time.
 run_plan() {
     local line running=0 failed=0
@@ -183,7 +186,7 @@ report() {
     for name in "${EVAL_RUNS[@]}"; do
         finished "long/$name" || continue  # a run still going is reported once it has finished
         present+=("$name")
-        mkdir -p "$docs/$name" && cp "$LONG_OUT/$name/metrics.jsonl" "$docs/$name/"
+        copy_metrics "$LONG_OUT/$name" "$docs/$name"
         # The second seed's SFT and PSFT k = 8 ran before the held-out rows stopped following
         # training.seed: they scored the rows seed 2 drew, so their curves are tabled apart.
         if [[ $name == sft_seed2 || $name == psft_k8_seed2 ]]; then own_rows+=("$name"); else same_rows+=("$name"); fi
@@ -210,21 +213,21 @@ report() {
         for name in "$OUT"/probe/*/; do
             name=$(basename "$name")
             finished "probe/$name" || continue
-            mkdir -p "$docs/probe/$name" && cp "$OUT/probe/$name/metrics.jsonl" "$docs/probe/$name/"
+            copy_metrics "$OUT/probe/$name" "$docs/probe/$name"
         done
         python experiments/psft_long/curves.py "$OUT/probe" --runs sft psft_k8 psft_k32 unweighted_k32 \
             sft_2pass psft_k8_2pass sft_lr8e-5 psft_k32_lr8e-5 --window 16 --out "$docs/probe" --title "GSM8K probes"
         python experiments/psft_long/curves.py "$OUT/probe" --runs math_sft math_psft_k32 --window 16 \
             --out "$docs/probe_math" --title "MATH probes"
     fi
-    present=()
+    local math_runs=()
     for name in sft psft_k32 psft_k8; do
         finished "long_math/$name" || continue
-        present+=("$name")
-        mkdir -p "$docs/math/$name" && cp "$OUT/long_math/$name/metrics.jsonl" "$docs/math/$name/"
+        math_runs+=("$name")
+        copy_metrics "$OUT/long_math/$name" "$docs/math/$name"
     done
-    if (( ${#present[@]} )); then
-        python experiments/psft_long/curves.py "$OUT/long_math" --runs "${present[@]}" --window 32 \
+    if (( ${#math_runs[@]} )); then
+        python experiments/psft_long/curves.py "$OUT/long_math" --runs "${math_runs[@]}" --window 32 \
             --out "$docs/math" --title "MATH, 608 steps"
     fi
 }
