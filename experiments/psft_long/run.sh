@@ -24,8 +24,14 @@ train_run() {
     local name=$1; shift
     finished "$name" && { echo "$name: finished already"; return 0; }
     mkdir -p "$OUT/$name"
-    python launch/pretrain_psft.py "$BASE" logging.run_dir="$OUT/$name" "$@" >> "$OUT/$name/train.log" 2>&1 \
-        && echo "$name: finished" || { echo "$name: FAILED (see $OUT/$name/train.log)"; return 1; }
+    local rc=0
+    python launch/pretrain_psft.py "$BASE" logging.run_dir="$OUT/$name" "$@" >> "$OUT/$name/train.log" 2>&1 || rc=$?
+    # 75: stopped early after saving (SIGTERM, time limit), psft_megatron.errors.EXIT_PREEMPTED.
+    case $rc in
+        0) echo "$name: finished" ;;
+        75) echo "$name: stopped early, saved (rerun the stage to resume)"; return 1 ;;
+        *) echo "$name: FAILED, exit $rc (see $OUT/$name/train.log)"; return 1 ;;
+    esac
     weights_only "$OUT/$name/checkpoints"
 }
 
