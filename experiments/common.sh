@@ -5,13 +5,20 @@
 
 finished() { [[ -f $OUT/$1/run_status.json ]] && grep -q '"status": "finished"' "$OUT/$1/run_status.json"; }
 
-# heldout_gsm8k CKPT DEST LIMIT: held-out GSM8K test NLL, token entropy and KL to $START.
-heldout_gsm8k() {
-    local ckpt=$1 dest=$2 limit=$3
+# heldout_with_kl CKPT DEST LIMIT FILE ADAPTER: NLL, token entropy and KL to $START on the first LIMIT
+# records of a held-out FILE.
+heldout_with_kl() {
+    local ckpt=$1 dest=$2 limit=$3 file=$4 adapter=$5
     [[ -f $dest/heldout.jsonl ]] ||
         python tools/evaluate.py --ckpt "$ckpt" --data-root "$SHARED/data" --out "$dest" --ref "$START" \
-            --heldout "$SHARED/data/gsm8k/test.jsonl" --adapter gsm8k --heldout-limit "$limit"
+            --heldout "$file" --adapter "$adapter" --heldout-limit "$limit"
 }
+
+# heldout_gsm8k CKPT DEST LIMIT: held-out GSM8K test NLL, token entropy and KL to $START.
+heldout_gsm8k() { heldout_with_kl "$1" "$2" "$3" "$SHARED/data/gsm8k/test.jsonl" gsm8k; }
+
+# heldout_math500 CKPT DEST LIMIT: the same on MATH500's test problems (worked solutions).
+heldout_math500() { heldout_with_kl "$1" "$2" "$3" "$SHARED/data/math/math500_test.jsonl" math; }
 
 # heldout_hh_harmless CKPT DEST LIMIT: HH-RLHF harmless-base test NLL and token entropy.
 heldout_hh_harmless() {

@@ -3,7 +3,7 @@
 # on 64 GSM8K train problems (32 packed rows of 512 tokens), repeated until plain SFT memorises them.
 #
 #   bash experiments/psft_long/run.sh                # every stage below, in order
-#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | long_math | evaluate | clip_room | report
+#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | long_math | evaluate | evaluate_math | clip_room | report
 #   JOBS=2 bash experiments/psft_long/run.sh probe   # two runs at a time, one CPU thread each
 #
 # Every stage resumes: a finished run is skipped, an interrupted one continues from its latest
@@ -145,19 +145,22 @@ MMLU_LIMIT=${MMLU_LIMIT:-5}         # questions per MMLU subject (57 subjects)
 GEN_LIMIT=${GEN_LIMIT:-16}          # SVAMP problems
 GEN_SAMPLES=${GEN_SAMPLES:-8}
 
+# evaluate_checkpoint CKPT DEST [HELDOUT]: HELDOUT is the in-domain held-out set, gsm8k (default) or math500.
 evaluate_checkpoint() {
-    local ckpt=$1 dest=$2
-    heldout_gsm8k "$ckpt" "$dest" "$HELDOUT_LIMIT"
+    local ckpt=$1 dest=$2 heldout=${3:-gsm8k}
+    "heldout_$heldout" "$ckpt" "$dest" "$HELDOUT_LIMIT"
     heldout_hh_harmless "$ckpt" "$dest/hh_harmless" "$HELDOUT_LIMIT"
     lm_eval_tasks "$ckpt" "$dest/mmlu" mmlu --limit "$MMLU_LIMIT"
     lm_eval_tasks "$ckpt" "$dest/svamp" svamp --limit "$GEN_LIMIT" \
         --num-samples "$GEN_SAMPLES" --temperature 0.7 --top-p 0.95 --max-gen-toks 256 --gen-batch-size 16
 }
 
-# The steps evaluated: the last kept checkpoint of SFT and the one with SFT's lowest held-out NLL.
+# eval_steps [SFT_RUN]: the last kept checkpoint of SFT (default the GSM8K run) and the one with its
+# lowest held-out NLL.
 eval_steps() {
-    echo "$(cat "$LONG_OUT/sft/checkpoints/latest")"  # the file has no newline of its own
-    python experiments/psft_long/best_step.py "$LONG_OUT/sft"
+    local sft=${1:-$LONG_OUT/sft}
+    echo "$(cat "$sft/checkpoints/latest")"  # the file has no newline of its own
+    python experiments/psft_long/best_step.py "$sft"
 }
 
 evaluate() {
@@ -169,6 +172,24 @@ evaluate() {
             finished "long/$name" || continue
             [[ -d $LONG_OUT/$name/checkpoints/$step ]] || { echo "evaluate: long/$name has no $step"; continue; }
             evaluate_checkpoint "$LONG_OUT/$name/checkpoints/$step" "$LONG_OUT/$name/eval/$step"
+        done
+    done
+}
+
+# The same evaluations of the MATH long runs, with MATH500's test problems as the in-domain held-out set
+# (the start model again, for its MATH500 rows; MATH500 accuracy is left out: a 135M model scores
+# about zero on it).
+MATH_OUT=$OUT/long_math
+MATH_RUNS=(sft psft_k32 psft_k8)
+evaluate_math() {
+    local step name
+    finished long_math/sft || { echo "evaluate_math: long_math/sft has not finished"; return 1; }
+    evaluate_checkpoint "$START" "$MATH_OUT/start" math500
+    for step in ${EVAL_STEPS:-$(eval_steps "$MATH_OUT/sft" | sort -ru)}; do
+        for name in "${MATH_RUNS[@]}"; do
+            finished "long_math/$name" || continue
+            [[ -d $MATH_OUT/$name/checkpoints/$step ]] || { echo "evaluate_math: long_math/$name has no $step"; continue; }
+            evaluate_checkpoint "$MATH_OUT/$name/checkpoints/$step" "$MATH_OUT/$name/eval/$step" math500
         done
     done
 }
@@ -227,18 +248,23 @@ report() {
             --out "$docs/probe_math" --title "MATH probes"
     fi
     local math_runs=()
-    for name in sft psft_k32 psft_k8; do
+    for name in "${MATH_RUNS[@]}"; do
         finished "long_math/$name" || continue
         math_runs+=("$name")
-        copy_metrics "$OUT/long_math/$name" "$docs/math/$name"
+        copy_metrics "$MATH_OUT/$name" "$docs/math/$name"
     done
     if (( ${#math_runs[@]} )); then
-        python experiments/psft_long/curves.py "$OUT/long_math" --runs "${math_runs[@]}" --window 32 \
+        python experiments/psft_long/curves.py "$MATH_OUT" --runs "${math_runs[@]}" --window 32 \
             --out "$docs/math" --title "MATH, 608 steps"
+        for step in $(eval_steps "$MATH_OUT/sft" | sort -u); do
+            [[ -d $MATH_OUT/sft/eval/$step ]] || continue
+            python experiments/psft_vs_sft/summarize.py "$MATH_OUT" --runs "${math_runs[@]}" --step "$step" \
+                --out "$docs/math/results_$step.md"
+        done
     fi
 }
 
-stages=("${@:-prepare probe long long_math evaluate clip_room report}")
+stages=("${@:-prepare probe long long_math evaluate evaluate_math clip_room report}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"
