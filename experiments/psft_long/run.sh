@@ -151,6 +151,7 @@ evaluate_checkpoint() {
     "heldout_$heldout" "$ckpt" "$dest" "$HELDOUT_LIMIT"
     heldout_hh_harmless "$ckpt" "$dest/hh_harmless" "$HELDOUT_LIMIT"
     lm_eval_tasks "$ckpt" "$dest/mmlu" mmlu --limit "$MMLU_LIMIT"
+    (( GEN_LIMIT > 0 )) || return 0
     lm_eval_tasks "$ckpt" "$dest/svamp" svamp --limit "$GEN_LIMIT" \
         --num-samples "$GEN_SAMPLES" --temperature 0.7 --top-p 0.95 --max-gen-toks 256 --gen-batch-size 16
 }
@@ -178,11 +179,13 @@ evaluate() {
 
 # The same evaluations of the MATH long runs, with MATH500's test problems as the in-domain held-out set
 # (the start model again, for its MATH500 rows; MATH500 accuracy is left out: a 135M model scores
-# about zero on it).
+# about zero on it). SVAMP only with MATH_GEN_LIMIT > 0: its 128 samples take about 17 minutes per
+# checkpoint on 2 cores, and on 16 problems its intervals were wide for the GSM8K runs.
 MATH_OUT=$OUT/long_math
 MATH_RUNS=(sft psft_k32 psft_k8)
 evaluate_math() {
     local step name
+    local GEN_LIMIT=${MATH_GEN_LIMIT:-0}  # seen by evaluate_checkpoint (bash scoping is dynamic)
     finished long_math/sft || { echo "evaluate_math: long_math/sft has not finished"; return 1; }
     evaluate_checkpoint "$START" "$MATH_OUT/start" math500
     for step in ${EVAL_STEPS:-$(eval_steps "$MATH_OUT/sft" | sort -ru)}; do
