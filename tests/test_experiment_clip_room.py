@@ -44,7 +44,8 @@ def _reference(hf: Path, mg: Path) -> dict[str, float]:
         entropies.append(-(logp.exp() * logp).sum(-1)[mask])
     p, h = torch.cat(probs), torch.cat(entropies)
     return {"tokens": p.numel(), "beyond_reach": int((p >= 1 / (1 + EPS_HIGH)).sum()), "p_ge_0.99": int((p >= 0.99).sum()),
-            "mean_p": float(p.mean()), "entropy": float(h.mean()), "samples": len(samples)}
+            "mean_p": float(p.mean()), "entropy": float(h.mean()), "samples": len(samples),
+            "lengths": [len(s.ids) for s in samples], "response_tokens": [len(x) for x in probs]}
 
 
 def test_clip_room_matches_float64_transformers(smollm2_hf, tmp_path):
@@ -68,3 +69,13 @@ def test_clip_room_matches_float64_transformers(smollm2_hf, tmp_path):
     # A name already in the output is not scored again (an interrupted run resumes).
     again = subprocess.run(script, capture_output=True, text=True, check=True)
     assert "tiny" not in again.stdout
+    # --max-length drops the problems training dropped: here the longest of the LIMIT.
+    lengths = sorted(want["lengths"])
+    assert lengths[0] < lengths[-1], "the problems must differ in length for the cut to drop one"
+    short = out.with_name("short.json")
+    cut = subprocess.run([*script[:-2], "--out", str(short), "--max-length", str(lengths[-1] - 1)],
+                         capture_output=True, text=True)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    got = json.loads(short.read_text())["tiny"]
+    assert got["samples"] == LIMIT - 1
+    assert got["tokens"] == want["tokens"] - want["response_tokens"][want["lengths"].index(lengths[-1])]

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", required=True, help="the training file (GSM8K-style .jsonl)")
     p.add_argument("--adapter", default="gsm8k")
     p.add_argument("--limit", type=int, default=64, help="its first N problems (the runs' data.train limit)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="drop problems longer than N tokens, as training did (the runs' data.train max_length)")
     p.add_argument("--ckpt", action="append", required=True, metavar="NAME=DIR",
                    help="a checkpoint to score, under a name (repeat)")
     p.add_argument("--eps-high", type=float, default=0.28)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in done:
             continue
         job = EvalJob(ckpt=ckpt, out=str(args.out.parent), heldout=DataSourceConfig(
-            path=args.train, adapter=args.adapter, limit=args.limit))
+            path=args.train, adapter=args.adapter, limit=args.limit, max_length=args.max_length))
         done[name] = _score(check_job(job, create_out=False), args.eps_high)
         print(name, json.dumps(done[name]), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)

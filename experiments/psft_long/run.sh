@@ -3,7 +3,7 @@
 # on 64 GSM8K train problems (32 packed rows of 512 tokens), repeated until plain SFT memorises them.
 #
 #   bash experiments/psft_long/run.sh                # every stage below, in order
-#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | long_math | evaluate | evaluate_math | clip_room | report
+#   bash experiments/psft_long/run.sh probe          # one stage: prepare | probe | long | long_math | evaluate | evaluate_math | clip_room | clip_room_math | report
 #   JOBS=2 bash experiments/psft_long/run.sh probe   # two runs at a time, one CPU thread each
 #
 # Every stage resumes: a finished run is skipped, an interrupted one continues from its latest
@@ -210,6 +210,18 @@ clip_room() {
         "${ckpts[@]}" --out "$LONG_OUT/clip_room.json"
 }
 
+# The same on the MATH runs' training problems (the 76 of 80 that fit in 512 tokens, as training took them).
+clip_room_math() {
+    local name step ckpts=(--ckpt "start=$START")
+    for name in "${MATH_RUNS[@]}"; do
+        for step in "$MATH_OUT/$name"/checkpoints/step_*[0-9]; do
+            [[ -f $step/psft_meta.json ]] && ckpts+=(--ckpt "$name/$(basename "$step")=$step")
+        done
+    done
+    python experiments/psft_long/clip_room.py --train "$SHARED/data/math/math_train_full.jsonl" --adapter math \
+        --limit 80 --max-length 512 "${ckpts[@]}" --out "$MATH_OUT/clip_room.json"
+}
+
 # Tables, plots and each run's metrics.jsonl under docs/experiments/long (the probes' with PROBES=1).
 report() {
     local docs=docs/experiments/long name present=() same_rows=() own_rows=() step
@@ -259,6 +271,7 @@ report() {
     if (( ${#math_runs[@]} )); then
         python experiments/psft_long/curves.py "$MATH_OUT" --runs "${math_runs[@]}" --window 32 \
             --out "$docs/math" --title "MATH, 608 steps"
+        [[ -f $MATH_OUT/clip_room.json ]] && cp "$MATH_OUT/clip_room.json" "$docs/math/"
         for step in $(eval_steps "$MATH_OUT/sft" | sort -u); do
             [[ -d $MATH_OUT/sft/eval/$step ]] || continue
             python experiments/psft_vs_sft/summarize.py "$MATH_OUT" --runs "${math_runs[@]}" --step "$step" \
@@ -267,7 +280,7 @@ report() {
     fi
 }
 
-stages=("${@:-prepare probe long long_math evaluate evaluate_math clip_room report}")
+stages=("${@:-prepare probe long long_math evaluate evaluate_math clip_room clip_room_math report}")
 for stage in ${stages[*]}; do
     echo "== $stage"
     "$stage"
