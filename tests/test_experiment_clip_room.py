@@ -69,13 +69,14 @@ def test_clip_room_matches_float64_transformers(smollm2_hf, tmp_path):
     # A name already in the output is not scored again (an interrupted run resumes).
     again = subprocess.run(script, capture_output=True, text=True, check=True)
     assert "tiny" not in again.stdout
-    # --max-length drops the problems training dropped: here the longest of the LIMIT.
-    lengths = sorted(want["lengths"])
-    assert lengths[0] < lengths[-1], "the problems must differ in length for the cut to drop one"
+    # --max-length drops the problems training dropped (longer than the cut), here the longest ones.
+    cut_at = max(want["lengths"]) - 1
+    kept = [tokens for n, tokens in zip(want["lengths"], want["response_tokens"]) if n <= cut_at]  # per problem
+    assert 0 < len(kept) < LIMIT, "the cut must drop some problems and keep some for the test to mean something"
     short = out.with_name("short.json")
-    cut = subprocess.run([*script[:-2], "--out", str(short), "--max-length", str(lengths[-1] - 1)],
+    cut = subprocess.run([*script[:-2], "--out", str(short), "--max-length", str(cut_at)],
                          capture_output=True, text=True)
     assert cut.returncode == 0, cut.stderr[-3000:]
     got = json.loads(short.read_text())["tiny"]
-    assert got["samples"] == LIMIT - 1
-    assert got["tokens"] == want["tokens"] - want["response_tokens"][want["lengths"].index(lengths[-1])]
+    assert got["samples"] == len(kept)
+    assert got["tokens"] == sum(kept)

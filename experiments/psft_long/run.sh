@@ -179,8 +179,8 @@ evaluate() {
 
 # The same evaluations of the MATH long runs, with MATH500's test problems as the in-domain held-out set
 # (the start model again, for its MATH500 rows; MATH500 accuracy is left out: a 135M model scores
-# about zero on it). SVAMP only with MATH_GEN_LIMIT > 0: its 128 samples take about 17 minutes per
-# checkpoint on 2 cores, and on 16 problems its intervals were wide for the GSM8K runs.
+# about zero on it). SVAMP only with MATH_GEN_LIMIT > 0: its 128 samples take 8-17 minutes per
+# checkpoint on 2 cores (with other jobs beside it), and on 16 problems its intervals were wide for the GSM8K runs.
 MATH_OUT=$OUT/long_math
 MATH_RUNS=(sft psft_k32 psft_k8)
 evaluate_math() {
