@@ -197,29 +197,31 @@ evaluate_math() {
     done
 }
 
-# Why the clip stops acting: per kept checkpoint of the long runs (and the start model), the share of the
-# training tokens the snapshot predicts with p >= 1 / (1 + eps_high), which no update can clip from above.
-clip_room() {
-    local name step ckpts=(--ckpt "start=$START")
-    for name in "${EVAL_RUNS[@]}"; do
-        for step in "$LONG_OUT/$name"/checkpoints/step_*[0-9]; do
+# clip_room_of DIR RUN... -- CLIP_ROOM_ARGS...: clip_room.py over the start model and every kept checkpoint
+# of DIR/RUN (the runs' training file and limit in CLIP_ROOM_ARGS), into DIR/clip_room.json.
+clip_room_of() {
+    local dir=$1 name step ckpts=(--ckpt "start=$START")
+    shift
+    while [[ $1 != -- ]]; do
+        name=$1; shift
+        for step in "$dir/$name"/checkpoints/step_*[0-9]; do
             [[ -f $step/psft_meta.json ]] && ckpts+=(--ckpt "$name/$(basename "$step")=$step")
         done
     done
-    python experiments/psft_long/clip_room.py --train "$SHARED/data/gsm8k/train.jsonl" --limit 64 \
-        "${ckpts[@]}" --out "$LONG_OUT/clip_room.json"
+    shift
+    python experiments/psft_long/clip_room.py "$@" "${ckpts[@]}" --out "$dir/clip_room.json"
+}
+
+# Why the clip stops acting: per kept checkpoint of the long runs (and the start model), the share of the
+# training tokens the snapshot predicts with p >= 1 / (1 + eps_high), which no update can clip from above.
+clip_room() {
+    clip_room_of "$LONG_OUT" "${EVAL_RUNS[@]}" -- --train "$SHARED/data/gsm8k/train.jsonl" --limit 64
 }
 
 # The same on the MATH runs' training problems (the 76 of 80 that fit in 512 tokens, as training took them).
 clip_room_math() {
-    local name step ckpts=(--ckpt "start=$START")
-    for name in "${MATH_RUNS[@]}"; do
-        for step in "$MATH_OUT/$name"/checkpoints/step_*[0-9]; do
-            [[ -f $step/psft_meta.json ]] && ckpts+=(--ckpt "$name/$(basename "$step")=$step")
-        done
-    done
-    python experiments/psft_long/clip_room.py --train "$SHARED/data/math/math_train_full.jsonl" --adapter math \
-        --limit 80 --max-length 512 "${ckpts[@]}" --out "$MATH_OUT/clip_room.json"
+    clip_room_of "$MATH_OUT" "${MATH_RUNS[@]}" -- --train "$SHARED/data/math/math_train_full.jsonl" --adapter math \
+        --limit 80 --max-length 512
 }
 
 # Tables, plots and each run's metrics.jsonl under docs/experiments/long (the probes' with PROBES=1).
